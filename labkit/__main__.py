@@ -1,0 +1,5 @@
+"""`python -m labkit ...` is the `labkit` command (see labkit.cli)."""
+
+from labkit.cli import main
+
+raise SystemExit(main())

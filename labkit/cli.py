@@ -1,0 +1,77 @@
+"""The `labkit` command: `labkit run --preset P [--only 00,01]` runs the notebooks headless.
+
+Subcommands live in COMMANDS (name -> (add_arguments, handler)); a later `labkit bench` adds one
+entry. Left out on purpose: configuration files and environment-variable options (a preset
+name is the one knob; everything else has a flag with a default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Sequence
+
+
+def known_presets() -> list[str] | None:
+    """Preset names from labkit.config.PRESETS, or None (with a warning) if it cannot be imported."""
+    try:
+        from labkit.config import PRESETS
+    except ImportError as exc:
+        # Validation is a convenience; the notebooks check the preset again when they load it.
+        print(f"labkit: preset name not validated (labkit.config: {exc})", file=sys.stderr)
+        return None
+    return sorted(PRESETS)
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", required=True, help="ci, workshop, opus-mt-zh-en, opus-mt-shape, ...")
+    parser.add_argument("--only", help="comma-separated notebook numbers, e.g. 00,01")
+    parser.add_argument("--notebooks-dir", default="notebooks", help="where NN_name.ipynb live")
+    parser.add_argument("--out", default="artifacts", help="artifacts root; output goes to <out>/<preset>/")
+    parser.add_argument("--kernel", default="python3", help="Jupyter kernel name")
+    parser.add_argument("--timeout-per-cell", type=float, default=None, help="seconds; default none")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Handler of `labkit run`: 0 when every notebook passed, 1 on a failed notebook, 2 on bad input."""
+    from labkit.runner import RunnerError, run_notebooks
+
+    presets = known_presets()
+    if presets is not None and args.preset not in presets:
+        print(f"labkit run: unknown preset {args.preset!r}; known: {', '.join(presets)}", file=sys.stderr)
+        return 2
+    try:
+        results = run_notebooks(
+            args.preset, only=args.only, notebooks_dir=args.notebooks_dir, out_root=args.out,
+            kernel=args.kernel, timeout_per_cell=args.timeout_per_cell,
+        )  # fmt: skip
+    except RunnerError as exc:
+        print(f"labkit run: {exc}", file=sys.stderr)
+        return 2
+    if results and not results[-1].ok:
+        print(f"labkit run: notebook {results[-1].describe()}", file=sys.stderr)
+        print(f"labkit run: executed copy with the traceback: {results[-1].output}", file=sys.stderr)
+        return 1
+    return 0
+
+
+Handler = Callable[[argparse.Namespace], int]
+COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Handler, str]] = {
+    "run": (add_run_arguments, run, "execute the lab notebooks in order with papermill"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="labkit", description="Inference-optimization lab tools.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (add_arguments, handler, help_text) in COMMANDS.items():
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        add_arguments(command)
+        command.set_defaults(handler=handler)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `labkit` console script and `python -m labkit`."""
+    args = build_parser().parse_args(argv)
+    return args.handler(args)

@@ -1,0 +1,177 @@
+"""Model bundles: a Marian model, its tokenizer and metadata that travel together.
+
+A bundle on disk is a directory: Hugging Face `config.json` + `model.safetensors`,
+the Marian tokenizer files (source.spm, target.spm, vocab.json) and `bundle.json`,
+the sidecar that says what the model is and how it was made. Loaders never parse
+meaning out of file names; they read the sidecar.
+
+Sources: the embedded teacher (`data/teacher`), any Marian directory or hub id
+(`load_marian`), and `build_opus_mt_shape`, the opus-mt-zh-en architecture with
+random weights for offline speed work. Left out: non-Marian architectures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from labkit.config import ModelSpec
+
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+TEACHER_DIR = DATA_DIR / "teacher"
+SIDECAR = "bundle.json"
+BUNDLE_SCHEMA = "labkit.bundle/1"
+
+# Helsinki-NLP/opus-mt-zh-en's config.json, the values that fix its shape and decoding.
+OPUS_MT_ZH_EN_CONFIG = dict(
+    vocab_size=65001, d_model=512, encoder_layers=6, decoder_layers=6,
+    encoder_attention_heads=8, decoder_attention_heads=8, encoder_ffn_dim=2048,
+    decoder_ffn_dim=2048, activation_function="swish", max_position_embeddings=512,
+    scale_embedding=True, pad_token_id=65000, decoder_start_token_id=65000, eos_token_id=0,
+    forced_eos_token_id=0, dropout=0.1, attention_dropout=0.0, activation_dropout=0.0,
+    share_encoder_decoder_embeddings=True, tie_word_embeddings=True,
+)
+
+
+@dataclass
+class Bundle:
+    """A model, its tokenizer and its sidecar metadata (name, parent, how it was derived)."""
+
+    model: "transformers.MarianMTModel"  # noqa: F821
+    tokenizer: "transformers.MarianTokenizer"  # noqa: F821
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.meta.get("name", "model")
+
+    @property
+    def params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    @property
+    def size_mb(self) -> float:
+        """Parameter bytes in MB at the model's current dtype (tied weights counted once)."""
+        seen, total = set(), 0
+        for p in self.model.parameters():
+            if p.data_ptr() not in seen:
+                seen.add(p.data_ptr())
+                total += p.numel() * p.element_size()
+        return total / 2**20
+
+    def save(self, path: Path | str, dtype: torch.dtype | None = None) -> Path:
+        """Write the bundle atomically: a temp directory renamed into place."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+        tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is a normal directory
+        try:
+            model = self.model
+            if dtype is not None:
+                import copy
+                model = copy.deepcopy(self.model).to(dtype)
+            model.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            meta = {"schema": BUNDLE_SCHEMA, **self.meta, "params": self.params,
+                    "storage_dtype": str(dtype or next(self.model.parameters()).dtype)}
+            (tmp / SIDECAR).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return path
+
+
+def load_bundle(path: Path | str) -> Bundle:
+    """Load a bundle saved by `Bundle.save` (fp32 in memory whatever the storage dtype).
+
+    Structural changes recorded in the sidecar (e.g. pruned heads) are re-applied
+    before the weights load, so shapes match exactly.
+    """
+    from transformers import MarianConfig, MarianMTModel, MarianTokenizer
+
+    path = Path(path)
+    sidecar = path / SIDECAR
+    if not sidecar.exists():
+        raise FileNotFoundError(f"{path} is not a labkit bundle: {SIDECAR} is missing")
+    meta = json.loads(sidecar.read_text())
+    if meta.get("schema") != BUNDLE_SCHEMA:
+        raise ValueError(f"{sidecar}: schema {meta.get('schema')!r}, expected {BUNDLE_SCHEMA!r}")
+    if meta.get("head_plan"):
+        from labkit.prune import load_pruned  # lazily: only pruned bundles need it
+
+        model = load_pruned(path, meta["head_plan"])
+    else:
+        config = MarianConfig.from_pretrained(path)
+        model = MarianMTModel.from_pretrained(path, config=config, dtype=torch.float32)
+    tokenizer = MarianTokenizer.from_pretrained(path)
+    model.eval()
+    meta.pop("schema", None)
+    return Bundle(model, tokenizer, meta)
+
+
+def load_teacher(path: Path | str = TEACHER_DIR) -> Bundle:
+    """The embedded zh→en teacher committed under data/teacher."""
+    path = Path(path)
+    if not (path / SIDECAR).exists():
+        raise FileNotFoundError(
+            f"the embedded teacher is missing at {path}; re-create it with "
+            "`python -m labkit.train teacher` (see README)")
+    return load_bundle(path)
+
+
+def load_marian(name_or_path: str) -> Bundle:
+    """Any Marian model from a local directory or the Hugging Face hub.
+
+    Offline, a hub id fails with a ConnectionError that says what to do instead.
+    """
+    from transformers import MarianMTModel, MarianTokenizer
+
+    try:
+        tokenizer = MarianTokenizer.from_pretrained(name_or_path)
+        model = MarianMTModel.from_pretrained(name_or_path, dtype=torch.float32)
+    except OSError as exc:
+        if Path(name_or_path).exists():
+            raise
+        raise ConnectionError(
+            f"could not load {name_or_path!r} from the Hugging Face hub ({exc.__class__.__name__}). "
+            "It needs internet the first time; offline, download it elsewhere "
+            "(`huggingface-cli download Helsinki-NLP/opus-mt-zh-en --local-dir DIR`) and pass DIR, "
+            "or use preset 'opus-mt-shape' for speed work with the same architecture") from exc
+    model.eval()
+    return Bundle(model, tokenizer, {"name": Path(name_or_path).name, "source": name_or_path})
+
+
+def build_opus_mt_shape(seed: int = 0) -> Bundle:
+    """The opus-mt-zh-en architecture with random weights: realistic speed, meaningless output.
+
+    The tokenizer is the teacher's (ids stay below its vocabulary, which costs the
+    same as any other ids); decoding must be forced to a fixed length.
+    """
+    from transformers import MarianConfig, MarianMTModel
+
+    torch.manual_seed(seed)
+    model = MarianMTModel(MarianConfig(**OPUS_MT_ZH_EN_CONFIG)).eval()
+    tokenizer = load_teacher().tokenizer
+    meta = {"name": "opus-mt-shape", "derived_from": "Helsinki-NLP/opus-mt-zh-en config",
+            "random_weights": True, "seed": seed}
+    return Bundle(model, tokenizer, meta)
+
+
+def load_model(spec: ModelSpec) -> Bundle:
+    """The bundle a preset names."""
+    if spec.kind == "teacher":
+        return load_teacher(spec.name_or_path or TEACHER_DIR)
+    if spec.kind == "opus-mt-shape":
+        return build_opus_mt_shape()
+    if spec.kind == "marian":
+        return load_marian(spec.name_or_path)
+    raise ValueError(f"unknown model kind {spec.kind!r}")

@@ -1,0 +1,313 @@
+"""Train the embedded teacher: sentencepiece tokenizers + a Marian model from scratch.
+
+    python -m labkit.train corpus            # (re)write data/{train,dev,test}.tsv
+    python -m labkit.train teacher           # train data/teacher from the committed corpus
+    python -m labkit.train teacher --config tiny --steps 200 --out /tmp/t   # a quick look
+
+The same `fit` loop is used by distillation (labkit.distill) through its `loss_fn`
+argument. Left out: multi-GPU, mixed precision and checkpoint averaging; the
+teacher is small enough to train on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from labkit import data as corpus
+from labkit.models import TEACHER_DIR, Bundle
+
+SPECIALS = ("</s>", "<unk>")  # ids 0 and 1, as in opus-mt; <pad> is appended last
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    d_model: int = 128
+    encoder_layers: int = 6
+    decoder_layers: int = 6
+    heads: int = 8  # per attention; 6 layers x 8 heads make pruning and 6->4 distillation meaningful
+    ffn: int = 512
+    src_vocab: int = 1000  # sentencepiece pieces for Chinese (a soft limit)
+    tgt_vocab: int = 800
+    max_positions: int = 256
+    dropout: float = 0.1
+    steps: int = 3000
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup: int = 300
+    label_smoothing: float = 0.1
+    eval_every: int = 500
+    eval_sentences: int = 200
+    seed: int = 0
+
+    @classmethod
+    def from_name(cls, name: str) -> "TeacherConfig":
+        if name not in TEACHER_CONFIGS:
+            raise KeyError(f"unknown teacher config {name!r}; known: {', '.join(TEACHER_CONFIGS)}")
+        return TEACHER_CONFIGS[name]
+
+
+TEACHER_CONFIGS = {
+    "teacher": TeacherConfig(),
+    # a few-second model for tests: same shape rules, tiny sizes
+    "tiny": TeacherConfig(d_model=32, encoder_layers=2, decoder_layers=2, heads=4, ffn=64,
+                          src_vocab=600, tgt_vocab=300, steps=150, batch_size=32, lr=3e-3,
+                          warmup=30, eval_every=75, eval_sentences=40),
+}
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def _train_spm(texts: list[str], prefix: Path, vocab_size: int) -> Path:
+    import sentencepiece as spm
+
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_prefix=str(prefix), vocab_size=vocab_size,
+        model_type="unigram", character_coverage=1.0, hard_vocab_limit=False,
+        unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1, minloglevel=2, num_threads=2)
+    spm_path = prefix.with_suffix(".spm")
+    prefix.with_suffix(".model").replace(spm_path)
+    prefix.with_suffix(".vocab").unlink()
+    return spm_path
+
+
+def _joint_vocab(*spm_paths: Path) -> dict[str, int]:
+    """</s>=0, <unk>=1, every piece of both models once, then <pad> last.
+
+    Pad last and decoder_start = pad is the opus-mt layout that CTranslate2's
+    converter expects.
+    """
+    import sentencepiece as spm
+
+    pieces = list(SPECIALS)
+    seen = set(pieces)
+    for path in spm_paths:
+        sp = spm.SentencePieceProcessor(model_file=str(path))
+        for i in range(sp.get_piece_size()):
+            piece = sp.id_to_piece(i)
+            if piece not in seen and not sp.is_unknown(i) and not sp.is_control(i):
+                pieces.append(piece)
+                seen.add(piece)
+    pieces.append("<pad>")
+    return {p: i for i, p in enumerate(pieces)}
+
+
+def build_tokenizer(pairs: list[corpus.Pair], out_dir: Path, src_vocab: int = 1000,
+                    tgt_vocab: int = 800):
+    """Train source/target sentencepiece models and wrap them in a MarianTokenizer."""
+    from transformers import MarianTokenizer
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    src = _train_spm([p.zh for p in pairs], out_dir / "source", src_vocab)
+    tgt = _train_spm([p.en for p in pairs], out_dir / "target", tgt_vocab)
+    (out_dir / "vocab.json").write_text(json.dumps(_joint_vocab(src, tgt), ensure_ascii=False))
+    return MarianTokenizer(str(src), str(tgt), str(out_dir / "vocab.json"), model_max_length=256)
+
+
+# --------------------------------------------------------------------------- model
+
+
+def build_model(cfg: TeacherConfig, tokenizer):
+    """A MarianMTModel of the configured shape (scale_embedding=True: without it, it won't learn)."""
+    from transformers import MarianConfig, MarianMTModel
+
+    pad = tokenizer.pad_token_id
+    config = MarianConfig(
+        vocab_size=len(tokenizer), d_model=cfg.d_model, encoder_layers=cfg.encoder_layers,
+        decoder_layers=cfg.decoder_layers, encoder_attention_heads=cfg.heads,
+        decoder_attention_heads=cfg.heads, encoder_ffn_dim=cfg.ffn, decoder_ffn_dim=cfg.ffn,
+        activation_function="swish", max_position_embeddings=cfg.max_positions,
+        scale_embedding=True, pad_token_id=pad, decoder_start_token_id=pad,
+        eos_token_id=tokenizer.eos_token_id, forced_eos_token_id=tokenizer.eos_token_id,
+        dropout=cfg.dropout, attention_dropout=0.0, activation_dropout=0.0)
+    torch.manual_seed(cfg.seed)
+    model = MarianMTModel(config)
+    model.generation_config.bad_words_ids = [[pad]]
+    model.generation_config.max_length = cfg.max_positions
+    model.generation_config.num_beams = 1
+    return model
+
+
+# --------------------------------------------------------------------------- training
+
+
+def encode_pairs(tokenizer, pairs: list[corpus.Pair], max_len: int = 128) -> list[tuple[list[int], list[int]]]:
+    """Token ids of each pair (both sides end with </s>)."""
+    src = tokenizer([p.zh for p in pairs], truncation=True, max_length=max_len)["input_ids"]
+    tgt = tokenizer(text_target=[p.en for p in pairs], truncation=True, max_length=max_len)["input_ids"]
+    return list(zip(src, tgt))
+
+
+def length_batches(examples: list, batch_size: int, rng: random.Random) -> list[list]:
+    """Shuffle, sort within pools of 50 batches by length (less padding), shuffle the batches."""
+    idx = list(range(len(examples)))
+    rng.shuffle(idx)
+    pool = batch_size * 50
+    batches = []
+    for i in range(0, len(idx), pool):
+        chunk = sorted(idx[i:i + pool], key=lambda j: len(examples[j][0]))
+        batches += [[examples[j] for j in chunk[k:k + batch_size]] for k in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Pad a batch; labels use -100 where padded so the loss ignores them."""
+    def pad(seqs, value):
+        width = max(len(s) for s in seqs)
+        return torch.tensor([s + [value] * (width - len(s)) for s in seqs])
+
+    input_ids = pad([s for s, _ in batch], pad_id)
+    labels = pad([t for _, t in batch], -100)
+    return {"input_ids": input_ids, "attention_mask": (input_ids != pad_id).long(), "labels": labels}
+
+
+def label_smoothed_ce(logits: torch.Tensor, labels: torch.Tensor, smoothing: float) -> torch.Tensor:
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
+                           ignore_index=-100, label_smoothing=smoothing)
+
+
+def lr_at(step: int, base: float, warmup: int, total: int) -> float:
+    """Linear warm-up, then cosine decay to 10 %: lr_at(0, 1, 10, 100) == 0.1."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def greedy_bleu(model, tokenizer, pairs: list[corpus.Pair], batch_size: int = 50) -> float:
+    """Corpus BLEU of HF greedy generate on `pairs` (a training-time check, not the lab's metric)."""
+    import sacrebleu
+
+    model.eval()
+    hyps = []
+    with torch.inference_mode():
+        for batch in corpus.iter_batches(pairs, batch_size):
+            enc = tokenizer([p.zh for p in batch], return_tensors="pt", padding=True)
+            out = model.generate(**enc, num_beams=1, do_sample=False, max_new_tokens=96)
+            hyps += tokenizer.batch_decode(out, skip_special_tokens=True)
+    return sacrebleu.corpus_bleu(hyps, [[p.en for p in pairs]]).score
+
+
+def fit(model, tokenizer, train: list[corpus.Pair], dev: list[corpus.Pair], *, steps: int,
+        batch_size: int, lr: float, warmup: int, eval_every: int, seed: int = 0,
+        loss_fn: Callable | None = None, label_smoothing: float = 0.1,
+        progress: bool = True) -> list[dict]:
+    """Train `model` for `steps` optimizer steps; return the history of loss and dev BLEU.
+
+    `loss_fn(model, batch) -> loss` replaces the default label-smoothed CE
+    (distillation plugs its KD loss in here).
+    """
+    from tqdm.auto import tqdm
+
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    torch.set_flush_denormal(True)  # tiny gradients turn denormal and slow CPU matmuls several-fold
+    examples = encode_pairs(tokenizer, train)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+    history, batches, step = [], [], 0
+    bar = tqdm(total=steps, desc="train", disable=not progress, mininterval=2)
+    running = None
+    while step < steps:
+        if not batches:
+            batches = length_batches(examples, batch_size, rng)
+        batch = collate(batches.pop(), tokenizer.pad_token_id)
+        model.train()
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, lr, warmup, steps)
+        if loss_fn is None:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           labels=batch["labels"]).logits
+            loss = label_smoothed_ce(logits, batch["labels"], label_smoothing)
+        else:
+            loss = loss_fn(model, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        bar.update(1)
+        bar.set_postfix(loss=f"{running:.3f}")
+        if step % eval_every == 0 or step == steps:
+            bleu = greedy_bleu(model, tokenizer, dev)
+            history.append({"step": step, "loss": running, "dev_bleu": bleu})
+            bar.write(f"step {step}: loss {running:.3f}  dev BLEU {bleu:.1f}")
+    bar.close()
+    model.eval()
+    return history
+
+
+def train_teacher(cfg: TeacherConfig, out: Path, *, train: list[corpus.Pair] | None = None,
+                  dev: list[corpus.Pair] | None = None, command: str = "", progress: bool = True,
+                  storage_dtype: torch.dtype = torch.float16) -> Bundle:
+    """Tokenizers + model + training; writes a bundle with a sidecar that says how."""
+    train = train if train is not None else corpus.load_split("train")
+    dev = (dev if dev is not None else corpus.load_split("dev"))[: cfg.eval_sentences]
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = build_tokenizer(train, Path(tmp), cfg.src_vocab, cfg.tgt_vocab)
+        model = build_model(cfg, tokenizer)
+        history = fit(model, tokenizer, train, dev, steps=cfg.steps, batch_size=cfg.batch_size,
+                      lr=cfg.lr, warmup=cfg.warmup, eval_every=cfg.eval_every, seed=cfg.seed,
+                      label_smoothing=cfg.label_smoothing, progress=progress)
+        meta = {
+            "name": "teacher", "derived_from": None, "technique": "trained from scratch",
+            "training": {"command": command, "config": asdict(cfg), "train_pairs": len(train),
+                         "wall_time_s": round(time.perf_counter() - start, 1),
+                         "final_dev_bleu": round(history[-1]["dev_bleu"], 2), "history": history,
+                         "torch": torch.__version__, "threads": torch.get_num_threads()},
+        }
+        bundle = Bundle(model, tokenizer, meta)
+        bundle.save(out, dtype=storage_dtype)
+    return bundle
+
+
+def write_corpus(seed: int = 0, out_dir: Path = corpus.DATA_DIR) -> dict[str, int]:
+    splits = corpus.generate_corpus(seed)
+    for name, pairs in splits.items():
+        corpus.write_tsv(pairs, Path(out_dir) / f"{name}.tsv")
+    return {name: len(p) for name, p in splits.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m labkit.train", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="what", required=True)
+    c = sub.add_parser("corpus", help="write the embedded corpus splits")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--out", type=Path, default=corpus.DATA_DIR)
+    t = sub.add_parser("teacher", help="train a teacher on the committed corpus")
+    t.add_argument("--config", default="teacher", choices=list(TEACHER_CONFIGS))
+    t.add_argument("--steps", type=int)
+    t.add_argument("--threads", type=int, default=2)
+    t.add_argument("--out", type=Path, default=TEACHER_DIR)
+    args = ap.parse_args(argv)
+    if args.what == "corpus":
+        print(write_corpus(args.seed, args.out))
+        return 0
+    torch.set_num_threads(args.threads)
+    cfg = TeacherConfig.from_name(args.config)
+    if args.steps:
+        from dataclasses import replace
+        cfg = replace(cfg, steps=args.steps, eval_every=min(cfg.eval_every, args.steps))
+    command = "python -m labkit.train " + " ".join(sys.argv[1:] if argv is None else argv)
+    bundle = train_teacher(cfg, args.out, command=command)
+    print(json.dumps(bundle.meta["training"]["history"][-1]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
