@@ -136,7 +136,6 @@ def build_model(cfg: TeacherConfig, tokenizer):
     torch.manual_seed(cfg.seed)
     model = MarianMTModel(config)
     model.generation_config.bad_words_ids = [[pad]]
-    model.generation_config.max_length = cfg.max_positions
     model.generation_config.num_beams = 1
     return model
 

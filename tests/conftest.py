@@ -1,0 +1,35 @@
+"""Shared fixtures: one tiny trained Marian bundle per test session.
+
+Tiny (2+2 layers, d_model 32) and trained for a few seconds on the embedded
+corpus, so its greedy outputs vary with the input: oracle tests compare real
+decodes rather than a constant token stream.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from labkit import data
+from labkit.models import Bundle, load_bundle
+from labkit.train import TeacherConfig, train_teacher
+
+TINY_STEPS = 600
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle_dir(tmp_path_factory):
+    torch.set_num_threads(1)
+    cfg = dataclasses.replace(TeacherConfig.from_name("tiny"), steps=TINY_STEPS, eval_every=TINY_STEPS)
+    out = tmp_path_factory.mktemp("tiny") / "teacher"
+    train_teacher(cfg, out, train=data.load_split("train", limit=6000), dev=data.load_split("dev", limit=20),
+                  command="tests/conftest.py", progress=False, storage_dtype=torch.float32)
+    return out
+
+
+@pytest.fixture()
+def tiny_bundle(tiny_bundle_dir) -> Bundle:
+    """A fresh copy per test, so a test may prune or quantize it in place."""
+    return load_bundle(tiny_bundle_dir)
