@@ -26,8 +26,8 @@ def known_presets() -> list[str] | None:
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", required=True, help="ci, workshop, opus-mt-zh-en, opus-mt-shape, ...")
     parser.add_argument("--only", help="comma-separated notebook numbers, e.g. 00,01")
-    parser.add_argument("--notebooks-dir", default="notebooks", help="where NN_name.ipynb live")
-    parser.add_argument("--out", default="artifacts", help="artifacts root; output goes to <out>/<preset>/")
+    parser.add_argument("--notebooks-dir", default=None, help="where NN_name.ipynb live (default: the lab's notebooks/)")
+    parser.add_argument("--out", default=None, help="artifacts root (default $LABKIT_ARTIFACTS or artifacts/); output goes to <out>/<preset>/")
     parser.add_argument("--kernel", default="python3", help="Jupyter kernel name")
     parser.add_argument("--timeout-per-cell", type=float, default=None, help="seconds; default none")
 

@@ -179,7 +179,7 @@ def _gather(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 @torch.inference_mode()
 def beam_search(stepper: Stepper, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                cfg: DecodeConfig) -> list[list[int]]:
+                cfg: DecodeConfig, state: Any = None) -> list[list[int]]:
     """Beam search with HF generate's exact bookkeeping (transformers 5 `_beam_search`).
 
     Keeps 2K candidates per step so K beams stay alive after some hit </s>;
@@ -189,7 +189,7 @@ def beam_search(stepper: Stepper, input_ids: torch.Tensor, attention_mask: torch
     B, K = input_ids.shape[0], cfg.num_beams
     limit = _limit(cfg)
     max_len = limit + 1  # + decoder start token
-    state = stepper.encode(input_ids, attention_mask)
+    state = stepper.encode(input_ids, attention_mask) if state is None else state
     state = stepper.select(state, torch.arange(B).repeat_interleave(K))
     seqs = torch.full((B, K, max_len), stepper.pad_id, dtype=torch.long)
     seqs[:, :, 0] = stepper.start_id
@@ -242,9 +242,9 @@ def beam_search(stepper: Stepper, input_ids: torch.Tensor, attention_mask: torch
 
 
 def decode(stepper: Stepper, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-           cfg: DecodeConfig | None = None) -> list[list[int]]:
-    """Greedy when num_beams == 1, else beam search."""
+           cfg: DecodeConfig | None = None, state: Any = None) -> list[list[int]]:
+    """Greedy when num_beams == 1, else beam search; `state` skips encoding (already done)."""
     cfg = cfg or DecodeConfig()
     if cfg.num_beams == 1:
-        return greedy(stepper, input_ids, attention_mask, cfg)
-    return beam_search(stepper, input_ids, attention_mask, cfg)
+        return greedy(stepper, input_ids, attention_mask, cfg, state)
+    return beam_search(stepper, input_ids, attention_mask, cfg, state)

@@ -26,6 +26,8 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
+from labkit.artifacts import ARTIFACTS_ENV  # set by the runner when artifacts go elsewhere
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -49,7 +51,6 @@ COLUMNS = (
     "env.cpu", "env.cores", "env.threads", "env.gpu", "env.git",
 )  # fmt: skip
 RUN_ID_ENV = "LABKIT_RUN_ID"  # set by the runner so every notebook of one sequence shares it
-ARTIFACTS_ENV = "LABKIT_ARTIFACTS"  # set by the runner when artifacts go somewhere else
 
 
 class LedgerError(ValueError):
@@ -66,10 +67,12 @@ class LedgerWarning(UserWarning):
 def ledger_path(preset: str, root: str | Path | None = None) -> Path:
     """Where `preset` keeps its ledger: `<root>/<preset>/ledger.jsonl`.
 
-    `root` defaults to $LABKIT_ARTIFACTS, else "artifacts": ledger_path("ci") -> artifacts/ci/ledger.jsonl
+    `root` defaults to labkit.artifacts.root() ($LABKIT_ARTIFACTS, else artifacts/ at the
+    repository root): ledger_path("ci") -> <root>/ci/ledger.jsonl
     """
-    root = root if root is not None else os.environ.get(ARTIFACTS_ENV, "artifacts")
-    return Path(root) / preset / "ledger.jsonl"
+    from labkit.artifacts import root as artifacts_root
+
+    return Path(root if root is not None else artifacts_root()) / preset / "ledger.jsonl"
 
 
 def new_run_id() -> str:

@@ -21,7 +21,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from labkit import ledger
+from labkit import artifacts, ledger
+from labkit.artifacts import ARTIFACTS_ENV
 
 NOTEBOOK_NAME = re.compile(r"^(\d{2})_\w[\w.-]*\.ipynb$")  # NN_name.ipynb
 RUNS_SCHEMA = "labkit.runs/1"
@@ -219,8 +220,8 @@ def runs_record(preset: str, run_id: str, started: str, selected: list[Path],
 def run_notebooks(
     preset: str,
     only: str | Iterable[str] | None = None,
-    notebooks_dir: str | Path = "notebooks",
-    out_root: str | Path = "artifacts",
+    notebooks_dir: str | Path | None = None,
+    out_root: str | Path | None = None,
     kernel: str = "python3",
     timeout_per_cell: float | None = None,
     *,
@@ -232,14 +233,16 @@ def run_notebooks(
     `check=True` a failure raises NotebookFailed instead. runs.json is rewritten after each
     notebook, so an interrupted sequence still leaves its progress.
     """
+    notebooks_dir = Path(notebooks_dir or artifacts.REPO_ROOT / "notebooks")
+    out_root = Path(out_root or artifacts.root())
     selected = select(discover(notebooks_dir), only)
     if not selected:
         raise RunnerError(f"no NN_name.ipynb notebooks in {notebooks_dir}")
-    out_dir = Path(out_root) / preset
+    out_dir = out_root / preset
     run_id = os.environ.get(ledger.RUN_ID_ENV) or ledger.new_run_id()
     started, results = ledger.utc_now(), []
     kernel_env = {"LABKIT_PRESET": preset, ledger.RUN_ID_ENV: run_id,
-                  ledger.ARTIFACTS_ENV: str(Path(out_root).resolve())}  # fmt: skip
+                  ARTIFACTS_ENV: str(out_root.resolve())}  # fmt: skip
     with environ(**kernel_env):
         for i, notebook in enumerate(selected, start=1):
             print(f"[{i}/{len(selected)}] {notebook.stem} ...", flush=True)

@@ -7,7 +7,7 @@ import os
 import pandas as pd
 import pytest
 
-from labkit import ledger
+from labkit import artifacts, ledger
 from labkit.ledger import LedgerError, LedgerWarning
 
 ENV = {"cpu": "test cpu", "cores": 2, "threads": 2, "gpu": None, "versions": {"python": "3"}, "git": None}
@@ -200,7 +200,8 @@ def test_latest_picks_newest_per_variant_and_breaks_time_ties_by_line(tmp_path):
 
 def test_ledger_path_default_and_env(monkeypatch, tmp_path):
     monkeypatch.delenv("LABKIT_ARTIFACTS", raising=False)
-    assert ledger.ledger_path("ci").as_posix() == "artifacts/ci/ledger.jsonl"
+    # the default is anchored at the repository, not the cwd (notebooks run from notebooks/)
+    assert ledger.ledger_path("ci") == artifacts.REPO_ROOT / "artifacts" / "ci" / "ledger.jsonl"
     monkeypatch.setenv("LABKIT_ARTIFACTS", str(tmp_path))
     assert ledger.ledger_path("ci") == tmp_path / "ci" / "ledger.jsonl"
     assert ledger.ledger_path("ci", root="x").as_posix() == "x/ci/ledger.jsonl"

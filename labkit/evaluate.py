@@ -1,0 +1,100 @@
+"""Quality and speed of a Translator, measured the same way in every notebook.
+
+`score` is sacreBLEU corpus BLEU (13a tokenization, the default) and chrF, with
+the BLEU signature so numbers are reproducible. `latency` times batch-1,
+end-to-end translation per sentence with warm-up, repeats and pinned threads
+from the preset; `throughput` times whole batches. `agreement` is the token-level
+gate for optimized variants. Left out: COMET and other learned metrics (they
+need models from a hub).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+from labkit import bench
+from labkit.data import Pair, iter_batches
+
+
+@dataclass(frozen=True)
+class Scores:
+    bleu: float
+    chrf: float
+    signature: str
+    n: int
+
+    def as_metrics(self) -> dict:
+        """The ledger's metric keys: {'bleu', 'chrf', 'bleu_signature'}."""
+        return {"bleu": round(self.bleu, 2), "chrf": round(self.chrf, 2), "bleu_signature": self.signature}
+
+
+def score(hyps: list[str], refs: list[str]) -> Scores:
+    """Corpus BLEU and chrF: score(['a b c d'], ['a b c d']).bleu == 100.0."""
+    from sacrebleu.metrics import BLEU, CHRF
+
+    if len(hyps) != len(refs):
+        raise ValueError(f"{len(hyps)} hypotheses for {len(refs)} references")
+    bleu, chrf = BLEU(), CHRF()
+    b = bleu.corpus_score(hyps, [refs])
+    c = chrf.corpus_score(hyps, [refs])
+    return Scores(b.score, c.score, str(bleu.get_signature()), len(hyps))
+
+
+def translate_all(translator, texts: list[str], batch_size: int = 16, desc: str = "translate") -> list[str]:
+    """Translate in batches with a progress bar; order is kept."""
+    from tqdm.auto import tqdm
+
+    out: list[str] = []
+    batches = list(iter_batches(texts, batch_size))
+    for batch in tqdm(batches, desc=desc, disable=len(batches) < 4, mininterval=2):
+        out += translator.translate(batch)
+    return out
+
+
+def evaluate(translator, pairs: list[Pair], batch_size: int = 16) -> tuple[Scores, list[str]]:
+    """BLEU/chrF of `translator` on `pairs`, and its hypotheses."""
+    hyps = translate_all(translator, [p.zh for p in pairs], batch_size, desc="evaluate")
+    return score(hyps, [p.en for p in pairs]), hyps
+
+
+def agreement(ids_a: list[list[int]], ids_b: list[list[int]]) -> float:
+    """Fraction of sentences whose token ids are identical: [[1,2],[3]] vs [[1,2],[4]] -> 0.5."""
+    if len(ids_a) != len(ids_b):
+        raise ValueError(f"{len(ids_a)} vs {len(ids_b)} sentences")
+    return sum(a == b for a, b in zip(ids_a, ids_b)) / max(1, len(ids_a))
+
+
+def latency(translator, texts: list[str], preset, label: str = "") -> bench.Measurement:
+    """Batch-1 end-to-end latency: each call translates the next sentence of `texts`.
+
+    Sentences cycle, so p50/p95 cover the input-length mix; warm-up, repeats
+    (passes over `texts`) and threads come from the preset.
+    """
+    bench.pin_threads(preset.threads)
+    cycle = itertools.cycle(texts)
+    return bench.measure(lambda: translator.translate([next(cycle)]), warmup=preset.bench_warmup,
+                         repeats=len(texts) * preset.bench_repeats, label=label)
+
+
+def throughput(translator, texts: list[str], preset, batch_size: int = 16) -> float:
+    """Sentences per second translating `texts` in batches of `batch_size` (median pass)."""
+    bench.pin_threads(preset.threads)
+    batches = list(iter_batches(texts, batch_size))
+    m = bench.measure(lambda: [translator.translate(b) for b in batches], warmup=1,
+                      repeats=max(1, preset.bench_repeats))
+    return len(texts) / (m.p50 / 1e3)
+
+
+def bench_texts(preset, split: str = "test") -> list[str]:
+    """The fixed sentences every latency measurement of a preset uses (first N of the split)."""
+    from labkit.data import load_split
+
+    return [p.zh for p in load_split(split, limit=preset.bench_sentences)]
+
+
+def eval_pairs(preset, split: str = "test") -> list[Pair]:
+    """The preset's evaluation subset of the test split (all of it when eval_sentences is None)."""
+    from labkit.data import load_split
+
+    return load_split(split, limit=preset.eval_sentences)
