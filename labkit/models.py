@@ -138,7 +138,7 @@ def load_marian(name_or_path: str) -> Bundle:
     try:
         tokenizer = MarianTokenizer.from_pretrained(name_or_path)
         model = MarianMTModel.from_pretrained(name_or_path, dtype=torch.float32)
-    except OSError as exc:
+    except (OSError, TypeError, ValueError) as exc:  # offline, a missing file surfaces as any of these
         if Path(name_or_path).exists():
             raise
         raise ConnectionError(

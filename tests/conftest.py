@@ -22,7 +22,7 @@ TINY_STEPS = 600
 @pytest.fixture(scope="session")
 def tiny_bundle_dir(tmp_path_factory):
     torch.set_num_threads(1)
-    cfg = dataclasses.replace(TeacherConfig.from_name("tiny"), steps=TINY_STEPS, eval_every=TINY_STEPS)
+    cfg = dataclasses.replace(TeacherConfig.from_name("tiny"), steps=TINY_STEPS, eval_every=TINY_STEPS // 3)
     out = tmp_path_factory.mktemp("tiny") / "teacher"
     train_teacher(cfg, out, train=data.load_split("train", limit=6000), dev=data.load_split("dev", limit=20),
                   command="tests/conftest.py", progress=False, storage_dtype=torch.float32)

@@ -1,0 +1,32 @@
+# Two commands: `make lab` and `make test` (both set up .venv on first use).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PRESET ?= ci
+STAMP := $(VENV)/.installed
+
+.PHONY: lab test setup jupyter clean
+
+setup: $(STAMP)
+
+# torch first, pinned: it resolves to the local CPU wheel; any other spec pulls CUDA packages.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e ".[test,peer]"
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (labkit)" > /dev/null
+	touch $(STAMP)
+
+lab: setup
+	$(BIN)/labkit run --preset $(PRESET)
+	@echo "executed notebooks: artifacts/$(PRESET)/notebooks/   ledger: artifacts/$(PRESET)/ledger.jsonl"
+	@echo "report: artifacts/$(PRESET)/notebooks/09_report.ipynb (open with 'make jupyter')"
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+jupyter: setup
+	$(BIN)/jupyter lab notebooks/
+
+clean:
+	rm -rf artifacts

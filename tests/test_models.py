@@ -1,0 +1,73 @@
+"""Bundles: save/load round trips, refusals, hub errors offline, the opus-mt shape."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from labkit import models
+
+
+def logits(bundle, text="他去了北京。"):
+    enc = bundle.tokenizer([text], return_tensors="pt")
+    with torch.inference_mode():
+        return bundle.model(**enc, decoder_input_ids=torch.tensor([[bundle.model.config.decoder_start_token_id]])).logits
+
+
+def test_round_trip_fp32_is_exact(tiny_bundle, tmp_path):
+    tiny_bundle.meta["name"] = "t"
+    tiny_bundle.save(tmp_path / "b")
+    again = models.load_bundle(tmp_path / "b")
+    assert torch.equal(logits(tiny_bundle), logits(again))
+    assert again.meta["name"] == "t" and again.params == tiny_bundle.params
+
+
+def test_fp16_storage_halves_the_file_and_stays_close(tiny_bundle, tmp_path):
+    tiny_bundle.save(tmp_path / "fp32")
+    tiny_bundle.save(tmp_path / "fp16", dtype=torch.float16)
+    size = lambda p: (p / "model.safetensors").stat().st_size  # noqa: E731
+    assert size(tmp_path / "fp16") < 0.6 * size(tmp_path / "fp32")
+    again = models.load_bundle(tmp_path / "fp16")
+    assert again.model.dtype == torch.float32
+    torch.testing.assert_close(logits(again), logits(tiny_bundle), atol=5e-2, rtol=0)
+
+
+def test_save_replaces_atomically_and_leaves_no_temp(tiny_bundle, tmp_path):
+    tiny_bundle.save(tmp_path / "b")
+    tiny_bundle.save(tmp_path / "b")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
+def test_load_refuses_non_bundles(tmp_path):
+    with pytest.raises(FileNotFoundError, match="bundle.json is missing"):
+        models.load_bundle(tmp_path)
+    (tmp_path / "bundle.json").write_text(json.dumps({"schema": "other/9"}))
+    with pytest.raises(ValueError, match="expected 'labkit.bundle/1'"):
+        models.load_bundle(tmp_path)
+
+
+def test_hub_model_offline_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(ConnectionError, match="opus-mt-shape"):
+        models.load_marian("Helsinki-NLP/opus-mt-zh-en")
+
+
+def test_opus_mt_shape_has_the_real_parameter_count():
+    """77,943,296 = 65001*512 shared embeddings + 2*512*512 sinusoidal positions
+    + 6 encoder layers * 3,152,384 + 6 decoder layers * 4,204,032
+    (attention 4*(512*512+512), FFN 512*2048+2048 + 2048*512+512, LayerNorms 1024 each)."""
+    bundle = models.build_opus_mt_shape()
+    assert bundle.params == 77_943_296
+    assert bundle.meta["random_weights"] is True
+    cfg = bundle.model.config
+    assert (cfg.d_model, cfg.encoder_layers, cfg.decoder_layers, cfg.encoder_attention_heads,
+            cfg.encoder_ffn_dim, cfg.activation_function) == (512, 6, 6, 8, 2048, "swish")
+
+
+def test_teacher_loads():
+    bundle = models.load_teacher()
+    assert bundle.model.config.encoder_layers == bundle.model.config.decoder_layers == 6
+    assert bundle.model.config.encoder_attention_heads == 8

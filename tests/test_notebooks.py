@@ -1,0 +1,64 @@
+"""The whole notebook sequence, headless on preset `ci`, and the ledger records it must leave.
+
+One run of `labkit run --preset ci` into a fresh artifacts root (so every notebook
+builds its prerequisites itself); each test then checks one notebook's records.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from labkit import ledger
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ci_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("artifacts")
+    env = {**os.environ, "LABKIT_ARTIFACTS": str(out)}
+    proc = subprocess.run([sys.executable, "-m", "labkit", "run", "--preset", "ci"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, f"notebook run failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return out / "ci", ledger.read(out / "ci" / "ledger.jsonl")
+
+
+def records(df, **where):
+    for key, value in where.items():
+        df = df[df[key] == value]
+    return df
+
+
+def finite(x) -> bool:
+    return x is not None and isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def test_every_notebook_ran_and_left_an_executed_copy(ci_run):
+    out, _ = ci_run
+    names = sorted(p.name for p in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    assert names and sorted(p.name for p in (out / "notebooks").glob("*.ipynb")) == names
+
+
+def test_teacher_baseline_reaches_the_quality_floor(ci_run):
+    _, df = ci_run
+    teacher = records(df, variant="teacher", technique="baseline")
+    assert len(teacher) >= 1
+    row = teacher.iloc[-1]
+    assert row["metrics.bleu"] >= 60, row["metrics.bleu"]
+    assert finite(row["metrics.chrf"]) and finite(row["metrics.latency_ms.p50"])
+    assert row["metrics.bleu_signature"].startswith("nrefs:1")
+
+
+def test_profiling_records_have_the_pipeline_stages(ci_run):
+    _, df = ci_run
+    prof = records(df, technique="profiling")
+    assert {"teacher-profile", "opus-mt-shape-profile"} <= set(prof["variant"])
+    for record in prof["record"]:
+        assert {"tokenize", "encode", "decode", "detokenize"} <= set(record["stages"])

@@ -1,0 +1,66 @@
+"""The Translator: stages, bad input, order, truncation."""
+
+from __future__ import annotations
+
+import pytest
+
+from labkit import data
+from labkit.decode import DecodeConfig
+from labkit.pipeline import STAGES, Translator, normalize
+
+BAD = ["", "   \t\n", "我喜欢猫。" * 1000, "Hello, how are you?", "我喜欢🐱\x07猫。", "\x00\x01\x02", "他去了北京。"]
+
+
+@pytest.fixture()
+def translator(tiny_bundle):
+    return Translator(tiny_bundle, decode=DecodeConfig(max_new_tokens=12))
+
+
+def test_bad_input_batch_gives_one_output_per_input_in_order(translator):
+    result = translator.run(BAD)
+    assert len(result.texts) == len(result.notes) == len(result.ids) == len(BAD)
+    assert result.texts[0] == result.texts[1] == result.texts[5] == ""
+    assert "empty input: nothing to translate" in result.notes[0]
+    assert any(n.startswith("truncated from") for n in result.notes[2])
+    assert any("no Chinese" in n for n in result.notes[3])
+    assert "removed 1 control character(s)" in result.notes[4]
+    # the well-formed input translates as it would alone: batching and bad neighbours change nothing
+    assert result.texts[6] == translator.translate([BAD[6]])[0]
+    assert result.notes[6] == []
+
+
+def test_truncation_respects_the_limit(tiny_bundle):
+    translator = Translator(tiny_bundle, decode=DecodeConfig(max_new_tokens=4), max_input_tokens=16)
+    result = translator.run(["我喜欢猫。" * 50])
+    assert result.notes[0] and result.notes[0][0].endswith("to 16 tokens")
+
+
+def test_every_stage_is_timed(translator):
+    result = translator.run(["他去了北京。", "我们有三本书。"])
+    assert set(result.timings_ms) == set(STAGES)
+    assert all(v > 0 for v in result.timings_ms.values())
+    assert result.total_ms == pytest.approx(sum(result.timings_ms.values()))
+
+
+def test_all_empty_batch_skips_the_model(translator):
+    result = translator.run(["", " "])
+    assert result.texts == ["", ""] and result.timings_ms["encode"] == 0.0
+
+
+def test_a_bare_string_is_a_clear_error(translator):
+    with pytest.raises(TypeError, match="list of strings"):
+        translator.translate("我喜欢猫。")
+
+
+def test_batch_equals_one_by_one(translator):
+    texts = [p.zh for p in data.load_split("test", limit=8)]
+    assert translator.translate(texts) == [translator.translate([t])[0] for t in texts]
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("  我\x07喜欢   猫 ", ("我喜欢 猫", ["removed 1 control character(s)"])),
+    ("ＡＢＣ，", ("ABC,", ["no Chinese characters: the model may not translate this meaningfully"])),
+    ("\u200b", ("", ["removed 1 control character(s)", "empty input: nothing to translate"])),
+])
+def test_normalize(text, expected):
+    assert normalize(text) == expected

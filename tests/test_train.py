@@ -1,0 +1,56 @@
+"""Teacher training: tokenizer layout, model shape rules, and that a short run learns."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from labkit import train
+from labkit.models import TEACHER_DIR
+
+
+def test_training_lowers_loss_and_raises_bleu(tiny_bundle):
+    """The session fixture trains the tiny config with three evaluations along the way."""
+    history = tiny_bundle.meta["training"]["history"]
+    assert len(history) == 3
+    assert history[-1]["loss"] < history[0]["loss"] - 0.5
+    assert history[-1]["dev_bleu"] > history[0]["dev_bleu"]
+
+
+def test_vocabulary_layout_is_opus_mt_like(tiny_bundle):
+    """</s>=0, <unk>=1, <pad> last and decoder_start = pad: what CTranslate2's converter expects."""
+    tok, cfg = tiny_bundle.tokenizer, tiny_bundle.model.config
+    vocab = tok.get_vocab()
+    assert vocab["</s>"] == 0 and vocab["<unk>"] == 1 and vocab["<pad>"] == len(vocab) - 1
+    assert cfg.pad_token_id == cfg.decoder_start_token_id == len(vocab) - 1
+    assert cfg.scale_embedding and cfg.vocab_size == len(vocab)
+
+
+def test_sidecar_records_how_it_was_trained(tiny_bundle):
+    training = tiny_bundle.meta["training"]
+    for key in ("command", "config", "wall_time_s", "final_dev_bleu", "history", "train_pairs"):
+        assert key in training
+    assert training["config"]["seed"] == 0
+
+
+@pytest.mark.parametrize("step,expected", [(0, 0.1), (9, 1.0), (10, 1.0), (100, 0.1)])
+def test_lr_schedule(step, expected):
+    """Warm-up 10 steps to 1.0, cosine to 10 % at step 100."""
+    assert train.lr_at(step, 1.0, 10, 100) == pytest.approx(expected)
+
+
+def test_unknown_config_name():
+    with pytest.raises(KeyError, match="known: teacher, tiny"):
+        train.TeacherConfig.from_name("huge")
+
+
+def test_committed_teacher_has_its_provenance():
+    meta = json.loads((TEACHER_DIR / "bundle.json").read_text())
+    training = meta["training"]
+    assert training["command"].startswith("python -m labkit.train teacher")
+    assert training["config"]["encoder_layers"] == training["config"]["decoder_layers"] == 6
+    assert training["config"]["heads"] == 8
+    assert training["final_dev_bleu"] >= 60
+    size = sum(p.stat().st_size for p in TEACHER_DIR.iterdir())
+    assert size <= 25 * 2**20
