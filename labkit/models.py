@@ -81,6 +81,8 @@ class Bundle:
             meta = {"schema": BUNDLE_SCHEMA, **self.meta, "params": self.params,
                     "storage_dtype": str(dtype or next(self.model.parameters()).dtype)}
             (tmp / SIDECAR).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+            for f in tmp.iterdir():
+                f.chmod(0o644)  # some writers create private files; a bundle is shareable data
             if path.exists():
                 shutil.rmtree(path)
             os.replace(tmp, path)
