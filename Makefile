@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 lab: setup
 	$(BIN)/labkit run --preset $(PRESET)
 	@echo "executed notebooks: artifacts/$(PRESET)/notebooks/   ledger: artifacts/$(PRESET)/ledger.jsonl"
-	@echo "report: artifacts/$(PRESET)/notebooks/09_report.ipynb (open with 'make jupyter')"
+	@echo "report: artifacts/$(PRESET)/report.html and report.csv (the executed 09_report.ipynb has the plots)"
 
 test: setup
 	$(BIN)/python -m pytest -q

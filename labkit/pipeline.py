@@ -94,10 +94,24 @@ class Translator:
                 generated = decode(self.stepper, batch["input_ids"], batch["attention_mask"],
                                    self.decode_cfg, state)
             with _timed(timings, "detokenize"):
-                decoded = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
+                decoded = self._detokenize(generated, [notes[i] for i in todo])
             for i, gen, text in zip(todo, generated, decoded):
                 ids[i], outputs[i] = gen, text
         return Result(outputs, ids, timings, notes)
+
+    def _detokenize(self, generated: list[list[int]], notes: list[list[str]]) -> list[str]:
+        """Text per row; ids past the tokenizer's vocabulary are dropped, with a note.
+
+        Only a model whose embedding is larger than its tokenizer (opus-mt-shape: 65 001 rows,
+        random weights, the teacher's ~1 700 pieces) emits such ids; sentencepiece would raise.
+        """
+        known = len(self.tokenizer)
+        for row, note in zip(generated, notes):
+            unknown = sum(t >= known for t in row)
+            if unknown:
+                note.append(f"{unknown} generated ids outside the tokenizer's {known}-piece vocabulary dropped")
+        rows = [[t for t in row if t < known] for row in generated]
+        return self.tokenizer.batch_decode(rows, skip_special_tokens=True)
 
     def _tokenize(self, texts: list[str], notes: list[list[str]]) -> dict[str, torch.Tensor]:
         """Pad to the longest; truncate past max_input_tokens and note it on that input."""

@@ -64,3 +64,12 @@ def test_batch_equals_one_by_one(translator):
 ])
 def test_normalize(text, expected):
     assert normalize(text) == expected
+
+
+def test_ids_past_the_tokenizer_vocabulary_are_dropped_with_a_note(translator):
+    known = len(translator.tokenizer)
+    valid = translator.tokenizer("我喜欢猫。", add_special_tokens=False)["input_ids"][:2]
+    notes = [[]]
+    (text,) = translator._detokenize([[valid[0], known + 7, valid[1]]], notes)
+    assert text == translator.tokenizer.decode(valid, skip_special_tokens=True)
+    assert notes[0] and "outside the tokenizer" in notes[0][0]

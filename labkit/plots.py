@@ -1,0 +1,193 @@
+"""Plotly figures from results: functions from tables (or the ledger) to a `go.Figure`.
+
+    fig = plots.stage_bar({"teacher": table})   # table from labkit.profiling.stage_breakdown
+    fig.show()
+
+Every figure with repeated timings shows their spread: error bars span the interquartile
+range (q1..q3) or reach to p95, as each function says. Only plotly.graph_objects is used
+(plotly.express needs pandas at import time and hides the traces a test checks).
+Left out: styling themes, saving images (needs kaleido), dashboards.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Mapping
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import plotly.graph_objects as go
+
+    from labkit import bench
+
+# One color per stage/technique, stable across figures so a reader learns them once.
+STAGE_COLORS = {"normalize": "#8c8c8c", "tokenize": "#1f77b4", "encode": "#ff7f0e", "decode": "#d62728",
+                "detokenize": "#2ca02c", "preprocessing": "#8c8c8c", "tokenizer": "#1f77b4",
+                "model inference": "#d62728", "postprocessing": "#2ca02c"}
+TECHNIQUE_COLORS = {"baseline": "#000000", "pruning": "#1f77b4", "distillation": "#ff7f0e",
+                    "onnx": "#2ca02c", "quantization": "#d62728", "tensorrt": "#9467bd",
+                    "kv-cache": "#8c564b", "serving": "#e377c2", "peer": "#7f7f7f", "profiling": "#bcbd22"}
+
+
+def _go():
+    import plotly.graph_objects as go
+
+    return go
+
+
+def _iqr_bars(table: pd.DataFrame) -> dict:
+    """Asymmetric error bars from p50 down to q1 and up to q3."""
+    return dict(type="data", symmetric=False, array=(table["q3_ms"] - table["p50_ms"]).tolist(),
+                arrayminus=(table["p50_ms"] - table["q1_ms"]).tolist())
+
+
+# ---------------------------------------------------------------- profiling figures
+
+
+def stage_bar(tables: Mapping[str, pd.DataFrame] | pd.DataFrame, by: str = "stage",
+              title: str = "Where the time goes (batch 1)") -> go.Figure:
+    """Stacked horizontal bars, one per model, one trace per stage (or category).
+
+    Each segment is labelled "12.3 ms (45%)"; bars are normalized to 100 % so models of
+    very different speed compare (the ms stay in the labels and hover).
+    `tables`: {model name: stage_breakdown table}; a bare table is named "model".
+    """
+    from labkit.profiling import by_category
+
+    go = _go()
+    tables = {"model": tables} if not isinstance(tables, Mapping) else tables
+    if by == "category":
+        tables = {name: by_category(t) for name, t in tables.items()}
+    elif by != "stage":
+        raise ValueError(f"by must be 'stage' or 'category', got {by!r}")
+    names = list(tables)
+    parts = list(dict.fromkeys(p for t in tables.values() for p in t[by]))
+    fig = go.Figure()
+    for part in parts:
+        rows = [t.set_index(by).loc[part] if part in set(t[by]) else None for t in tables.values()]
+        pct = [float(r["pct"]) if r is not None else 0.0 for r in rows]
+        ms = [float(r["ms"]) if r is not None else 0.0 for r in rows]
+        fig.add_trace(go.Bar(
+            name=part, y=names, x=pct, orientation="h", marker_color=STAGE_COLORS.get(part),
+            text=[f"{m:.3g} ms ({p:.0f}%)" if p >= 4 else "" for m, p in zip(ms, pct)],
+            textposition="inside", customdata=ms,
+            hovertemplate=f"{part}: %{{customdata:.3f}} ms (%{{x:.1f}}%)<extra>%{{y}}</extra>"))
+    fig.update_layout(barmode="stack", title=title, xaxis_title="share of translation time (%)",
+                      legend_title=by, height=180 + 60 * len(names))
+    return fig
+
+
+def latency_vs_length(curves: Mapping[str, pd.DataFrame],
+                      title: str = "Latency vs input length (batch 1)") -> go.Figure:
+    """p50 latency against source tokens, one line per model; error bars span the IQR.
+
+    Hover shows p95 and the output length (which the teacher chooses and forced decoding fixes).
+    """
+    go = _go()
+    fig = go.Figure()
+    for name, t in curves.items():
+        fig.add_trace(go.Scatter(
+            name=name, x=t["input_tokens"], y=t["p50_ms"], mode="lines+markers", error_y=_iqr_bars(t),
+            customdata=t[["p95_ms", "output_tokens"]].to_numpy(),
+            hovertemplate="%{x} tokens in, %{customdata[1]} out<br>p50 %{y:.1f} ms, p95 "
+                          "%{customdata[0]:.1f} ms<extra>" + name + "</extra>"))
+    fig.update_layout(title=title, xaxis_title="source length (tokens, incl. </s>)",
+                      yaxis_title="latency p50 (ms), bars: IQR", yaxis_type="log" if len(curves) > 1 else None)
+    return fig
+
+
+def thread_scaling(tables: Mapping[str, pd.DataFrame],
+                   title: str = "Effect of intra-op threads (batch 1)") -> go.Figure:
+    """p50 latency per thread count, one line per model; error bars span the IQR."""
+    go = _go()
+    fig = go.Figure()
+    for name, t in tables.items():
+        fig.add_trace(go.Scatter(
+            name=name, x=t["threads"], y=t["p50_ms"], mode="lines+markers", error_y=_iqr_bars(t),
+            customdata=t["speedup"], hovertemplate="%{x} threads: %{y:.1f} ms "
+                                                   "(x%{customdata:.2f})<extra>" + name + "</extra>"))
+    fig.update_layout(title=title, xaxis_title="intra-op threads", xaxis_dtick=1,
+                      yaxis_title="latency p50 (ms), bars: IQR", yaxis_type="log" if len(tables) > 1 else None)
+    return fig
+
+
+def operator_bar(table: pd.DataFrame, title: str = "Top operators by self CPU time") -> go.Figure:
+    """Horizontal bars of self CPU ms per torch operator, largest on top."""
+    go = _go()
+    t = table.sort_values("self_cpu_ms")
+    fig = go.Figure(go.Bar(
+        x=t["self_cpu_ms"], y=t["op"], orientation="h", name="self CPU",
+        text=[f"{p:.0f}%" for p in t["self_pct"]], textposition="outside", customdata=t["calls"],
+        hovertemplate="%{y}: %{x:.2f} ms self, %{customdata} calls<extra></extra>"))
+    fig.update_layout(title=title, xaxis_title="self CPU time (ms)", height=200 + 22 * len(t),
+                      margin_l=260)
+    return fig
+
+
+def latency_hist(measurements: Mapping[str, bench.Measurement],
+                 title: str = "Per-sentence latency (batch 1)") -> go.Figure:
+    """Histogram of every timed call, one trace per measurement; dashed lines mark p50 and p95."""
+    go = _go()
+    fig = go.Figure()
+    for name, m in measurements.items():
+        fig.add_trace(go.Histogram(name=name, x=list(m.times_ms), opacity=0.7, nbinsx=40))
+        for q, value in (("p50", m.p50), ("p95", m.p95)):
+            fig.add_vline(x=value, line_dash="dash" if q == "p50" else "dot",
+                          annotation_text=f"{name} {q} {value:.1f} ms", annotation_position="top")
+    fig.update_layout(title=title, xaxis_title="latency (ms)", yaxis_title="calls", barmode="overlay")
+    return fig
+
+
+# ---------------------------------------------------------------- ledger figures
+
+
+def pareto_frontier(latency: list[float], quality: list[float]) -> list[int]:
+    """Indices of the points no other point beats on both axes, by increasing latency.
+
+    latency=[10, 20, 15, 30], quality=[50, 60, 40, 61] -> [0, 1, 3]
+    (point 2 is slower and worse than point 0).
+    """
+    order = sorted(range(len(latency)), key=lambda i: (latency[i], -quality[i]))
+    frontier, best = [], float("-inf")
+    for i in order:
+        if quality[i] > best:
+            frontier.append(i)
+            best = quality[i]
+    return frontier
+
+
+def pareto_points(df: pd.DataFrame) -> pd.DataFrame:
+    """The ledger's latest ok record per variant that has both latency p50 and BLEU."""
+    from labkit import ledger
+
+    if df.empty:
+        return df
+    latest = ledger.latest(df)
+    keep = (latest["status"] == "ok") & latest["metrics.latency_ms.p50"].notna() & latest["metrics.bleu"].notna()
+    return latest[keep]
+
+
+def pareto(df: pd.DataFrame, title: str = "Latency vs BLEU (latest record per variant)") -> go.Figure:
+    """Scatter of variants from a ledger DataFrame (`labkit.ledger.read`), one trace per technique.
+
+    x: latency p50 with an error bar up to p95; y: BLEU. The dashed line joins the Pareto
+    frontier (faster and better: lower-left is fast, top is good). Records without both
+    numbers (profiling, skipped, failed) are left out.
+    """
+    go = _go()
+    points = pareto_points(df)
+    fig = go.Figure()
+    for technique, group in points.groupby("technique", sort=False):
+        p50, p95 = group["metrics.latency_ms.p50"], group["metrics.latency_ms.p95"]
+        fig.add_trace(go.Scatter(
+            name=technique, x=p50, y=group["metrics.bleu"], mode="markers+text", text=group["variant"],
+            textposition="top center", marker=dict(size=11, color=TECHNIQUE_COLORS.get(technique)),
+            error_x=dict(type="data", symmetric=False, array=(p95 - p50).tolist(), arrayminus=[0] * len(group)),
+            hovertemplate="%{text}: %{x:.1f} ms p50, BLEU %{y:.1f}<extra>" + technique + "</extra>"))
+    if len(points):
+        idx = pareto_frontier(points["metrics.latency_ms.p50"].tolist(), points["metrics.bleu"].tolist())
+        front = points.iloc[idx]
+        fig.add_trace(go.Scatter(name="Pareto frontier", x=front["metrics.latency_ms.p50"], y=front["metrics.bleu"],
+                                 mode="lines", line=dict(dash="dash", color="gray"), hoverinfo="skip"))
+    fig.update_layout(title=title, xaxis_title="latency p50 per sentence (ms, batch 1); bar to p95",
+                      yaxis_title="BLEU (test subset)", xaxis_type="log")
+    return fig
