@@ -196,7 +196,7 @@ def greedy_bleu(model, tokenizer, pairs: list[corpus.Pair], batch_size: int = 50
     with torch.inference_mode():
         for batch in corpus.iter_batches(pairs, batch_size):
             enc = tokenizer([p.zh for p in batch], return_tensors="pt", padding=True)
-            out = model.generate(**enc, num_beams=1, do_sample=False, max_new_tokens=96)
+            out = model.generate(**enc, num_beams=1, do_sample=False, max_new_tokens=96, max_length=None)
             hyps += tokenizer.batch_decode(out, skip_special_tokens=True)
     return sacrebleu.corpus_bleu(hyps, [[p.en for p in pairs]]).score
 

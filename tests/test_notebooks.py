@@ -62,3 +62,26 @@ def test_profiling_records_have_the_pipeline_stages(ci_run):
     assert {"teacher-profile", "opus-mt-shape-profile"} <= set(prof["variant"])
     for record in prof["record"]:
         assert {"tokenize", "encode", "decode", "detokenize"} <= set(record["stages"])
+
+
+def test_pruning_removes_a_quarter_of_the_heads_with_measured_quality(ci_run):
+    _, df = ci_run
+    pruned = records(df, technique="pruning")
+    assert len(pruned) >= 2
+    quarter = [r for r in pruned["record"] if r["heads_removed_frac"] >= 0.25]
+    assert quarter, "no pruning record removed ≥ 25 % of the heads"
+    for record in quarter:
+        m = record["metrics"]
+        assert finite(m["bleu"]) and finite(m["chrf"]) and finite(m["latency_ms"]["p50"]), m
+        assert record["gate"]["passed"], record["gate"]
+
+
+def test_distillation_students_have_four_decoder_layers(ci_run):
+    _, df = ci_run
+    students = records(df, technique="distillation")
+    assert len(students) >= 2, "two layer-selection strategies are compared"
+    for record in students["record"]:
+        assert record["decoder_layers"] == 4 and record["parent"] == "teacher"
+        m = record["metrics"]
+        assert finite(m["bleu"]) and finite(m["chrf"]) and finite(m["latency_ms"]["p50"]), m
+        assert m["params"] < records(df, variant="teacher")["metrics.params"].iloc[-1]
