@@ -60,13 +60,23 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 
 def peak_rss_mb() -> float | None:
-    """Peak resident set size of this process so far, in MiB (None where `resource` is missing)."""
+    """Peak resident set size of this process so far, in MiB (None where neither source exists).
+
+    Linux: /proc/self/status VmHWM, which belongs to this address space. getrusage's
+    ru_maxrss survives exec there, so a worker started from a 700 MB Jupyter kernel
+    would report the kernel's peak. Elsewhere ru_maxrss (macOS reports bytes).
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     try:
         import resource
     except ImportError:  # Windows
         return None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    # Linux reports KiB, macOS reports bytes.
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 

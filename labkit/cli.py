@@ -1,7 +1,7 @@
 """The `labkit` command: `labkit run --preset P [--only 00,01]` runs the notebooks headless.
 
-Subcommands live in COMMANDS (name -> (add_arguments, handler)); a later `labkit bench` adds one
-entry. Left out on purpose: configuration files and environment-variable options (a preset
+Subcommands live in COMMANDS (name -> (add_arguments, handler, help)): `run`, and `bench`
+(labkit.benchmark: engines timed in their own processes). Left out on purpose: configuration files and environment-variable options (a preset
 name is the one knob; everything else has a flag with a default).
 """
 
@@ -55,9 +55,24 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    from labkit.benchmark import add_arguments
+
+    add_arguments(parser)
+
+
+def bench(args: argparse.Namespace) -> int:
+    """Handler of `labkit bench` (labkit.benchmark.main): 0 ok, 1 a worker failed, 2 bad input."""
+    from labkit.benchmark import main as bench_main
+
+    return bench_main(args)
+
+
 Handler = Callable[[argparse.Namespace], int]
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Handler, str]] = {
     "run": (add_run_arguments, run, "execute the lab notebooks in order with papermill"),
+    "bench": (add_bench_arguments, bench,
+              "time translation engines, each in its own process, with ratios vs torch eager"),
 }
 
 

@@ -85,3 +85,40 @@ def test_distillation_students_have_four_decoder_layers(ci_run):
         m = record["metrics"]
         assert finite(m["bleu"]) and finite(m["chrf"]) and finite(m["latency_ms"]["p50"]), m
         assert m["params"] < records(df, variant="teacher")["metrics.params"].iloc[-1]
+
+
+def test_onnx_fp32_passes_parity_and_agrees_with_torch(ci_run):
+    _, df = ci_run
+    onnx = records(df, technique="onnx", precision="fp32")
+    assert len(onnx) >= 1
+    record = onnx["record"].iloc[-1]
+    assert record["gate"]["passed"], record["gate"]
+    assert record["metrics"]["agreement"] >= 0.99, record["metrics"]
+    assert finite(record["metrics"]["latency_ms"]["p50"])
+
+
+def test_int8_variants_are_scored_and_gated(ci_run):
+    _, df = ci_run
+    int8 = records(df, technique="quantization", precision="int8")
+    assert len(int8) >= 1
+    for record in int8["record"]:
+        assert finite(record["metrics"]["bleu"]), record["metrics"]
+        # a variant that fails its BLEU gate must be recorded as failed, never as ok
+        assert (record["status"] == "ok") == bool(record["gate"]["passed"]), record
+
+
+def test_ctranslate2_is_measured_as_the_peer(ci_run):
+    _, df = ci_run
+    peer = records(df, technique="peer", backend="ctranslate2")
+    assert {"fp32", "int8"} <= set(peer["precision"])
+    for record in peer["record"]:
+        assert finite(record["metrics"]["agreement"]), record["metrics"]
+
+
+def test_kv_cache_modes_agree_and_are_timed(ci_run):
+    _, df = ci_run
+    kv = records(df, technique="kv-cache")
+    assert {"kv-none", "kv-dynamic", "kv-static"} <= set(kv["variant"])
+    for record in kv["record"]:
+        assert record["gate"]["passed"], record["gate"]
+        assert finite(record["metrics"]["latency_ms"]["p50"])

@@ -1,0 +1,298 @@
+"""CTranslate2 as the peer engine: convert a bundle, translate with its own C++ search.
+
+    out = ensure_ct2("ci", "teacher", "int8")       # artifacts/ci/ct2-teacher-int8
+    peer = Ct2Translator(out, threads=2)
+    peer.translate(["我喜欢猫。"])                   # same shape as labkit.pipeline.Translator
+    peer.generate([[ids...]])                        # token ids, for agreement with labkit.decode
+
+Conversion reuses CTranslate2's Marian loader with one change. The stock loader
+drops <pad> from the vocabulary and starts the decoder from a zero vector; that
+equals Transformers only when the <pad> embedding row is zero. In a model with
+tied embeddings the LM head's gradient trains that row, so the embedded teacher
+(and anything trained from scratch) has a non-zero <pad> row and the stock
+conversion decodes something else from the first token on (0 % greedy agreement
+on the test fixture). `PadStartMarianLoader` keeps <pad> and starts from its
+embedding, as `generate` does; <pad> is then suppressed during search, as
+labkit.decode does.
+
+Models whose vocabulary is larger than their tokenizer's (opus-mt-shape: 65 001
+rows, the teacher's ~1 700 pieces) get placeholder tokens for the missing ids,
+so ids round-trip through CTranslate2's string vocabulary unchanged.
+
+Left out: beam-search parity (CTranslate2's beam bookkeeping differs from
+`generate`'s; only greedy is checked token for token), GPU devices, and
+CTranslate2's own tokenization (the bundle's tokenizer is used on both sides).
+The Python package is the `peer` extra and is imported only when needed.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from labkit.decode import DecodeConfig
+from labkit.pipeline import STAGES, Result, normalize
+
+SCHEMA = "labkit.ct2/1"
+SIDECAR = "ct2.json"
+COMPUTE_TYPES = ("float32", "int8")  # int8: int8 weights and GEMMs, float32 elsewhere (CPU)
+COMPUTE_TYPES_SHORT = {"float32": "fp32", "int8": "int8"}  # as in variant names: ct2-fp32, ct2-int8
+VOCABULARY_FILE = "shared_vocabulary.json"  # written by CTranslate2's converter
+DEFAULT_MAX_INPUT_TOKENS = 256
+
+
+def require_ctranslate2():
+    """The ctranslate2 module, or an ImportError that says how to get it."""
+    try:
+        import ctranslate2
+    except ImportError as exc:
+        raise ImportError("CTranslate2 is the optional peer engine: install it with "
+                          "`pip install 'labkit[peer]'` (or `pip install ctranslate2`)") from exc
+    return ctranslate2
+
+
+# --------------------------------------------------------------------------- primitives
+
+
+def vocabulary(bundle) -> list[str]:
+    """Token string per model id, one per row of the embedding matrix, all distinct.
+
+    Ids the tokenizer lacks become '<unused_{id}>'; the model's <pad> id gets '<pad>'.
+    teacher (vocab 1 690) -> the tokenizer's pieces in id order, '<pad>' last.
+    """
+    cfg = bundle.model.config
+    size = bundle.model.get_output_embeddings().out_features
+    known = {i: t for t, i in bundle.tokenizer.get_vocab().items() if i < size}
+    tokens = [known.get(i, f"<unused_{i}>") for i in range(size)]
+    pad = cfg.pad_token_id
+    if tokens[pad] != "<pad>":  # the tokenizer's own <pad> sits at another id (opus-mt-shape)
+        tokens = [f"<unused_{i}>" if t == "<pad>" else t for i, t in enumerate(tokens)]
+        tokens[pad] = "<pad>"
+    if len(set(tokens)) != len(tokens):
+        raise ValueError("the tokenizer maps several ids to one piece; CTranslate2 needs distinct tokens")
+    return tokens
+
+
+def file_mb(directory: Path) -> float:
+    """Bytes of the model weights in a CTranslate2 directory, in MiB."""
+    return (Path(directory) / "model.bin").stat().st_size / 2**20
+
+
+def _pad_start_loader():
+    """CTranslate2's MarianMTLoader, starting the decoder from the <pad> embedding (see module doc)."""
+    from ctranslate2.converters.transformers import BartLoader, MarianMTLoader
+
+    class PadStartMarianLoader(MarianMTLoader):
+        def get_model_spec(self, model):
+            model.config.normalize_before = False  # Marian is post-norm, no embedding LayerNorm
+            model.config.normalize_embedding = False
+            return BartLoader.get_model_spec(self, model)  # keeps the <pad> rows
+
+        def set_decoder(self, spec, decoder):
+            BartLoader.set_decoder(self, spec, decoder)  # start_from_zero_embedding stays False
+
+        def set_config(self, config, model, tokens):
+            cfg = model.config
+            config.eos_token = tokens[cfg.eos_token_id]
+            config.unk_token = "<unk>" if "<unk>" in tokens else tokens[cfg.eos_token_id]
+            config.decoder_start_token = tokens[cfg.decoder_start_token_id]
+
+    return PadStartMarianLoader()
+
+
+def _converter(bundle):
+    """A ctranslate2 Converter for an in-memory bundle (no Transformers round trip through disk)."""
+    from ctranslate2.converters.converter import Converter
+
+    class BundleConverter(Converter):
+        def _load(self):
+            # A deep copy: the spec holds views of the weights, and int8 quantization rewrites
+            # them in place, which would corrupt the caller's model.
+            model = copy.deepcopy(bundle.model)
+            tokens = vocabulary(bundle)
+            loader = _pad_start_loader()
+            spec = loader.get_model_spec(model)
+            loader.set_config(spec.config, model, tokens)
+            loader.set_vocabulary(spec, tokens)
+            return spec
+
+    return BundleConverter()
+
+
+# --------------------------------------------------------------------------- transform
+
+
+def convert(bundle, out: Path | str, quantization: str = "float32") -> Path:
+    """Write `bundle` as a CTranslate2 model in `out` (atomically), weights stored as `quantization`.
+
+    The directory also holds the tokenizer and `ct2.json` (what it was made from),
+    so `Ct2Translator(out)` needs nothing else.
+    """
+    require_ctranslate2()
+    if quantization not in COMPUTE_TYPES:
+        raise ValueError(f"quantization must be one of {COMPUTE_TYPES}, got {quantization!r}")
+    import ctranslate2
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        start = time.perf_counter()
+        _converter(bundle).convert(str(tmp), quantization=quantization, force=True)
+        bundle.tokenizer.save_pretrained(tmp)
+        cfg = bundle.model.config
+        meta = {"schema": SCHEMA, "quantization": quantization, "ctranslate2": ctranslate2.__version__,
+                "start": "decoder starts from the <pad> embedding; <pad> suppressed in search",
+                "ids": {"start": cfg.decoder_start_token_id, "eos": cfg.eos_token_id, "pad": cfg.pad_token_id},
+                "max_positions": cfg.max_position_embeddings,
+                "convert_seconds": round(time.perf_counter() - start, 1),
+                "source": {"name": bundle.name, "meta": bundle.meta}}
+        (tmp / SIDECAR).write_text(json.dumps(meta, indent=2, ensure_ascii=False, default=str) + "\n")
+        tmp.chmod(0o755)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_sidecar(directory: Path | str) -> dict:
+    path = Path(directory) / SIDECAR
+    if not path.exists():
+        raise FileNotFoundError(f"{directory} is not a labkit CTranslate2 directory ({SIDECAR} is missing); "
+                                "create it with labkit.peer.convert or ensure_ct2")
+    meta = json.loads(path.read_text())
+    if meta.get("schema") != SCHEMA:
+        raise ValueError(f"{path}: schema {meta.get('schema')!r}, expected {SCHEMA!r}")
+    return meta
+
+
+# --------------------------------------------------------------------------- runtime
+
+
+def search_options(cfg: DecodeConfig, pad_token: str) -> dict:
+    """labkit.decode's stopping rules as CTranslate2 options.
+
+    generate forces </s> at step max_new_tokens, so at most max_new_tokens - 1 real tokens;
+    forced_length=40 -> exactly 40 tokens (</s> banned until then).
+    """
+    opts = {"beam_size": cfg.num_beams, "length_penalty": cfg.length_penalty,
+            "suppress_sequences": [[pad_token]], "return_scores": False}
+    if cfg.forced_length is not None:
+        return opts | {"min_decoding_length": cfg.forced_length, "max_decoding_length": cfg.forced_length}
+    return opts | {"max_decoding_length": cfg.max_new_tokens - 1}
+
+
+class Ct2Translator:
+    """CTranslate2 behind the Translator interface: `.translate(texts)`, `.run(texts) -> Result`.
+
+    Timings: normalize, tokenize, decode, detokenize. CTranslate2 encodes and decodes in one
+    call, so `encode` is 0 and its time is inside `decode`.
+    """
+
+    def __init__(self, directory: Path | str, threads: int = 1, compute_type: str | None = None,
+                 decode: DecodeConfig | None = None, max_input_tokens: int | None = None):
+        ctranslate2 = require_ctranslate2()
+        from transformers import MarianTokenizer
+
+        self.directory = Path(directory)
+        self.meta = read_sidecar(self.directory)
+        self.compute_type = compute_type or self.meta["quantization"]
+        self.threads = threads
+        self.engine = ctranslate2.Translator(str(self.directory), device="cpu", compute_type=self.compute_type,
+                                             intra_threads=threads, inter_threads=1)
+        self.tokenizer = MarianTokenizer.from_pretrained(self.directory)
+        self.tokens = json.loads((self.directory / VOCABULARY_FILE).read_text())
+        self.ids = {t: i for i, t in enumerate(self.tokens)}
+        self.decode_cfg = decode or DecodeConfig()
+        self.max_input_tokens = max_input_tokens or min(self.meta["max_positions"], DEFAULT_MAX_INPUT_TOKENS)
+        self.options = search_options(self.decode_cfg, self.tokens[self.meta["ids"]["pad"]])
+
+    def generate(self, input_ids: list[list[int]]) -> list[list[int]]:
+        """Source ids (with </s>, no padding) -> generated ids (no start token, no </s>)."""
+        source = [[self.tokens[i] for i in row] for row in input_ids]
+        results = self.engine.translate_batch(source, **self.options)
+        return [[self.ids[t] for t in r.hypotheses[0]] for r in results]
+
+    def translate(self, texts: list[str]) -> list[str]:
+        return self.run(texts).texts
+
+    def _known(self, generated: list[list[int]]) -> list[list[int]]:
+        """Ids past the tokenizer's pieces (placeholder rows of a wider model) -> <unk> for decoding."""
+        n, unk = len(self.tokenizer), self.tokenizer.unk_token_id
+        return [[i if i < n else unk for i in row] for row in generated]
+
+    def run(self, texts: list[str]) -> Result:
+        if isinstance(texts, str):
+            raise TypeError("translate a list of strings, e.g. translator.translate(['我喜欢猫。'])")
+        timings = dict.fromkeys(STAGES, 0.0)
+        start = time.perf_counter()
+        cleaned, notes = zip(*(normalize(t) for t in texts)) if texts else ((), ())
+        notes = [list(n) for n in notes]
+        todo = [i for i, t in enumerate(cleaned) if t]
+        timings["normalize"] = _lap(start)
+        ids: list[list[int]] = [[] for _ in texts]
+        outputs = ["" for _ in texts]
+        if todo:
+            start = time.perf_counter()
+            source = self.tokenizer([cleaned[i] for i in todo], truncation=True,
+                                    max_length=self.max_input_tokens)["input_ids"]
+            timings["tokenize"] = _lap(start)
+            start = time.perf_counter()
+            generated = self.generate(source)
+            timings["decode"] = _lap(start)
+            start = time.perf_counter()
+            decoded = self.tokenizer.batch_decode(self._known(generated), skip_special_tokens=True)
+            timings["detokenize"] = _lap(start)
+            for i, gen, text in zip(todo, generated, decoded):
+                ids[i], outputs[i] = gen, text
+        return Result(outputs, ids, timings, notes)
+
+
+def _lap(start: float) -> float:
+    return (time.perf_counter() - start) * 1e3
+
+
+# --------------------------------------------------------------------------- handler
+
+
+def ct2_dir(preset: str, bundle_name: str = "teacher", compute_type: str = "int8") -> Path:
+    """Where ensure_ct2 keeps a conversion: <artifacts>/<preset>/ct2-<bundle_name>-<compute_type>."""
+    from labkit.artifacts import preset_dir
+
+    return preset_dir(preset) / f"ct2-{bundle_name}-{compute_type}"
+
+
+def ensure_ct2(preset, bundle_name: str = "teacher", compute_type: str = "int8") -> Path:
+    """The preset's CTranslate2 conversion of `bundle_name`, weights stored as `compute_type`.
+
+    Built once (a second for the teacher, ~20 s for opus-mt-shape on 2 cores), then reused.
+    """
+    from labkit.export import bundle_for
+
+    preset_name = getattr(preset, "name", preset)
+    out = ct2_dir(preset_name, bundle_name, compute_type)
+    try:
+        if read_sidecar(out)["quantization"] == compute_type and (out / "model.bin").exists():
+            return out
+    except (FileNotFoundError, ValueError, json.JSONDecodeError):
+        pass
+    return convert(bundle_for(preset_name, bundle_name), out, quantization=compute_type)
+
+
+def translator_for(preset, bundle_name: str = "teacher", compute_type: str = "int8",
+                   threads: int | None = None) -> Ct2Translator:
+    """A Ct2Translator decoding as the preset says (forced length on speed-only presets)."""
+    from labkit.config import Preset
+    from labkit.pipeline import decode_config
+
+    preset = Preset.from_name(preset) if isinstance(preset, str) else preset
+    return Ct2Translator(ensure_ct2(preset, bundle_name, compute_type), threads=threads or preset.threads,
+                         compute_type=compute_type, decode=decode_config(preset))

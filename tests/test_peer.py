@@ -1,0 +1,145 @@
+"""CTranslate2 peer: conversion keeps ids, float32 greedy equals labkit's greedy token for token."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from labkit import peer
+from labkit.data import load_split
+from labkit.decode import DecodeConfig, TorchStepper, greedy
+from labkit.models import Bundle
+
+pytest.importorskip("ctranslate2")
+
+SENTENCES = 60
+
+
+@pytest.fixture(scope="module")
+def fixture_ct2(tiny_bundle_dir, tmp_path_factory):
+    from labkit.models import load_bundle
+
+    out = tmp_path_factory.mktemp("ct2")
+    bundle = load_bundle(tiny_bundle_dir)
+    return bundle, {q: peer.convert(bundle, out / q, q) for q in peer.COMPUTE_TYPES}
+
+
+def torch_greedy(bundle, texts, cfg):
+    enc = bundle.tokenizer(texts, padding=True, return_tensors="pt")
+    return greedy(TorchStepper(bundle.model), enc["input_ids"], enc["attention_mask"], cfg)
+
+
+def source_ids(bundle, texts):
+    return [bundle.tokenizer(t)["input_ids"] for t in texts]
+
+
+@pytest.mark.parametrize("cfg", [DecodeConfig(max_new_tokens=64), DecodeConfig(max_new_tokens=8),
+                                 DecodeConfig(forced_length=12)], ids=["max64", "max8", "forced12"])
+def test_float32_greedy_equals_labkit_greedy(fixture_ct2, cfg):
+    """The oracle: same ids as labkit.decode.greedy (= HF generate) on every test sentence.
+
+    max8 makes most outputs hit the limit (generate emits 7 tokens, then a forced </s>);
+    forced12 bans </s>, so every row has exactly 12 tokens.
+    """
+    bundle, dirs = fixture_ct2
+    texts = [p.zh for p in load_split("test", limit=SENTENCES)]
+    expected = torch_greedy(bundle, texts, cfg)
+    got = peer.Ct2Translator(dirs["float32"], decode=cfg).generate(source_ids(bundle, texts))
+    assert got == expected
+    if cfg.forced_length:
+        assert {len(ids) for ids in got} == {cfg.forced_length}
+
+
+def test_int8_is_smaller_and_obeys_the_length_rules(fixture_ct2):
+    bundle, dirs = fixture_ct2
+    assert peer.file_mb(dirs["int8"]) < 0.6 * peer.file_mb(dirs["float32"])
+    texts = [p.zh for p in load_split("test", limit=10)]
+    got = peer.Ct2Translator(dirs["int8"], decode=DecodeConfig(forced_length=5)).generate(source_ids(bundle, texts))
+    assert [len(ids) for ids in got] == [5] * 10
+    pad = bundle.model.config.pad_token_id
+    assert all(pad not in ids for ids in got)
+
+
+@pytest.mark.parametrize("quantization", peer.COMPUTE_TYPES)
+def test_convert_leaves_the_bundle_untouched(tiny_bundle, tmp_path, quantization):
+    """CTranslate2's int8 pass rewrites the weight arrays it is given in place; convert copies first."""
+    before = {k: v.clone() for k, v in tiny_bundle.model.state_dict().items()}
+    peer.convert(tiny_bundle, tmp_path / quantization, quantization)
+    assert all(torch.equal(v, before[k]) for k, v in tiny_bundle.model.state_dict().items())
+
+
+def test_stock_converter_needs_a_zero_pad_row(tiny_bundle_dir, tmp_path):
+    """Why PadStartMarianLoader exists: the tied <pad> row is trained, and the stock loader
+    starts from a zero vector instead, so its first decoder input differs from generate's."""
+    from ctranslate2.converters import TransformersConverter
+
+    from labkit.models import load_bundle
+
+    bundle = load_bundle(tiny_bundle_dir)
+    assert float(bundle.model.get_input_embeddings().weight.detach()[bundle.model.config.pad_token_id].abs().max()) > 0
+    stock = TransformersConverter(str(tiny_bundle_dir)).convert(str(tmp_path / "stock"))
+    import ctranslate2
+
+    texts = [p.zh for p in load_split("test", limit=SENTENCES)]
+    expected = torch_greedy(bundle, texts, DecodeConfig())
+    tok = bundle.tokenizer
+    engine = ctranslate2.Translator(stock, device="cpu", intra_threads=1)
+    res = engine.translate_batch([tok.convert_ids_to_tokens(s) for s in source_ids(bundle, texts)],
+                                 beam_size=1, max_decoding_length=63)
+    got = [tok.convert_tokens_to_ids(r.hypotheses[0]) for r in res]
+    assert sum(a == b for a, b in zip(got, expected)) < 0.5 * len(texts)
+
+
+def test_vocabulary_pads_missing_ids_and_moves_pad(tiny_bundle):
+    """A model with more rows than the tokenizer has pieces (opus-mt-shape's situation):
+    tokenizer size n, model vocab n+3, pad id n+2 -> ids n, n+1 and the tokenizer's old <pad>
+    slot become placeholders, '<pad>' sits at n+2."""
+    from transformers import MarianConfig, MarianMTModel
+
+    tok = tiny_bundle.tokenizer
+    n = len(tok)
+    cfg = MarianConfig(vocab_size=n + 3, d_model=16, encoder_layers=1, decoder_layers=1,
+                       encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=16,
+                       decoder_ffn_dim=16, pad_token_id=n + 2, decoder_start_token_id=n + 2, eos_token_id=0)
+    tokens = peer.vocabulary(Bundle(MarianMTModel(cfg), tok, {"name": "wide"}))
+    assert len(tokens) == n + 3 and len(set(tokens)) == n + 3
+    assert tokens[n + 2] == "<pad>"
+    assert tokens[tok.pad_token_id] == f"<unused_{tok.pad_token_id}>"
+    assert tokens[:2] == ["</s>", "<unk>"] and tokens[n] == f"<unused_{n}>"
+
+
+def test_wide_vocabulary_round_trips_through_ct2(tiny_bundle, tmp_path):
+    """Random-weight model with a padded vocabulary: float32 ct2 == labkit greedy at forced length."""
+    from transformers import MarianConfig, MarianMTModel
+
+    tok = tiny_bundle.tokenizer
+    n = len(tok)
+    torch.manual_seed(0)
+    cfg = MarianConfig(vocab_size=n + 40, d_model=16, encoder_layers=1, decoder_layers=1,
+                       encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=16,
+                       decoder_ffn_dim=16, pad_token_id=n + 39, decoder_start_token_id=n + 39,
+                       eos_token_id=0, scale_embedding=True, activation_function="swish")
+    wide = Bundle(MarianMTModel(cfg).eval(), tok, {"name": "wide"})
+    texts = [p.zh for p in load_split("test", limit=8)]
+    dc = DecodeConfig(forced_length=10)
+    got = peer.Ct2Translator(peer.convert(wide, tmp_path / "wide"), decode=dc).generate(source_ids(wide, texts))
+    assert got == torch_greedy(wide, texts, dc)
+
+
+def test_run_keeps_order_notes_and_stage_timings(fixture_ct2):
+    _, dirs = fixture_ct2
+    result = peer.Ct2Translator(dirs["float32"]).run(["我喜欢猫。", "  ", "我喜欢猫。"])
+    assert result.texts[1] == "" and result.texts[0] == result.texts[2] != ""
+    assert result.notes[1] == ["empty input: nothing to translate"]
+    assert set(result.timings_ms) >= {"normalize", "tokenize", "decode", "detokenize"}
+    assert result.timings_ms["decode"] > 0
+    with pytest.raises(TypeError):
+        peer.Ct2Translator(dirs["float32"]).run("我喜欢猫。")
+
+
+def test_missing_ctranslate2_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ctranslate2", None)
+    with pytest.raises(ImportError, match=r"labkit\[peer\]"):
+        peer.require_ctranslate2()

@@ -1,0 +1,190 @@
+"""INT8 quantization of exported graphs: which nodes, what format, how close to fp32."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import helper
+
+from labkit import quantize as Q
+from labkit.data import load_split
+from labkit.decode import DecodeConfig
+from labkit.export import FILES, export, read_sidecar
+from labkit.export import size_mb as export_size_mb
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(tiny_bundle_dir, tmp_path_factory):
+    """The tiny fixture exported with the TorchScript exporter (seconds; dynamo takes a minute)."""
+    from labkit.models import load_bundle
+
+    torch.set_num_threads(1)
+    return export(load_bundle(tiny_bundle_dir), tmp_path_factory.mktemp("onnx") / "fp32", exporters=("torchscript",))
+
+
+@pytest.fixture(scope="module")
+def feeds(onnx_dir, tiny_bundle_dir):
+    from labkit.models import load_bundle
+
+    texts = [p.zh for p in load_split("train", limit=12)]
+    return Q.calibration_feeds(onnx_dir, load_bundle(tiny_bundle_dir).tokenizer, texts,
+                               DecodeConfig(max_new_tokens=16), batch=6, keep_every=3)
+
+
+def _scoped(op, inputs, scope):
+    node = helper.make_node(op, inputs, ["y"], name="node_x")
+    node.metadata_props.add(key=Q.SCOPE_KEY, value=scope)
+    return node
+
+
+@pytest.mark.parametrize("scope, block", [
+    ("['', 'model.model.encoder.layers.3.self_attn.k_proj', 'linear_6']", "encoder-self-attn"),
+    ("['', 'model.model.decoder.layers.0.self_attn.out_proj', 'linear_3']", "decoder-self-attn"),
+    ("['', 'model.model.decoder.layers.5.encoder_attn.v_proj', 'linear_11']", "cross-attn"),
+    ("['', 'model.model.encoder.layers.1.fc2', 'linear_5']", "ffn"),
+    ("['', 'model.lm_head', 'linear_16']", "lm-head"),
+    ("['', 'model.model.decoder.embed_tokens', 'embedding']", "embeddings"),
+    ("['', 'matmul_3']", None),  # attention scores: two activations, no weight
+])
+def test_block_of_dynamo_scopes(scope, block):
+    assert Q.block_of(Q.metadata_scope(_scoped("MatMul", ["a", "b"], scope))) == block
+
+
+def test_torchscript_names_are_resolved_through_the_bias():
+    """'/q_proj/MatMul' exists in self- and cross-attention; the bias Add after it tells them apart."""
+    w = helper.make_tensor("w", onnx.TensorProto.FLOAT, [2, 2], [1, 0, 0, 1])
+    b = helper.make_tensor("model.model.decoder.layers.1.encoder_attn.q_proj.bias", onnx.TensorProto.FLOAT, [2], [0, 0])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"], name="/q_proj/MatMul"),
+         helper.make_node("Add", ["h", b.name], ["y"], name="/q_proj/Add")], "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 2])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 2])], [w, b])
+    assert Q.node_blocks(helper.make_model(graph)) == {"/q_proj/MatMul": "cross-attn"}
+
+
+def test_every_linear_of_the_model_is_found_once_per_graph(onnx_dir, tiny_bundle):
+    """2+2 layers: encoder 2x(4 attn + 2 ffn); decoder 2x(4 self + 4 cross + 2 ffn) + head;
+    decoder_with_past has no cross K/V projections (they come in as inputs): 2x(4 + 2 + 2) + head."""
+    counts = {g: Q.block_counts(Q.untie_lm_head(onnx.load(str(onnx_dir / f)))) for g, f in FILES.items()}
+    assert counts["encoder"] == {"encoder-self-attn": 8, "decoder-self-attn": 0, "cross-attn": 0, "ffn": 4,
+                                 "lm-head": 0, "embeddings": 1}
+    assert counts["decoder"] == {"encoder-self-attn": 0, "decoder-self-attn": 8, "cross-attn": 8, "ffn": 4,
+                                 "lm-head": 1, "embeddings": 1}
+    assert counts["decoder_with_past"]["cross-attn"] == 4 and counts["decoder_with_past"]["lm-head"] == 1
+
+
+def _logits(path, feed):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(["logits"], feed)[0]
+
+
+def test_untie_lm_head_keeps_the_logits(onnx_dir, feeds, tmp_path):
+    src = onnx_dir / FILES["decoder_with_past"]
+    model = onnx.load(str(src))
+    untied = Q.untie_lm_head(model)
+    assert not [n for n in untied.graph.node if n.op_type == "Gemm"]
+    onnx.save(untied, str(tmp_path / "untied.onnx"))
+    feed = feeds["decoder_with_past"][0]
+    np.testing.assert_allclose(_logits(tmp_path / "untied.onnx", feed), _logits(src, feed), rtol=1e-5, atol=1e-5)
+
+
+def test_calibration_feeds_carry_real_past(feeds):
+    """The decoder-with-past graph is calibrated on past K/V from a real decode: lengths grow by step."""
+    assert len(feeds["encoder"]) == len(feeds["decoder"]) == 2  # 12 sentences in batches of 6
+    pasts = sorted({f["past_key_self_0"].shape[2] for f in feeds["decoder_with_past"]})
+    assert pasts[0] == 1 and len(pasts) > 2  # first kept step has one past position
+    assert all(np.abs(f["past_key_self_0"]).max() > 0 for f in feeds["decoder_with_past"])
+
+
+def _ops(directory):
+    """Per graph: op types, with an embedding lookup on int8 weights counted as 'Gather(int8)'."""
+    meta = read_sidecar(directory)
+    ops = {}
+    for g, f in meta["files"].items():
+        nodes = onnx.load(str(directory / f)).graph.node
+        ops[g] = [n.op_type + ("(int8)" if n.op_type == "Gather" and n.input[0].endswith("_quantized") else "")
+                  for n in nodes]
+    return ops
+
+
+@pytest.mark.parametrize("blocks", [("ffn",), Q.DEFAULT_BLOCKS], ids=["ffn-only", "default"])
+def test_dynamic_quantizes_exactly_the_chosen_blocks(onnx_dir, tmp_path, blocks):
+    """Weight MatMuls become MatMulInteger; the embedding Gather reads int8 rows (then DequantizeLinear)."""
+    out = Q.quantize_dir(onnx_dir, tmp_path / "dyn", "dynamic", blocks)
+    counts = {g: Q.block_counts(Q.untie_lm_head(onnx.load(str(onnx_dir / f)))) for g, f in FILES.items()}
+    matmuls = {g: sum(c[b] for b in blocks if b != "embeddings") for g, c in counts.items()}
+    gathers = {g: c["embeddings"] if "embeddings" in blocks else 0 for g, c in counts.items()}
+    ops = _ops(out)
+    assert {g: o.count("MatMulInteger") for g, o in ops.items()} == matmuls
+    assert {g: o.count("Gather(int8)") for g, o in ops.items()} == gathers
+    assert Q.recipe_of(out)["nodes_quantized"] == {g: matmuls[g] + gathers[g] for g in FILES}
+    assert read_sidecar(out)["precision"] == "int8"
+
+
+def test_dynamic_int8_logits_stay_close_to_fp32(onnx_dir, feeds, tmp_path):
+    """Per-channel int8 weights perturb logits a little, not the ranking of the top candidates."""
+    out = Q.quantize_dir(onnx_dir, tmp_path / "dyn", "dynamic", Q.DEFAULT_BLOCKS)
+    assert export_size_mb(out) < export_size_mb(onnx_dir)
+    for feed in feeds["decoder_with_past"][:3]:
+        ref, got = _logits(onnx_dir / FILES["decoder_with_past"], feed), _logits(out / FILES["decoder_with_past"], feed)
+        cos = (ref * got).sum(-1) / np.linalg.norm(ref, axis=-1) / np.linalg.norm(got, axis=-1)
+        assert cos.min() > 0.99
+        assert (ref.argmax(-1) == got.argmax(-1)).mean() >= 0.8
+
+
+@pytest.mark.parametrize("method", Q.METHODS)
+def test_qdq_is_symmetric_int8_in_standard_ops(onnx_dir, feeds, tmp_path, method):
+    """What TensorRT needs: QuantizeLinear/DequantizeLinear pairs, int8, zero points 0, no contrib ops."""
+    from onnx import numpy_helper
+
+    out = Q.quantize_dir(onnx_dir, tmp_path / method, "qdq", Q.DEFAULT_BLOCKS, feeds=feeds, method=method)
+    for graph, name in FILES.items():
+        model = onnx.load(str(out / name))
+        assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}
+        assert sum(n.op_type == "QuantizeLinear" for n in model.graph.node) > 0
+        inits = {t.name: t for t in model.graph.initializer}
+        zero_points = [inits[n.input[2]] for n in model.graph.node
+                       if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 2 and n.input[2] in inits]
+        assert zero_points and all(zp.data_type == onnx.TensorProto.INT8 for zp in zero_points)
+        assert all(not numpy_helper.to_array(zp).any() for zp in zero_points)
+    feed = feeds["decoder_with_past"][0]
+    ref, got = _logits(onnx_dir / FILES["decoder_with_past"], feed), _logits(out / FILES["decoder_with_past"], feed)
+    cos = (ref * got).sum(-1) / np.linalg.norm(ref, axis=-1) / np.linalg.norm(got, axis=-1)
+    assert cos.min() > 0.98
+
+
+def test_quantized_dir_runs_in_the_translator(onnx_dir, tiny_bundle, tmp_path):
+    from labkit.pipeline import Translator
+    from labkit.runtime import OrtStepper
+
+    out = Q.quantize_dir(onnx_dir, tmp_path / "dyn", "dynamic")
+    result = Translator(tiny_bundle, OrtStepper.from_dir(out)).run(["我喜欢猫。", ""])
+    assert result.texts[0] and result.texts[1] == ""
+    assert json.loads((out / "onnx.json").read_text())["quantization"]["kind"] == "dynamic"
+
+
+def test_qdq_needs_feeds(onnx_dir, tmp_path):
+    with pytest.raises(ValueError, match="calibration"):
+        Q.quantize_dir(onnx_dir, tmp_path / "q", "qdq")
+
+
+@pytest.mark.parametrize("bleu, parent, passed", [(30.6, 31.5, True), (30.5, 31.5, True), (30.4, 31.5, False),
+                                                  (32.0, 31.5, True)])
+def test_bleu_gate(bleu, parent, passed):
+    gate = Q.bleu_gate(bleu, parent)
+    assert gate["passed"] is passed and gate["name"] == "bleu-drop<=1.0"
+    assert f"{parent:.2f}" in gate["detail"]
+
+
+def test_choose_blocks_keeps_the_cheap_ones():
+    """reference 30; ffn costs 0.2, lm-head 1.5, embeddings had no nodes -> ('ffn',) at max_drop 1.0."""
+    rows = [{"block": "none", "nodes": 0, "bleu": 30.0}, {"block": "ffn", "nodes": 4, "bleu": 29.8},
+            {"block": "lm-head", "nodes": 1, "bleu": 28.5}, {"block": "embeddings", "nodes": 0, "bleu": 30.0}]
+    assert Q.choose_blocks(rows, 1.0) == ("ffn",)
+    assert Q.choose_blocks(rows, 2.0) == ("ffn", "lm-head")
