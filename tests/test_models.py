@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -48,11 +51,16 @@ def test_load_refuses_non_bundles(tmp_path):
         models.load_bundle(tmp_path)
 
 
-def test_hub_model_offline_is_a_clear_error(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path))
-    with pytest.raises(ConnectionError, match="opus-mt-shape"):
-        models.load_marian("Helsinki-NLP/opus-mt-zh-en")
+def test_hub_model_offline_is_a_clear_error(tmp_path):
+    # huggingface_hub reads HF_HUB_OFFLINE when it is imported, so the check runs in a fresh
+    # process; in this one transformers is already loaded and would retry the network for minutes.
+    code = ("from labkit import models\n"
+            "try:\n    models.load_marian('Helsinki-NLP/opus-mt-zh-en')\n"
+            "except ConnectionError as exc:\n    print('ConnectionError:', exc)\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "ConnectionError:" in proc.stdout and "opus-mt-shape" in proc.stdout, proc.stdout
 
 
 def test_opus_mt_shape_has_the_real_parameter_count():
