@@ -276,9 +276,12 @@ def measure(
     return Measurement(tuple(times), threads=current_threads(), peak_rss_mb=peak_rss_mb(), label=label)
 
 
-def as_latency(m: Measurement) -> dict[str, float | int]:
-    """The ledger's `metrics.latency_ms` entry: {"p50", "p95", "n"}."""
-    return {"p50": m.p50, "p95": m.p95, "n": m.n}
+def as_latency(m: Measurement) -> dict[str, float | int | bool]:
+    """The ledger's `metrics.latency_ms` entry: {"p50", "p95", "n", "iqr", "noisy"}.
+
+    The spread travels with the median so a report can flag a number measured on a busy machine.
+    """
+    return {"p50": m.p50, "p95": m.p95, "n": m.n, "iqr": m.iqr, "noisy": m.noisy}
 
 
 def ratio(a: Measurement, b: Measurement) -> float:

@@ -40,6 +40,14 @@ TEXT_FIELDS = ("backend", "precision", "model", "parent")  # optional strings
 NUMBER_METRICS = (
     "bleu", "chrf", "agreement", "tokens_per_s", "sentences_per_s", "peak_rss_mb", "size_mb",
 )  # fmt: skip
+# Fields DESIGN names that every record carries, even when null: a record missing one was built
+# by hand around make_record and would read back with silent gaps.
+REQUIRED_FIELDS = (
+    "schema", "run_id", "time", "notebook", "variant", "parent", "technique", "backend",
+    "precision", "model", "metrics", "gate", "env",
+)  # fmt: skip
+ENV_FIELDS = {"cpu": str, "cores": int, "threads": int, "versions": dict}  # plus gpu, git: str or None
+SCORE_RANGES = {"bleu": (0.0, 100.0), "chrf": (0.0, 100.0), "agreement": (0.0, 1.0)}
 # Flattened columns every DataFrame from `read` has, even when no record fills them.
 COLUMNS = (
     "schema", "run_id", "time", "notebook", "variant", "parent", "technique", "backend",
@@ -122,9 +130,14 @@ def _check_optional_text(record: Mapping[str, Any], field: str, prefix: str = ""
 def _validate_latency(lat: Any) -> None:
     _check(isinstance(lat, Mapping), "metrics.latency_ms", lat, "a dict {p50, p95, n}")
     for key in ("p50", "p95"):
-        _check(_is_number(lat.get(key)), f"metrics.latency_ms.{key}", lat.get(key), "a finite number")
+        value = lat.get(key)
+        _check(_is_number(value) and value >= 0, f"metrics.latency_ms.{key}", value, "a finite number >= 0")
+    _check(lat["p95"] >= lat["p50"], "metrics.latency_ms.p95", lat["p95"], f"a value >= p50 ({lat['p50']})")
     n = lat.get("n")
     _check(_is_int(n) and n > 0, "metrics.latency_ms.n", n, "a positive int")
+    iqr, noisy = lat.get("iqr"), lat.get("noisy")  # optional: the spread behind p50
+    _check(iqr is None or (_is_number(iqr) and iqr >= 0), "metrics.latency_ms.iqr", iqr, "a finite number >= 0")
+    _check(noisy is None or isinstance(noisy, bool), "metrics.latency_ms.noisy", noisy, "a bool")
 
 
 def _validate_metrics(metrics: Any) -> None:
@@ -134,6 +147,9 @@ def _validate_metrics(metrics: Any) -> None:
     for key in NUMBER_METRICS:
         value = metrics.get(key)
         _check(value is None or _is_number(value), f"metrics.{key}", value, "a finite number or None")
+    for key, (low, high) in SCORE_RANGES.items():
+        value = metrics.get(key)
+        _check(value is None or low <= value <= high, f"metrics.{key}", value, f"a score in [{low:g}, {high:g}]")
     _check_optional_text(metrics, "bleu_signature", "metrics.")
     params = metrics.get("params")
     _check(params is None or _is_int(params), "metrics.params", params, "an int or None")
@@ -148,6 +164,26 @@ def _validate_gate(gate: Any) -> None:
     _check(isinstance(gate.get("name"), str), "gate.name", gate.get("name"), "a string")
     _check(isinstance(gate.get("passed"), bool), "gate.passed", gate.get("passed"), "a bool")
     _check(isinstance(gate.get("detail"), str), "gate.detail", gate.get("detail"), "a string")
+
+
+def _validate_env(env: Any) -> None:
+    _check(isinstance(env, Mapping), "env", env, "a dict {cpu, cores, threads, gpu, versions, git}")
+    for key, kind in ENV_FIELDS.items():
+        value = env.get(key)
+        ok = isinstance(value, kind) and not isinstance(value, bool) and (kind is not int or value > 0)
+        _check(ok, f"env.{key}", value, f"a {'positive int' if kind is int else kind.__name__}")
+    for key in ("gpu", "git"):
+        _check(key in env, f"env.{key}", "<missing>", "present (None when there is none)")
+        _check_optional_text(env, key, "env.")
+
+
+def _validate_time(value: str) -> None:
+    try:
+        parsed = dt.datetime.fromisoformat(value)
+    except ValueError:
+        parsed = None
+    # A time without a zone cannot be ordered against records written on another machine.
+    _check(parsed is not None and parsed.tzinfo is not None, "time", value, "an ISO 8601 time with a UTC offset")
 
 
 def _validate_status(record: Mapping[str, Any]) -> None:
@@ -166,13 +202,12 @@ def validate(record: Mapping[str, Any]) -> None:
     {"schema": "labkit.ledger/1", ..., "technique": "prune"} -> LedgerError: ledger field 'technique': ...
     """
     _check(isinstance(record, Mapping), "<record>", type(record).__name__, "a dict")
+    for field in REQUIRED_FIELDS:
+        _check(field in record, field, "<missing>", "present (None where the schema allows it)")
     _check(record.get("schema") == SCHEMA, "schema", record.get("schema"), repr(SCHEMA))
     for field in ("run_id", "time", "notebook", "variant"):
         _check(_is_text(record.get(field)), field, record.get(field), "a non-empty string")
-    try:
-        dt.datetime.fromisoformat(record["time"])
-    except ValueError:
-        _check(False, "time", record["time"], "an ISO 8601 time")
+    _validate_time(record["time"])
     technique = record.get("technique")
     _check(technique in TECHNIQUES, "technique", technique, f"one of {sorted(TECHNIQUES)}")
     for field in TEXT_FIELDS:
@@ -180,8 +215,7 @@ def validate(record: Mapping[str, Any]) -> None:
     _validate_status(record)
     _validate_metrics(record.get("metrics"))
     _validate_gate(record.get("gate"))
-    env = record.get("env")
-    _check(env is None or isinstance(env, Mapping), "env", env, "a dict or None")
+    _validate_env(record.get("env"))
 
 
 # ---------------------------------------------------------------- records

@@ -70,7 +70,8 @@ def test_measure_real_clock_and_sync_inside_timed_region():
 
 def test_as_latency_and_ratio():
     slow, fast = Measurement(STEADY, threads=1), Measurement(tuple(t / 4 for t in STEADY), threads=1)
-    assert bench.as_latency(fast) == {"p50": 25.5, "p95": pytest.approx(25.95), "n": 5}
+    assert bench.as_latency(fast) == {"p50": 25.5, "p95": pytest.approx(25.95), "n": 5,
+                                      "iqr": pytest.approx(fast.iqr), "noisy": fast.noisy}
     assert bench.ratio(slow, fast) == pytest.approx(4.0)
 
 

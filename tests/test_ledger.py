@@ -86,6 +86,21 @@ _DELETE = object()
         ("gate.passed", "yes"),
         ("gate.name", _DELETE),
         ("env", "laptop"),
+        ("env", None),
+        ("env.cores", "two"),
+        ("env.threads", 0),
+        ("env.git", _DELETE),
+        ("env.versions", _DELETE),
+        ("parent", _DELETE),  # every DESIGN field is present, even when null
+        ("gate", _DELETE),
+        ("time", "2025-01-01T12:00:00"),  # no UTC offset
+        ("metrics.bleu", 250.0),
+        ("metrics.chrf", -1.0),
+        ("metrics.agreement", 1.5),
+        ("metrics.latency_ms.p95", 11.0),  # below p50
+        ("metrics.latency_ms.p50", -1.0),
+        ("metrics.latency_ms.iqr", -0.5),
+        ("metrics.latency_ms.noisy", "yes"),
     ],
 )
 def test_validate_names_the_bad_field(field, value):
