@@ -156,12 +156,15 @@ def pareto_frontier(latency: list[float], quality: list[float]) -> list[int]:
 
 
 def pareto_points(df: pd.DataFrame) -> pd.DataFrame:
-    """The ledger's latest ok record per variant that has both latency p50 and BLEU."""
+    """The ledger's latest ok record per variant that has both latency p50 and BLEU; `metrics.bleu`
+    is the score on the shared test subset (`labkit.report.comparable_scores`)."""
     from labkit import ledger
+    from labkit.report import comparable_scores
 
     if df.empty:
         return df
     latest = ledger.latest(df)
+    latest = latest.assign(**{"metrics.bleu": comparable_scores(latest)["bleu"]})
     keep = (latest["status"] == "ok") & latest["metrics.latency_ms.p50"].notna() & latest["metrics.bleu"].notna()
     return latest[keep]
 

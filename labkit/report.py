@@ -37,6 +37,7 @@ METRIC_COLUMNS = (
     ("size_mb", "metrics.size_mb"),
     ("bleu", "metrics.bleu"),
     ("chrf", "metrics.chrf"),
+    ("bleu_sentences", "eval_sentences"),
     ("agreement", "metrics.agreement"),
     ("sentences_per_s", "metrics.sentences_per_s"),
     ("qps", "metrics.qps"),
@@ -62,6 +63,25 @@ def _col(df: pd.DataFrame, name: str) -> pd.Series:
     return df[name] if name in df.columns else pd.Series([None] * len(df), index=df.index, dtype=object)
 
 
+def comparable_scores(rows: pd.DataFrame) -> pd.DataFrame:
+    """BLEU and chrF on the set every variant is scored on: the preset's test subset.
+
+    The baseline scores the whole test split for its quality floor and keeps the preset's subset
+    under `subset`; mixing the two in one table would credit or blame variants for a change of
+    sentences. {"metrics.bleu": 98.9, "eval_sentences": 1200, "subset.bleu": 98.7,
+    "subset.eval_sentences": 200} -> bleu 98.7, chrf ..., eval_sentences 200.
+    """
+    import pandas as pd
+
+    out = pd.DataFrame(index=rows.index)
+    for key in ("bleu", "chrf"):
+        full = pd.to_numeric(_col(rows, f"metrics.{key}"), errors="coerce")
+        out[key] = pd.to_numeric(_col(rows, f"subset.{key}"), errors="coerce").fillna(full)
+    subset_n = pd.to_numeric(_col(rows, "subset.eval_sentences"), errors="coerce")
+    out["eval_sentences"] = subset_n.fillna(pd.to_numeric(_col(rows, "eval_sentences"), errors="coerce"))
+    return out
+
+
 def _gate_text(passed, name) -> str:
     """(True, 'bleu >= 60') -> 'passed: bleu >= 60'; no gate -> ''."""
     if passed is None or passed != passed:  # None or NaN: the record has no gate
@@ -83,7 +103,8 @@ def _profile_stages(df: pd.DataFrame) -> pd.DataFrame:
 
 def before_after(df: pd.DataFrame, baseline: str = BASELINE, include_profiling: bool = False) -> pd.DataFrame:
     """The seed-style table: variant, technique, backend, precision, latency p50/p95, tokenize and
-    postprocess ms, peak RSS and size (MB), BLEU, chrF, agreement, sentences/s, QPS,
+    postprocess ms, peak RSS and size (MB), BLEU, chrF (on the shared test subset, see
+    `comparable_scores`) and how many sentences they cover, agreement, sentences/s, QPS,
     speedup vs `baseline` (its p50 over the row's p50), gate, status, reason.
 
     Empty ledger -> empty table with these columns. Profiling records are not variants and
@@ -101,8 +122,11 @@ def before_after(df: pd.DataFrame, baseline: str = BASELINE, include_profiling: 
         rows = rows[_col(rows, "technique") != "profiling"]
     stages = _profile_stages(df)
     table = pd.DataFrame({c: _col(rows, c) for c in TEXT_COLUMNS})
+    scores = comparable_scores(rows)
     for name, source in METRIC_COLUMNS:
         values = pd.to_numeric(_col(rows, source), errors="coerce")
+        if name in ("bleu", "chrf", "bleu_sentences"):
+            values = scores["eval_sentences" if name == "bleu_sentences" else name]
         if source in stages.columns:  # fall back to the variant's profiling record
             values = values.fillna(rows["variant"].map(stages[source]))
         table[name] = values.astype(float)

@@ -117,3 +117,21 @@ def test_environment_table_says_what_is_absent(gpu, trt, expect_gpu, expect_trt)
     rows = report.environment_table(env).set_index("item")
     assert rows.loc["GPU", "value"] == expect_gpu and rows.loc["TensorRT", "value"] == expect_trt
     assert ("skip" in rows.loc["TensorRT", "meaning"]) == (trt is None)
+
+
+def test_teacher_bleu_is_compared_on_the_subset_the_variants_use(tmp_path):
+    """The teacher's full-split BLEU (1 200 sentences) would be compared with variants scored on 200;
+    the table and the Pareto plot take its `subset` score instead."""
+    from labkit import plots
+
+    path = tmp_path / "ci" / "ledger.jsonl"
+    write(path, variant="teacher", technique="baseline", metrics={"bleu": 98.9, "chrf": 99.5, "latency_ms": lat(40.0)},
+          eval_sentences=1200, subset={"eval_sentences": 200, "bleu": 98.7, "chrf": 99.4})
+    write(path, variant="ort-int8", technique="quantization", metrics={"bleu": 98.5, "latency_ms": lat(10.0)})
+    df = report.load(path)
+    table = report.before_after(df).set_index("variant")
+    assert (table.loc["teacher", "bleu"], table.loc["teacher", "chrf"]) == (98.7, 99.4)
+    assert table.loc["teacher", "bleu_sentences"] == 200
+    assert table.loc["ort-int8", "bleu"] == 98.5 and math.isnan(table.loc["ort-int8", "bleu_sentences"])
+    points = plots.pareto_points(df).set_index("variant")
+    assert points.loc["teacher", "metrics.bleu"] == 98.7
