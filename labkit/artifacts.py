@@ -10,6 +10,7 @@ path; builders live next to their technique (labkit.prune, labkit.distill, ...).
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -25,6 +26,26 @@ def preset_dir(preset: str) -> Path:
     path = root() / preset
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def commit_dir(tmp: Path | str, out: Path | str) -> None:
+    """Move a fully written directory `tmp` into place at `out`, replacing any old one.
+
+    The old directory is renamed aside first and deleted only after the new one is in place, so a
+    crash leaves either the old artifact or the new one at `out` (plus a `.old` leftover), never an
+    empty path or a half-written one. tmp=".x.tmp", out="x": x -> .x.old-<pid>, .x.tmp -> x, rm .x.old-<pid>.
+    """
+    tmp, out = Path(tmp), Path(out)
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():
+        os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        if old.exists() and not out.exists():
+            os.replace(old, out)  # put the old artifact back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def teacher_for(preset):

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from labkit.artifacts import commit_dir
 from labkit.config import ModelSpec
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
@@ -83,9 +84,7 @@ class Bundle:
             (tmp / SIDECAR).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
             for f in tmp.iterdir():
                 f.chmod(0o644)  # some writers create private files; a bundle is shareable data
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
+            commit_dir(tmp, path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -130,24 +129,66 @@ def load_teacher(path: Path | str = TEACHER_DIR) -> Bundle:
     return load_bundle(path)
 
 
+HUB_PROBE_TIMEOUT_S = 5.0  # one quick reachability check instead of minutes of per-file retries
+HUB_OFFLINE_HINT = ("It needs internet the first time; offline, download it elsewhere "
+                    "(`huggingface-cli download Helsinki-NLP/opus-mt-zh-en --local-dir DIR`) and pass DIR, "
+                    "or use preset 'opus-mt-shape' for speed work with the same architecture")
+
+
+def _looks_like_path(name_or_path: str) -> bool:
+    """'./models/opus', '/data/m', '~/m' are paths; 'Helsinki-NLP/opus-mt-zh-en' is a hub id."""
+    return name_or_path.startswith((".", "/", "~")) or os.sep + os.sep in name_or_path or name_or_path.count("/") > 1
+
+
+def hub_unreachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> str | None:
+    """Why the hub cannot be reached (offline mode, DNS, refused, timeout), or None when it answers."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+    except OSError as exc:
+        return f"{url.hostname}:{port} is unreachable ({exc.__class__.__name__}: {exc})"
+    return None
+
+
+def _from_pretrained(name_or_path: str, **kwargs):
+    from transformers import MarianMTModel, MarianTokenizer
+
+    tokenizer = MarianTokenizer.from_pretrained(name_or_path, **kwargs)
+    return tokenizer, MarianMTModel.from_pretrained(name_or_path, dtype=torch.float32, **kwargs)
+
+
 def load_marian(name_or_path: str) -> Bundle:
     """Any Marian model from a local directory or the Hugging Face hub.
 
-    Offline, a hub id fails with a ConnectionError that says what to do instead.
+    A local directory loads as is; a hub id loads from the local cache when it is there, else it is
+    downloaded. Offline, a hub id fails within seconds with a ConnectionError that says what to do
+    instead (huggingface_hub alone would retry every file for minutes); a mistyped local path is a
+    FileNotFoundError, not a network error.
     """
-    from transformers import MarianMTModel, MarianTokenizer
-
-    try:
-        tokenizer = MarianTokenizer.from_pretrained(name_or_path)
-        model = MarianMTModel.from_pretrained(name_or_path, dtype=torch.float32)
-    except (OSError, TypeError, ValueError) as exc:  # offline, a missing file surfaces as any of these
-        if Path(name_or_path).exists():
-            raise
-        raise ConnectionError(
-            f"could not load {name_or_path!r} from the Hugging Face hub ({exc.__class__.__name__}). "
-            "It needs internet the first time; offline, download it elsewhere "
-            "(`huggingface-cli download Helsinki-NLP/opus-mt-zh-en --local-dir DIR`) and pass DIR, "
-            "or use preset 'opus-mt-shape' for speed work with the same architecture") from exc
+    if Path(name_or_path).expanduser().exists():
+        tokenizer, model = _from_pretrained(str(Path(name_or_path).expanduser()))
+    elif _looks_like_path(name_or_path):
+        raise FileNotFoundError(f"no model directory at {name_or_path!r} (and it is not a hub id like "
+                                "'Helsinki-NLP/opus-mt-zh-en')")
+    else:
+        try:
+            tokenizer, model = _from_pretrained(name_or_path, local_files_only=True)
+        except (OSError, TypeError, ValueError):  # not cached (a missing file surfaces as any of these)
+            why = hub_unreachable()
+            if why:
+                raise ConnectionError(f"cannot download {name_or_path!r} from the Hugging Face hub: {why}. "
+                                      + HUB_OFFLINE_HINT) from None
+            try:
+                tokenizer, model = _from_pretrained(name_or_path)
+            except (OSError, TypeError, ValueError) as exc:
+                raise ConnectionError(f"could not load {name_or_path!r} from the Hugging Face hub "
+                                      f"({exc.__class__.__name__}: {str(exc)[:200]}). " + HUB_OFFLINE_HINT) from exc
     model.eval()
     return Bundle(model, tokenizer, {"name": Path(name_or_path).name, "source": name_or_path})
 

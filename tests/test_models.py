@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -61,6 +62,43 @@ def test_hub_model_offline_is_a_clear_error(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "ConnectionError:" in proc.stdout and "opus-mt-shape" in proc.stdout, proc.stdout
+
+
+def test_unreachable_hub_fails_fast_without_offline_mode(tmp_path):
+    """No HF_HUB_OFFLINE, the endpoint refuses connections: a clear error in seconds, not minutes of retries."""
+    code = ("import time\nfrom labkit import models\nt = time.perf_counter()\n"
+            "try:\n    models.load_marian('Helsinki-NLP/opus-mt-zh-en')\n"
+            "except ConnectionError as exc:\n    print('ConnectionError:', exc)\n"
+            "print(f'took {time.perf_counter() - t:.1f}')\n")
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env |= {"HF_HOME": str(tmp_path), "HF_ENDPOINT": "http://127.0.0.1:9"}  # the discard port: refused
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "ConnectionError:" in proc.stdout and "unreachable" in proc.stdout, proc.stdout
+    assert float(proc.stdout.split("took ")[-1]) < models.HUB_PROBE_TIMEOUT_S + 5, proc.stdout
+
+
+def test_mistyped_local_path_is_not_a_network_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no model directory"):
+        models.load_marian(str(tmp_path / "no-such-model"))
+
+
+def test_save_over_an_old_bundle_keeps_a_whole_one_if_the_move_fails(tiny_bundle, tmp_path, monkeypatch):
+    """The old bundle is moved aside, not deleted, until the new one is in place."""
+    path = tiny_bundle.save(tmp_path / "b")
+    real_replace = os.replace
+
+    def failing(src, dst):
+        if Path(src).name.startswith(".b.") and not Path(src).name.startswith(".b.old"):
+            raise OSError("disk full")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing)
+    with pytest.raises(OSError, match="disk full"):
+        tiny_bundle.save(path)
+    monkeypatch.undo()
+    assert models.load_bundle(path).params == tiny_bundle.params
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
 
 
 def test_opus_mt_shape_has_the_real_parameter_count():
