@@ -12,11 +12,31 @@ import dataclasses
 import pytest
 import torch
 
-from labkit import data
+from labkit import bench, data
 from labkit.models import Bundle, load_bundle
 from labkit.train import TeacherConfig, train_teacher
 
 TINY_STEPS = 600
+
+
+def hardware_missing() -> dict[str, str]:
+    """Why each hardware marker cannot run here: {"cuda": "no CUDA device", ...}; absent keys can run."""
+    missing = {}
+    if not bench.gpu_name():
+        missing["cuda"] = missing["tensorrt"] = "needs an NVIDIA GPU (none found)"
+    versions = bench.environment()["versions"]
+    if "tensorrt" not in missing and not versions.get("tensorrt"):
+        missing["tensorrt"] = "needs the tensorrt package (pip install -e '.[trt]' on a GPU machine)"
+    return missing
+
+
+def pytest_collection_modifyitems(config, items):
+    """`cuda` and `tensorrt` tests skip, with the reason, where the hardware or package is absent."""
+    missing = hardware_missing()
+    for item in items:
+        for marker in ("cuda", "tensorrt"):
+            if marker in item.keywords and marker in missing:
+                item.add_marker(pytest.mark.skip(reason=f"{marker}: {missing[marker]}"))
 
 
 @pytest.fixture(scope="session")

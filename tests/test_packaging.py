@@ -38,3 +38,35 @@ def test_import_labkit_needs_no_optional_dependency():
             "bad = [m for m in ('tensorrt', 'ctranslate2') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_environment_yml_pins_the_python_pyproject_requires():
+    floor = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
+    pins = re.findall(r"^\s*- python\s*=+\s*([\d.]+)\s*$", (ROOT / "environment.yml").read_text(), re.M)
+    assert pins, "environment.yml names no python version"
+    major_minor = tuple(int(x) for x in pins[0].split(".")[:2])
+    assert major_minor >= tuple(int(x) for x in floor.lstrip(">=").split(".")[:2]), (pins, floor)
+
+
+def test_hardware_markers_skip_with_a_reason(tmp_path):
+    """A `cuda` / `tensorrt` test skips where the hardware is absent (and runs where it is)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    try:
+        from conftest import hardware_missing
+    finally:
+        sys.path.pop(0)
+    missing = hardware_missing()
+    (tmp_path / "conftest.py").write_text((ROOT / "tests" / "conftest.py").read_text())
+    (tmp_path / "test_hw.py").write_text(
+        "import pytest\n"
+        "@pytest.mark.cuda\ndef test_cuda():\n    pass\n"
+        "@pytest.mark.tensorrt\ndef test_trt():\n    pass\n"
+        "def test_plain():\n    pass\n")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", str(tmp_path),
+                           "-o", "markers=cuda\n tensorrt", "-o", "addopts="],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    out = proc.stdout
+    assert proc.returncode == 0, out[-2000:]
+    assert f"{3 - len(missing)} passed" in out, out[-2000:]
+    for marker, reason in missing.items():
+        assert f"{marker}: {reason}" in out, out[-2000:]
