@@ -121,3 +121,31 @@ def test_budget_registry_has_every_preset():
 
     assert set(PRESETS) <= set(kvcache.KV_BUDGETS)
     assert kvcache.budget_for("ci").tokens >= 128
+
+
+@pytest.mark.parametrize("beams", [1, 4])
+def test_agree_with_generate_is_an_independent_oracle(batch, beams, monkeypatch):
+    """Every mode agrees with generate on the fixture; a broken mode is caught, not averaged away."""
+    bundle, enc = batch
+    cfg = DecodeConfig(max_new_tokens=20, num_beams=beams)
+    assert kvcache.agree_with_generate(bundle.model, enc, cfg) == {m: 1.0 for m in kvcache.MODES}
+    real = kvcache.make_stepper
+
+    def off_by_one(model, mode, capacity=None):
+        stepper = real(model, mode, capacity)
+        if mode == "static":
+            step = stepper.step
+            stepper.step = lambda tokens, state: (lambda out: (out[0].roll(1, dims=-1), out[1]))(step(tokens, state))
+        return stepper
+
+    monkeypatch.setattr(kvcache, "make_stepper", off_by_one)
+    broken = kvcache.agree_with_generate(bundle.model, enc, cfg)
+    assert broken["static"] < 0.5 and broken["dynamic"] == 1.0, broken
+
+
+def test_slope_ignores_a_few_slow_steps():
+    assert kvcache.slope([1, 2, 3, 4], [1, 2, 30, 4]) == pytest.approx(1.0)
+    flat = [5.0] * 64
+    flat[10] = flat[40] = 50.0  # two steps hit by another process
+    assert abs(kvcache.slope(range(1, 65), flat)) < 1e-9
+    assert kvcache.slope(range(1, 65), [0.5 * p for p in range(1, 65)]) == pytest.approx(0.5)
