@@ -54,3 +54,17 @@ def test_committed_teacher_has_its_provenance():
     assert training["final_dev_bleu"] >= 60
     size = sum(p.stat().st_size for p in TEACHER_DIR.iterdir())
     assert size <= 25 * 2**20
+
+
+def test_command_line_trains_and_records_its_command(tmp_path):
+    """`python -m labkit.train teacher …` (the README's re-creation command) runs end to end."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "teacher"
+    proc = subprocess.run([sys.executable, "-m", "labkit.train", "teacher", "--config", "tiny", "--steps", "10",
+                           "--threads", "1", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    meta = json.loads((out / "bundle.json").read_text())
+    assert meta["training"]["command"].startswith("python -m labkit.train teacher --config tiny --steps 10")
+    assert meta["training"]["config"]["steps"] == 10 and "dev_bleu" in json.loads(proc.stdout.splitlines()[-1])
