@@ -6,7 +6,7 @@
 
 Any backend plugs in as a `labkit.decode.Stepper` (PyTorch by default; ONNX
 Runtime in labkit.runtime). Bad input never raises: empty or whitespace-only
-text gives an empty translation, control characters are dropped, over-long
+text (or an item that is not a string at all) gives an empty translation, control characters are dropped, over-long
 input is truncated to the model's limit, text without Chinese is translated as
 is; each of these is said in `notes`, one list per input, in order.
 Left out: sentence splitting of long documents, and caching (labkit.serve).
@@ -46,7 +46,10 @@ def normalize(text: str) -> tuple[str, list[str]]:
     """NFKC, control characters removed, whitespace collapsed; notes say what happened.
 
     '  我\\x07喜欢 猫 ' -> ('我喜欢 猫', ['removed 1 control character(s)'])
+    None -> ('', ['not text (NoneType): nothing to translate'])
     """
+    if not isinstance(text, str):  # a None or number from a data frame: one empty output, not a crash
+        return "", [f"not text ({type(text).__name__}): nothing to translate"]
     notes = []
     text = unicodedata.normalize("NFKC", text)
     cleaned, n = _CONTROL.subn("", text)

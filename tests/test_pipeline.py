@@ -73,3 +73,9 @@ def test_ids_past_the_tokenizer_vocabulary_are_dropped_with_a_note(translator):
     (text,) = translator._detokenize([[valid[0], known + 7, valid[1]]], notes)
     assert text == translator.tokenizer.decode(valid, skip_special_tokens=True)
     assert notes[0] and "outside the tokenizer" in notes[0][0]
+
+
+def test_items_that_are_not_text_give_an_empty_output_with_a_note(translator):
+    result = translator.run(["我喜欢猫。", None, 42])
+    assert result.texts[1:] == ["", ""] and result.texts[0]
+    assert result.notes[1] == ["not text (NoneType): nothing to translate"] and "int" in result.notes[2][0]
