@@ -189,6 +189,10 @@ def _validate_time(value: str) -> None:
 def _validate_status(record: Mapping[str, Any]) -> None:
     status, reason = record.get("status", "ok"), record.get("reason")
     _check(status in STATUSES, "status", status, f"one of {sorted(STATUSES)}")
+    gate = record.get("gate")
+    # A variant that failed its gate is never an "ok" number a report could offer as a win.
+    failed_gate = isinstance(gate, Mapping) and gate.get("passed") is False
+    _check(not (failed_gate and status == "ok"), "status", status, "'failed' (or 'skipped') when the gate failed")
     # A skipped TensorRT step with no reason reads like a bug in the report.
     if status != "ok":
         _check(_is_text(reason), "reason", reason, f"a non-empty string when status is {status!r}")
@@ -228,14 +232,15 @@ def make_record(
     technique: str,
     metrics: Mapping[str, Any] | None = None,
     gate: Mapping[str, Any] | None = None,
-    status: str = "ok",
+    status: str | None = None,
     reason: str | None = None,
     env: Mapping[str, Any] | None = None,
     **fields: Any,
 ) -> dict[str, Any]:
     """A validated record with schema, run_id, time and env filled in.
 
-    Other fields (parent, backend, precision, model, or any extra key) pass through `fields`.
+    `status` defaults to what the gate says: "failed", with the gate's detail as reason, when it did
+    not pass; else "ok". Other fields (parent, backend, precision, model, or any extra key) pass through `fields`.
 
     >>> make_record(notebook="06_tensorrt", variant="trt-fp16", technique="tensorrt",
     ...             status="skipped", reason="no CUDA device")["status"]   # doctest: +SKIP
@@ -245,6 +250,9 @@ def make_record(
         from labkit.bench import environment
 
         env = environment()
+    if status is None:
+        failed = gate is not None and gate.get("passed") is False
+        status, reason = ("failed", reason or gate.get("detail") or gate.get("name")) if failed else ("ok", reason)
     record = {
         "schema": SCHEMA,
         "run_id": run_id(),

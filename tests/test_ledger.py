@@ -220,3 +220,13 @@ def test_ledger_path_default_and_env(monkeypatch, tmp_path):
     monkeypatch.setenv("LABKIT_ARTIFACTS", str(tmp_path))
     assert ledger.ledger_path("ci") == tmp_path / "ci" / "ledger.jsonl"
     assert ledger.ledger_path("ci", root="x").as_posix() == "x/ci/ledger.jsonl"
+
+
+def test_a_failed_gate_makes_a_failed_record_and_never_an_ok_one():
+    gate = {"name": "bleu drop <= 1.0", "passed": False, "detail": "drop 2.4 > 1.0"}
+    r = record(gate=gate)
+    assert (r["status"], r["reason"]) == ("failed", "drop 2.4 > 1.0")
+    assert record(gate=gate, status="skipped", reason="not timed")["status"] == "skipped"
+    with pytest.raises(LedgerError, match="'status'"):
+        record(gate=gate, status="ok")
+    assert record()["status"] == "ok"  # a passed gate
