@@ -32,20 +32,24 @@ def commit_dir(tmp: Path | str, out: Path | str) -> None:
     """Move a fully written directory `tmp` into place at `out`, replacing any old one.
 
     The old directory is renamed aside first and deleted only after the new one is in place, so a
-    crash leaves either the old artifact or the new one at `out` (plus a `.old` leftover), never an
-    empty path or a half-written one. tmp=".x.tmp", out="x": x -> .x.old-<pid>, .x.tmp -> x, rm .x.old-<pid>.
+    crash leaves either the old artifact or the new one at `out` (plus a `.x.old.*` leftover), never
+    an empty path or a half-written one: x -> .x.old.<random>, tmp -> x, rm .x.old.<random>.
     """
+    import tempfile
+
     tmp, out = Path(tmp), Path(out)
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    old = None
     if out.exists():
-        os.replace(out, old)
+        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old."))
+        os.replace(out, old)  # onto the empty placeholder mkdtemp made
     try:
         os.replace(tmp, out)
     except BaseException:
-        if old.exists() and not out.exists():
+        if old is not None:
             os.replace(old, out)  # put the old artifact back
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def teacher_for(preset):

@@ -48,6 +48,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from labkit.artifacts import commit_dir
+
 OPSET = 18  # pinned: both exporters and ORT's quantization tools support it
 SCHEMA = "labkit.onnx/1"
 SIDECAR = "onnx.json"
@@ -409,13 +411,6 @@ def _atomic_dir(out: Path) -> Path:
     return tmp
 
 
-def _commit_dir(tmp: Path, out: Path) -> None:
-    """Replace `out` by `tmp` (rename is atomic; the old copy is removed first)."""
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-
-
 def file_sizes(directory: Path) -> dict[str, int]:
     return {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.is_file() and p.name != SIDECAR}
 
@@ -449,7 +444,7 @@ def export(bundle, out: Path | str, *, exporters: tuple[str, ...] = EXPORTERS, o
         if check:
             meta["parity"] = parity(model, tmp)
             write_sidecar(tmp, meta)
-        _commit_dir(tmp, out)
+        commit_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -522,7 +517,7 @@ def derive(src: Path | str, out: Path | str, transform: Callable[[Path, Path], N
                 raise FileNotFoundError(f"transform did not write {tmp / name}")
         meta = {**meta, **updates, "file_bytes": file_sizes(tmp), "derived_from": str(src)}
         write_sidecar(tmp, meta)
-        _commit_dir(tmp, out)
+        commit_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -718,7 +713,7 @@ def bundle_for(preset: str, bundle_name: str = "teacher"):
     return load_bundle(path)
 
 
-def _same_source(meta: dict, bundle) -> bool:
+def same_source(meta: dict, bundle) -> bool:
     """Whether an export was made from this bundle (same name and sidecar metadata)."""
     source = meta.get("source") or {}
     current = json.loads(json.dumps(bundle.meta, default=str))
@@ -741,7 +736,7 @@ def ensure_onnx(preset, bundle_name: str = "teacher", exporters: tuple[str, ...]
     bundle = bundle if bundle is not None else bundle_for(preset_name, bundle_name)
     try:
         meta = read_sidecar(out)
-        if meta.get("parity") and meta["parity"]["passed"] and _same_source(meta, bundle):
+        if meta.get("parity") and meta["parity"]["passed"] and same_source(meta, bundle):
             return out
     except (FileNotFoundError, ValueError):
         pass
