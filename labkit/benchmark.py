@@ -3,19 +3,28 @@
     labkit bench --preset opus-mt-shape --variants torch,ort-fp32,ort-int8,ct2-int8
     df = run_bench("ci", ["torch", "ort-int8", "ct2-int8"])    # the same from a notebook
 
-Every variant runs in a fresh `python -m labkit.benchmark --worker VARIANT` process
-(two engines in one process distort each other's thread pools and allocators)
-on the same sentences with the same intra-op thread count. A worker first
+First every variant is built and checked against its parent (`check_variants`),
+before any timing: ort-fp32 by the export's parity gate, int8 and CTranslate2
+variants by `labkit.quantize.variant_gate` on the preset's gate sentences (BLEU
+drop on quality presets, token agreement at the forced length on speed-only
+ones; float32 conversions must reproduce their parent's tokens). A variant that
+fails its gate is recorded as failed and not timed, so it never shows a speedup
+(its artifact may not even exist, and a number next to it would invite use); a
+variant whose engine is not installed (CTranslate2) is recorded as skipped with
+the reason. Gates a caller already measured (notebook 05) can be passed in.
+
+Every gated variant then runs in a fresh `python -m labkit.benchmark --worker
+VARIANT --artifact PATH` process (two engines in one process distort each
+other's thread pools and allocators), on exactly the artifact that passed, on
+the same sentences with the same intra-op thread count. A worker first
 translates the bench sentences once at batch 1 and returns the ids, which the
 parent compares with the PyTorch baseline (agreement), then measures batch-1
-end-to-end latency (p50/p95 over the preset's repeats) and sentences/s at
-batch 16, and prints one JSON line. Speed-only presets decode a fixed number of
-tokens (preset.forced_length), so every engine does the same work.
+end-to-end latency (p50/p95 over the preset's repeats) and sentences/s at batch
+16, and prints one JSON line. Speed-only presets decode a fixed number of tokens
+(preset.forced_length), so every engine does the same work.
 
-Artifacts (ONNX export, int8 copies, CTranslate2 conversions) are built by the
-parent before any timing, so no worker measures a build. Left out: GPU engines
-(TensorRT has its own notebook), concurrency and serving (labkit.serve), and
-memory per variant beyond each worker's peak RSS.
+Left out: GPU engines (TensorRT has its own notebook), concurrency and serving
+(labkit.serve), and memory per variant beyond each worker's peak RSS.
 """
 
 from __future__ import annotations
@@ -24,8 +33,8 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Mapping
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -64,6 +73,17 @@ class BenchSpec:
 SPEC = BenchSpec()
 
 
+@dataclass(frozen=True)
+class Check:
+    """What a variant's gate said before anything was timed; only status "ok" is timed."""
+
+    status: str  # ok | failed (gate not passed) | skipped (engine not installed, or parent not ok)
+    gate: dict | None = None  # {name, passed, detail}; None for the baseline and for skips
+    reason: str | None = None  # why failed or skipped
+    artifact: str | None = None  # what the worker loads (None: torch, or nothing was built)
+    info: dict = field(default_factory=dict)  # gate-subset metrics, the int8 recipe
+
+
 # --------------------------------------------------------------------------- primitives
 
 
@@ -77,42 +97,49 @@ def parse_variants(text: str | list[str] | tuple[str, ...]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def artifact_for(variant: str, preset, bundle_name: str = "teacher"):
-    """Build (if missing) what `variant` runs and return its path (None for torch)."""
+def artifact_for(variant: str, preset, bundle_name: str = "teacher", bundle=None):
+    """Build (if missing or stale) what `variant` runs and return its path (None for torch).
+
+    Pass `bundle` when it is already loaded (opus-mt-shape takes seconds to build).
+    """
     if variant == "torch":
         return None
     if variant == "ort-fp32":
         from labkit.export import ensure_onnx
 
-        return ensure_onnx(preset, bundle_name)
+        return ensure_onnx(preset, bundle_name, bundle=bundle)
     if variant.startswith("ort-int8"):
         from labkit.quantize import ensure_quantized
 
-        return ensure_quantized(preset, "qdq" if variant.endswith("qdq") else "dynamic", bundle_name)
+        return ensure_quantized(preset, "qdq" if variant.endswith("qdq") else "dynamic", bundle_name, bundle=bundle)
     from labkit.peer import COMPUTE_TYPES_SHORT, ensure_ct2
 
     compute_type = {short: full for full, short in COMPUTE_TYPES_SHORT.items()}[VARIANTS[variant].precision]
-    return ensure_ct2(preset, bundle_name, compute_type)
+    return ensure_ct2(preset, bundle_name, compute_type, bundle=bundle)
 
 
-def build_translator(variant: str, preset, threads: int, bundle_name: str = "teacher"):
-    """The Translator-shaped object of `variant`, decoding as the preset says."""
+def build_translator(variant: str, preset, threads: int, bundle_name: str = "teacher", artifact=None, bundle=None):
+    """The Translator-shaped object of `variant`, decoding as the preset says.
+
+    `artifact` is the directory to run (default: `artifact_for`, which builds it if missing).
+    """
     from labkit.pipeline import translator_for
 
+    if variant != "torch" and artifact is None:
+        artifact = artifact_for(variant, preset, bundle_name, bundle)
     if VARIANTS[variant].backend == "ctranslate2":
         from labkit.peer import Ct2Translator
         from labkit.pipeline import decode_config
 
-        return Ct2Translator(artifact_for(variant, preset, bundle_name), threads=threads,
-                             decode=decode_config(preset))
+        return Ct2Translator(artifact, threads=threads, decode=decode_config(preset))
     from labkit.export import bundle_for
 
-    bundle = bundle_for(preset.name, bundle_name)
+    bundle = bundle if bundle is not None else bundle_for(preset.name, bundle_name)
     stepper = None
     if variant != "torch":
         from labkit.runtime import OrtStepper
 
-        stepper = OrtStepper.from_dir(artifact_for(variant, preset, bundle_name), threads=threads)
+        stepper = OrtStepper.from_dir(artifact, threads=threads)
     # opus-mt-shape emits ids past the teacher tokenizer's pieces; the Translator drops them with a note.
     return translator_for(bundle, preset, stepper)
 
@@ -125,12 +152,103 @@ def bench_inputs(preset) -> tuple[list[str], list[str]]:
     return bench_texts(preset), [p.zh for p in load_split("test", limit=SPEC.throughput_sentences)]
 
 
+# --------------------------------------------------------------------------- gates (parent, before timing)
+
+
+def parity_gate(onnx_dir) -> dict:
+    """The export's parity gate as recorded in its sidecar (labkit.export.parity), as a ledger gate."""
+    from labkit.export import read_sidecar
+
+    parity = read_sidecar(onnx_dir)["parity"]
+    worst = parity["worst"]
+    return {"name": "onnx-parity", "passed": bool(parity["passed"]),
+            "detail": f"worst max|Δ| {worst['max_abs']:.2e} ({worst['graph']}.{worst['output']}) vs PyTorch on "
+                      f"{len(parity['cases'])} unseen shapes (atol {parity['atol']}, rtol {parity['rtol']})"}
+
+
+def _depth(variant: str) -> int:
+    """Parents before children: torch 0, ort-fp32 and ct2-* 1, ort-int8* 2."""
+    parent = VARIANTS[variant].parent
+    return 0 if parent is None else 1 + _depth(parent)
+
+
+class _Evaluations:
+    """Each engine translates the gate sentences once, with one thread (a parent serves several children)."""
+
+    def __init__(self, preset, bundle_name: str, bundle):
+        from labkit.quantize import gate_pairs
+
+        self.preset, self.bundle_name, self.bundle = preset, bundle_name, bundle
+        self.pairs, self.results = gate_pairs(preset), {}
+
+    def __call__(self, variant: str, artifact=None) -> dict:
+        from labkit.quantize import evaluate_translator
+
+        if variant not in self.results:
+            translator = build_translator(variant, self.preset, 1, self.bundle_name, artifact, self.bundle)
+            self.results[variant] = evaluate_translator(translator, self.preset, self.pairs)
+        return self.results[variant]
+
+
+def check_variant(variant: str, preset, bundle_name: str, evaluations, parent: Check | None = None,
+                  gate: dict | None = None) -> Check:
+    """Build `variant` and gate it against its parent: Check(status ok | failed | skipped, gate, ...).
+
+    `parent` is the parent's own Check when it is benched too (a failed parent fails its children
+    without building them); `gate` is one the caller already measured on the same artifact.
+    """
+    from labkit.quantize import recipe_of, variant_gate
+
+    spec = VARIANTS[variant]
+    if spec.parent is None:
+        return Check("ok")
+    if parent is not None and parent.status != "ok":
+        why = f"its parent {spec.parent} {parent.status}: {parent.reason}"
+        return Check(parent.status, {"name": "parent", "passed": False, "detail": why} if parent.status == "failed"
+                     else None, why)
+    if spec.backend == "ctranslate2":
+        from labkit.peer import missing_reason
+
+        reason = missing_reason()
+        if reason:
+            return Check("skipped", reason=reason)
+    try:
+        artifact = artifact_for(variant, preset, bundle_name, evaluations.bundle)
+    except AssertionError as exc:  # a gate inside the build: export parity, no int8-safe block
+        name = "onnx-parity" if variant == "ort-fp32" else "build"
+        return Check("failed", {"name": name, "passed": False, "detail": str(exc)}, str(exc))
+    info = {"recipe": recipe_of(artifact)} if spec.technique == "quantization" else {}
+    if variant == "ort-fp32":
+        gate = parity_gate(artifact)
+    elif gate is None:
+        result, base = evaluations(variant, artifact), evaluations(spec.parent, parent and parent.artifact)
+        gate = variant_gate(result, base, spec.precision, preset, parent_name=spec.parent)
+        info["gate_metrics"] = {k: result[k] for k in ("bleu", "chrf")} | {"parent_bleu": base["bleu"],
+                                                                          "sentences": len(base["ids"])}
+    passed = bool(gate["passed"])
+    return Check("ok" if passed else "failed", dict(gate), None if passed else gate["detail"], str(artifact), info)
+
+
+def check_variants(preset, variants, bundle_name: str = "teacher", bundle=None,
+                   gates: Mapping[str, dict] | None = None) -> dict[str, Check]:
+    """Build and gate every variant, parents first, before any timing; {variant: Check} in `variants` order."""
+    from labkit.export import bundle_for
+
+    bundle = bundle if bundle is not None else bundle_for(preset.name, bundle_name)
+    evaluations = _Evaluations(preset, bundle_name, bundle)
+    checks: dict[str, Check] = {}
+    for v in sorted(variants, key=_depth):
+        checks[v] = check_variant(v, preset, bundle_name, evaluations, checks.get(VARIANTS[v].parent),
+                                  (gates or {}).get(v))
+    return {v: checks[v] for v in variants}
+
+
 # --------------------------------------------------------------------------- worker (child process)
 
 
-
-def worker(variant: str, preset_name: str, threads: int, bundle_name: str = "teacher") -> dict[str, Any]:
-    """Load one variant, check it, time it; the dict is the child's one JSON line."""
+def worker(variant: str, preset_name: str, threads: int, bundle_name: str = "teacher",
+           artifact: str | None = None) -> dict[str, Any]:
+    """Load one variant (the gated `artifact`), translate, time; the dict is the child's one JSON line."""
     from labkit import bench
     from labkit.config import Preset
     from labkit.evaluate import latency, throughput
@@ -138,7 +256,7 @@ def worker(variant: str, preset_name: str, threads: int, bundle_name: str = "tea
     bench.pin_threads(threads)
     preset = Preset.from_name(preset_name).with_(threads=threads)
     start = time.perf_counter()
-    translator = build_translator(variant, preset, threads, bundle_name)
+    translator = build_translator(variant, preset, threads, bundle_name, artifact)
     load_s = time.perf_counter() - start
     texts, batch_texts = bench_inputs(preset)
     ids = [translator.run([t]).ids[0] for t in texts]  # also the first warm-up
@@ -153,7 +271,8 @@ def worker(variant: str, preset_name: str, threads: int, bundle_name: str = "tea
 # --------------------------------------------------------------------------- orchestration (parent)
 
 
-def run_variant(variant: str, preset_name: str, threads: int, bundle_name: str = "teacher") -> dict[str, Any]:
+def run_variant(variant: str, preset_name: str, threads: int, bundle_name: str = "teacher",
+                artifact: str | None = None) -> dict[str, Any]:
     """One worker process: `python -m labkit.benchmark --worker VARIANT ...` -> its JSON result."""
     import os
 
@@ -164,7 +283,7 @@ def run_variant(variant: str, preset_name: str, threads: int, bundle_name: str =
     env.update({var: str(threads) for var in bench.THREAD_ENV_VARS})
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     argv = [sys.executable, "-m", "labkit.benchmark", "--worker", variant, "--preset", preset_name,
-            "--threads", threads, "--bundle", bundle_name]
+            "--threads", threads, "--bundle", bundle_name, *(["--artifact", artifact] if artifact else [])]
     return bench.time_command(argv, timeout=SPEC.timeout_s, env=env)
 
 
@@ -178,48 +297,70 @@ def agreement_with(result: dict, baseline: dict | None) -> float | None:
 
 
 def run_bench(preset, variants=DEFAULT_VARIANTS, threads: int | None = None, bundle_name: str = "teacher",
-              write_ledger: bool = True, notebook: str = "labkit-bench", progress: bool = True) -> pd.DataFrame:
-    """Time each variant in its own process; one row per variant with ratios against torch.
+              write_ledger: bool = True, notebook: str = "labkit-bench", progress: bool = True,
+              gates: Mapping[str, dict] | None = None) -> pd.DataFrame:
+    """Gate every variant, then time those that passed, each in its own process; one row per variant.
 
-    Columns: variant, backend, precision, p50_ms, p95_ms, noisy, speedup (torch p50 / p50),
-    sentences_per_s, throughput_ratio, agreement (ids equal to torch's at batch 1), load_s,
-    peak_rss_mb. Ratios are NaN when torch is not among the variants.
+    Columns: variant, status (ok | failed | skipped), gate, gate_passed, reason, backend,
+    precision, model, p50_ms, p95_ms, noisy, speedup (torch p50 / p50), sentences_per_s,
+    throughput_ratio, agreement (ids equal to torch's at batch 1), load_s, peak_rss_mb. Failed
+    and skipped rows are not timed: their numbers are NaN. Ratios are NaN without a torch row.
+    `gates` ({variant: gate}) are gates the caller measured on the same artifacts (notebook 05).
     """
-    import pandas as pd
-
     from labkit.config import Preset
+    from labkit.export import bundle_for
 
     preset = Preset.from_name(preset) if isinstance(preset, str) else preset
     threads = threads or preset.threads
     variants = parse_variants(variants)
-    for v in variants:  # build outside the timed processes
-        artifact_for(v, preset, bundle_name)
+    bundle = bundle_for(preset.name, bundle_name)
+    checks = check_variants(preset, variants, bundle_name, bundle, gates)  # every gate before any timing
     results = {}
-    for v in variants:
+    for v, check in checks.items():
         if progress:
-            print(f"bench {preset.name}: {v} ({threads} threads) ...", file=sys.stderr, flush=True)
-        results[v] = run_variant(v, preset.name, threads, bundle_name)
-    df = results_frame(results)
+            state = f"({threads} threads) ..." if check.status == "ok" else f"not timed, {check.status}: {check.reason}"
+            print(f"bench {preset.name}: {v} {state}", file=sys.stderr, flush=True)
+        if check.status == "ok":
+            results[v] = run_variant(v, preset.name, threads, bundle_name, check.artifact)
+    df = results_frame(results, checks).assign(model=bundle.name)
     if write_ledger:
         write_records(df, preset, notebook, bundle_name)
     return df
 
 
-def results_frame(results: dict[str, dict]) -> pd.DataFrame:
-    """Worker results -> the bench table (see run_bench)."""
+_TIMED = ("p50_ms", "p95_ms", "n", "noisy", "speedup", "sentences_per_s", "throughput_ratio", "agreement",
+          "tokens", "threads", "load_s", "peak_rss_mb", "ids")
+
+
+def results_frame(results: dict[str, dict], checks: Mapping[str, Check] | None = None) -> pd.DataFrame:
+    """Worker results and gate checks -> the bench table (see run_bench); rows in `checks` order.
+
+    Without `checks` every result counts as passed (status ok, no gate).
+    """
     import pandas as pd
 
+    checks = checks if checks is not None else {v: Check("ok") for v in results}
     base = results.get(BASELINE)
     rows = []
-    for v, r in results.items():
-        rows.append({"variant": v, "backend": VARIANTS[v].backend, "precision": VARIANTS[v].precision,
-                     "p50_ms": r["p50"], "p95_ms": r["p95"], "n": r["n"], "noisy": r["noisy"],
-                     "speedup": base["p50"] / r["p50"] if base else float("nan"),
-                     "sentences_per_s": r["sentences_per_s"],
-                     "throughput_ratio": r["sentences_per_s"] / base["sentences_per_s"] if base else float("nan"),
-                     "agreement": agreement_with(r, base), "tokens": r["tokens"], "threads": r["threads"],
-                     "load_s": r["load_s"], "peak_rss_mb": r["peak_rss_mb"], "ids": r["ids"]})
-    return pd.DataFrame(rows)
+    for v, check in checks.items():
+        row = {"variant": v, "status": check.status, "gate": check.gate and check.gate["name"],
+               "gate_passed": None if check.gate is None else bool(check.gate["passed"]),
+               "reason": check.reason, "backend": VARIANTS[v].backend, "precision": VARIANTS[v].precision,
+               "gate_detail": check.gate and check.gate["detail"], "info": check.info,
+               **dict.fromkeys(_TIMED, float("nan"))}
+        r = results.get(v)
+        if r is not None:
+            row |= {"p50_ms": r["p50"], "p95_ms": r["p95"], "n": r["n"], "noisy": r["noisy"],
+                    "speedup": base["p50"] / r["p50"] if base else float("nan"),
+                    "sentences_per_s": r["sentences_per_s"],
+                    "throughput_ratio": r["sentences_per_s"] / base["sentences_per_s"] if base else float("nan"),
+                    "agreement": agreement_with(r, base), "tokens": r["tokens"], "threads": r["threads"],
+                    "load_s": r["load_s"], "peak_rss_mb": r["peak_rss_mb"], "ids": r["ids"]}
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    for col in ("gate", "gate_passed", "reason", "gate_detail"):  # pandas stores a missing text as NaN
+        df[col] = df[col].astype(object).where(df[col].notna(), None)
+    return df
 
 
 def ledger_variant(variant: str) -> str:
@@ -227,35 +368,76 @@ def ledger_variant(variant: str) -> str:
     return f"bench-{variant}"
 
 
+def _row_metrics(row) -> dict | None:
+    """Latency, sentences/s, peak RSS and agreement of a timed row; None for an untimed one."""
+    if row.status != "ok":
+        return None
+    return {"latency_ms": {"p50": row.p50_ms, "p95": row.p95_ms, "n": int(row.n)},
+            "sentences_per_s": row.sentences_per_s, "peak_rss_mb": _finite(row.peak_rss_mb),
+            "agreement": None if _absent(row.agreement) else float(row.agreement)}
+
+
 def write_records(df: pd.DataFrame, preset, notebook: str = "labkit-bench", bundle_name: str = "teacher") -> list[dict]:
-    """One ledger record per bench row (technique from VARIANTS; metrics latency, sentences/s, agreement)."""
+    """One ledger record per bench row: status and gate as checked, metrics only for timed rows.
+
+    `model` is the row's model column (the bundle's own name, e.g. 'opus-mt-shape'), else bundle_name.
+    """
     from labkit import ledger
 
     records = []
     for row in df.itertuples(index=False):
         spec = VARIANTS[row.variant]
-        metrics = {"latency_ms": {"p50": row.p50_ms, "p95": row.p95_ms, "n": int(row.n)},
-                   "sentences_per_s": row.sentences_per_s, "peak_rss_mb": row.peak_rss_mb,
-                   "agreement": None if row.agreement is None or row.agreement != row.agreement else row.agreement}
+        gate = None if _absent(row.gate) else {"name": row.gate, "passed": bool(row.gate_passed),
+                                               "detail": row.gate_detail}
+        timed = row.status == "ok"
         record = ledger.make_record(
             notebook=notebook, variant=ledger_variant(row.variant), technique=spec.technique,
-            metrics=metrics, parent=ledger_variant(spec.parent) if spec.parent else None,
-            backend=spec.backend, precision=spec.precision, model=bundle_name,
-            bench={"speedup_vs_torch": _finite(row.speedup), "throughput_ratio": _finite(row.throughput_ratio),
-                   "batch_size": SPEC.batch_size, "threads": int(row.threads), "noisy": bool(row.noisy),
-                   "forced_length": preset.forced_length, "own_process": True})
+            metrics=_row_metrics(row), gate=gate, status=row.status, reason=None if timed else row.reason,
+            parent=ledger_variant(spec.parent) if spec.parent else None, backend=spec.backend,
+            precision=spec.precision, model=getattr(row, "model", None) or bundle_name,
+            **(getattr(row, "info", None) or {}),
+            bench={"speedup_vs_torch": _finite(row.speedup) if timed else None,
+                   "throughput_ratio": _finite(row.throughput_ratio) if timed else None,
+                   "batch_size": SPEC.batch_size, "threads": int(row.threads) if timed else None,
+                   "noisy": bool(row.noisy) if timed else None, "forced_length": preset.forced_length,
+                   "own_process": True, "timed": timed})
         records.append(ledger.append(ledger.ledger_path(preset.name), record))
     return records
 
 
-def _finite(x: float) -> float | None:
-    return None if x != x else float(x)  # NaN (no torch row) is not JSON
+def _finite(x: float | None) -> float | None:
+    return None if _absent(x) else float(x)  # NaN (no torch row, not timed) is not JSON
+
+
+def _absent(x) -> bool:
+    """None, or the NaN pandas puts in a text column for it."""
+    return x is None or (isinstance(x, float) and x != x)
 
 
 def format_table(df: pd.DataFrame) -> str:
-    """The printed table: one line per variant, ratios against torch eager."""
-    cols = ["variant", "p50_ms", "p95_ms", "speedup", "sentences_per_s", "throughput_ratio", "agreement", "noisy"]
-    return df[cols].to_string(index=False, float_format=lambda x: f"{x:.2f}")
+    """The printed table: one line per variant, ratios against torch eager, then each gate.
+
+    Failed and skipped variants show FAILED / skipped and no numbers; the closing line names
+    the fastest variant that passed its gate.
+    """
+    cols = ["variant", "status", "p50_ms", "p95_ms", "speedup", "sentences_per_s", "throughput_ratio",
+            "agreement", "noisy"]
+    shown = df[cols].assign(status=df["status"].map({"ok": "ok", "failed": "FAILED", "skipped": "skipped"}))
+    lines = [shown.to_string(index=False, na_rep="-", float_format=lambda x: f"{x:.2f}"), "",
+             "gates (checked before timing):"]
+    for row in df.itertuples(index=False):
+        if row.status == "skipped":
+            lines.append(f"  {row.variant}: skipped, not timed: {row.reason}")
+        elif _absent(row.gate):
+            lines.append(f"  {row.variant}: baseline, no gate")
+        else:
+            verdict = "passed" if row.gate_passed else "FAILED, not timed"
+            lines.append(f"  {row.variant}: {row.gate} {verdict}: {row.gate_detail}")
+    wins = df[(df["status"] == "ok") & (df["variant"] != BASELINE) & df["speedup"].notna()]
+    if len(wins):
+        best = wins.loc[wins["p50_ms"].idxmin()]
+        lines.append(f"fastest within its gate: {best['variant']} ({best['speedup']:.2f}x torch eager at batch 1)")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- command line
@@ -271,7 +453,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Handler of `labkit bench`: 0 on success, 2 on bad input, 1 when a worker failed."""
+    """Handler of `labkit bench`: 0 when every variant was gated and the passing ones timed (failed
+    and skipped variants are in the table and the ledger), 2 on bad input, 1 when a worker or a
+    required import failed."""
     from labkit.bench import CommandError
     from labkit.config import PRESETS
 
@@ -286,7 +470,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         df = run_bench(args.preset, variants, threads=args.threads, bundle_name=args.bundle,
                        write_ledger=not args.no_ledger)
-    except (CommandError, FileNotFoundError, ConnectionError) as exc:
+    except (CommandError, FileNotFoundError, ConnectionError, ImportError) as exc:
         print(f"labkit bench: {exc}", file=sys.stderr)
         return 1
     print(format_table(df))
@@ -299,8 +483,9 @@ def _worker_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", required=True)
     parser.add_argument("--threads", type=int, required=True)
     parser.add_argument("--bundle", default="teacher")
+    parser.add_argument("--artifact", default=None, help="the gated directory to run (default: artifact_for)")
     args = parser.parse_args(argv)
-    result = worker(args.worker, args.preset, args.threads, args.bundle)
+    result = worker(args.worker, args.preset, args.threads, args.bundle, args.artifact)
     print(json.dumps(result))
     return 0
 

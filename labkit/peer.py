@@ -29,12 +29,12 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
+from labkit.artifacts import commit_dir
 from labkit.decode import DecodeConfig
 from labkit.pipeline import STAGES, Result, normalize
 
@@ -54,6 +54,15 @@ def require_ctranslate2():
         raise ImportError("CTranslate2 is the optional peer engine: install it with "
                           "`pip install 'labkit[peer]'` (or `pip install ctranslate2`)") from exc
     return ctranslate2
+
+
+def missing_reason() -> str | None:
+    """None when CTranslate2 imports; else why not, with the install hint (the reason a skip records)."""
+    try:
+        require_ctranslate2()
+    except ImportError as exc:
+        return str(exc)
+    return None
 
 
 # --------------------------------------------------------------------------- primitives
@@ -154,9 +163,7 @@ def convert(bundle, out: Path | str, quantization: str = "float32") -> Path:
                 "source": {"name": bundle.name, "meta": bundle.meta}}
         (tmp / SIDECAR).write_text(json.dumps(meta, indent=2, ensure_ascii=False, default=str) + "\n")
         tmp.chmod(0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        commit_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -270,21 +277,26 @@ def ct2_dir(preset: str, bundle_name: str = "teacher", compute_type: str = "int8
     return preset_dir(preset) / f"ct2-{bundle_name}-{compute_type}"
 
 
-def ensure_ct2(preset, bundle_name: str = "teacher", compute_type: str = "int8") -> Path:
+def ensure_ct2(preset, bundle_name: str = "teacher", compute_type: str = "int8", bundle=None) -> Path:
     """The preset's CTranslate2 conversion of `bundle_name`, weights stored as `compute_type`.
 
-    Built once (a second for the teacher, ~20 s for opus-mt-shape on 2 cores), then reused.
+    Reused while its sidecar says the same compute type and the same source bundle (name and
+    sidecar metadata, as `labkit.export.ensure_onnx` checks: a retrained teacher is converted
+    again); else converted (a second for the teacher, ~20 s for opus-mt-shape on 2 cores).
+    Pass `bundle` when it is already loaded.
     """
-    from labkit.export import bundle_for
+    from labkit.export import bundle_for, same_source
 
     preset_name = getattr(preset, "name", preset)
     out = ct2_dir(preset_name, bundle_name, compute_type)
+    bundle = bundle if bundle is not None else bundle_for(preset_name, bundle_name)
     try:
-        if read_sidecar(out)["quantization"] == compute_type and (out / "model.bin").exists():
+        meta = read_sidecar(out)
+        if meta["quantization"] == compute_type and (out / "model.bin").exists() and same_source(meta, bundle):
             return out
-    except (FileNotFoundError, ValueError, json.JSONDecodeError):
+    except (FileNotFoundError, ValueError, KeyError):  # json.JSONDecodeError is a ValueError
         pass
-    return convert(bundle_for(preset_name, bundle_name), out, quantization=compute_type)
+    return convert(bundle, out, quantization=compute_type)
 
 
 def translator_for(preset, bundle_name: str = "teacher", compute_type: str = "int8",

@@ -15,14 +15,23 @@ Two recipes over a `labkit.export` directory, each producing a directory that
     stepper = OrtStepper.from_dir(out, threads=2)
 
 Which weights are quantized is chosen per block (`BLOCKS`, matched on the
-PyTorch module path each exporter records for a node); `sensitivity` quantizes
-one block at a time and measures the BLEU cost, which is how the defaults in
-`QUANT_BUDGETS` were chosen. Only weight MatMuls (and, if asked, the embedding
-Gather) are quantized: attention-score MatMuls multiply two activations and stay
-float. The tied LM head is a Gemm on the embedding matrix after export;
-`untie_lm_head` gives it its own transposed copy as a MatMul, the form the
-dynamic quantizer handles (it has no Gemm kernel) and that keeps the embedding
-lookup independent of the head's precision.
+PyTorch module path each exporter records for a node). The default blocks are
+measured, not assumed: `ensure_blocks` quantizes one block type at a time with
+the shipped dynamic pipeline (optimizer, untie, per-channel int8), keeps the
+blocks whose BLEU cost alone stays within the gate, and stores the table and the
+choice next to the export (`int8-blocks-<bundle>.json`); `ensure_quantized`
+reads it. Speed-only presets (random weights, BLEU meaningless) measure nothing
+and use DESIGN's default, `BODY_BLOCKS`. Only weight MatMuls (and, if asked, the
+embedding Gather) are quantized: attention-score MatMuls multiply two
+activations and stay float. The tied LM head is a Gemm on the embedding matrix
+after export; `untie_lm_head` gives it its own transposed copy as a MatMul, the
+form the dynamic quantizer handles (it has no Gemm kernel) and that keeps the
+embedding lookup independent of the head's precision.
+
+Every int8 copy is checked against the fp32 graphs it was made from before
+anyone times it (`variant_gate`): BLEU drop <= MAX_BLEU_DROP on quality presets,
+token agreement at the forced length on speed-only presets. A copy records the
+digest of its parent's sidecar, so a re-export (a retrained teacher) rebuilds it.
 
 Left out: quantization-aware training, int4/fp8, SmoothQuant-style rescaling,
 and mixed per-layer recipes finer than a block type.
@@ -32,6 +41,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -49,6 +59,13 @@ KINDS = ("dynamic", "qdq")
 METHODS = ("minmax", "entropy", "percentile")
 SCOPE_KEY = "pkg.torch.onnx.name_scopes"  # the dynamo exporter's module path per node
 MAX_BLEU_DROP = 1.0  # the gate: an int8 variant losing more than this vs its fp32 parent failed
+MIN_FP32_AGREEMENT = 0.95  # a float32 engine reproduces its parent's greedy tokens (a rare near-tie may flip)
+# Speed-only presets: random weights make BLEU meaningless, so int8 is held to its parent's tokens at the
+# forced length; the random parent repeats a token or two, so this catches broken graphs, not lost quality.
+MIN_SPEED_AGREEMENT = 0.9
+# DESIGN: "Start with MatMul only; keep embeddings/LM head in float unless measured safe".
+BODY_BLOCKS = ("encoder-self-attn", "decoder-self-attn", "cross-attn", "ffn")
+BLOCKS_SCHEMA = "labkit.int8-blocks/1"
 
 
 @dataclass(frozen=True)
@@ -56,8 +73,7 @@ class QuantBudget:
     calibration_sentences: int  # training sentences decoded by the fp32 graphs to record calibration feeds
     calibration_batch: int  # sentences per calibration batch
     keep_every: int  # keep every k-th decoder-with-past feed (bounds calibration memory and time)
-    eval_sentences: int  # test sentences scored per variant in sensitivity and method comparisons
-    blocks: tuple[str, ...]  # default blocks to quantize (chosen from `sensitivity` on the teacher)
+    eval_sentences: int  # test sentences every gate and the sensitivity study score (quality presets)
     method: str = "minmax"  # default calibration method of the qdq recipe
     methods: tuple[str, ...] = METHODS  # compared in notebook 05 (entropy costs ~1 min per recipe)
     percentile: float = 99.999  # for method "percentile"
@@ -66,21 +82,13 @@ class QuantBudget:
     bench_variants: tuple[str, ...] = ("ort-fp32", "ort-int8", "ort-int8-qdq", "ct2-fp32", "ct2-int8")
 
 
-# Chosen with notebook 05 on the embedded teacher (200 test sentences): each block alone left every
-# sentence's tokens unchanged, and all six together changed none (dynamic) or 1 in 200 (QDQ),
-# BLEU within 0.2 of fp32. The embeddings are measured safe, so they are int8 too (a quarter of the
-# largest matrix); a new model re-measures with `sensitivity` before trusting this default.
-DEFAULT_BLOCKS = BLOCKS
 QUANT_BUDGETS = {
     "ci": QuantBudget(calibration_sentences=32, calibration_batch=16, keep_every=4, eval_sentences=48,
-                      blocks=DEFAULT_BLOCKS, methods=("minmax", "percentile"),
-                      bench_variants=("ort-fp32", "ort-int8", "ct2-int8")),
-    "workshop": QuantBudget(calibration_sentences=256, calibration_batch=16, keep_every=2,
-                            eval_sentences=500, blocks=DEFAULT_BLOCKS),
-    "opus-mt-zh-en": QuantBudget(calibration_sentences=128, calibration_batch=8, keep_every=4,
-                                 eval_sentences=300, blocks=DEFAULT_BLOCKS),
-    "opus-mt-shape": QuantBudget(calibration_sentences=16, calibration_batch=8, keep_every=8,
-                                 eval_sentences=0, blocks=DEFAULT_BLOCKS, methods=("minmax",)),
+                      methods=("minmax", "percentile"), bench_variants=("ort-fp32", "ort-int8", "ct2-int8")),
+    "workshop": QuantBudget(calibration_sentences=256, calibration_batch=16, keep_every=2, eval_sentences=500),
+    "opus-mt-zh-en": QuantBudget(calibration_sentences=128, calibration_batch=8, keep_every=4, eval_sentences=300),
+    "opus-mt-shape": QuantBudget(calibration_sentences=16, calibration_batch=8, keep_every=8, eval_sentences=0,
+                                 methods=("minmax",)),
 }
 
 
@@ -375,12 +383,14 @@ def quantize_qdq_file(src: Path, dst: Path, blocks: Iterable[str], feeds: list[d
 # --------------------------------------------------------------------------- directories
 
 
-def quantize_dir(onnx_dir: Path | str, out: Path | str, kind: str = "dynamic", blocks: Iterable[str] = DEFAULT_BLOCKS,
+def quantize_dir(onnx_dir: Path | str, out: Path | str, kind: str = "dynamic", blocks: Iterable[str] = BODY_BLOCKS,
                  feeds: dict[str, list[dict]] | None = None, method: str = "minmax", percentile: float = 99.999,
-                 optimize: bool = True) -> Path:
+                 optimize: bool = True, blocks_basis: str | None = None) -> Path:
     """A quantized copy of an export directory (atomic, sidecar says what was done).
 
     kind 'dynamic' needs nothing else; kind 'qdq' needs `feeds` from `calibration_feeds`.
+    The recipe records the parent's sidecar digest (`sidecar_digest`) and why these blocks
+    (`blocks_basis`), so `ensure_quantized` can tell a stale copy and the ledger can say.
     """
     from labkit.export import derive, read_sidecar
 
@@ -398,6 +408,7 @@ def quantize_dir(onnx_dir: Path | str, out: Path | str, kind: str = "dynamic", b
               "format": "QOperator (MatMulInteger)" if kind == "dynamic" else "QDQ",
               "method": method if kind == "qdq" else None, "ort_optimizer": optimize and kind == "dynamic",
               "calibration_feeds": {g: len(f) for g, f in (feeds or {}).items()},
+              "blocks_basis": blocks_basis, "parent_sidecar_sha256": sidecar_digest(onnx_dir),
               "nodes_quantized": counts, "seconds": 0.0}
 
     def transform(src: Path, dst: Path) -> None:
@@ -418,41 +429,125 @@ def recipe_of(directory: Path | str) -> dict | None:
     return read_sidecar(directory).get("quantization")
 
 
-# --------------------------------------------------------------------------- evaluation helpers
+def sidecar_digest(directory: Path | str) -> str:
+    """sha256 of an export directory's sidecar: the identity of that exact export.
+
+    The sidecar holds every file's size, the exporters, the source bundle's metadata and the
+    parity result, so any re-export gets a new digest and the copies derived from it rebuild.
+    """
+    import hashlib
+
+    from labkit.export import SIDECAR
+
+    return hashlib.sha256((Path(directory) / SIDECAR).read_bytes()).hexdigest()
+
+
+def _made_with(directory: Path | str, settings: dict) -> bool:
+    """Whether `directory` holds a readable int8 copy whose recipe has every one of `settings`."""
+    try:
+        recipe = recipe_of(directory)
+    except (FileNotFoundError, ValueError):
+        return False
+    return bool(recipe) and all(recipe.get(k) == v for k, v in settings.items())
+
+
+# --------------------------------------------------------------------------- evaluation and the gate
+
+
+def gate_pairs(preset) -> list:
+    """The sentences every gate and the sensitivity study score, the same for parent and variant.
+
+    Quality presets: the first QuantBudget.eval_sentences of the evaluation subset. Speed-only
+    presets: the bench sentences without references (no BLEU; token agreement still counts).
+    """
+    from labkit.data import Pair
+    from labkit.evaluate import bench_texts, eval_pairs
+
+    if preset.quality:
+        return eval_pairs(preset)[: budget_for(preset.name).eval_sentences]
+    return [Pair(t, "") for t in bench_texts(preset)]
+
+
+def evaluate_translator(translator, preset, pairs, reference_ids: list[list[int]] | None = None) -> dict:
+    """Translate `pairs` with any Translator-shaped engine: {bleu, chrf, bleu_signature, agreement, ids}.
+
+    BLEU and chrF are None on speed-only presets (random weights, no references). `agreement`
+    is the share of sentences whose ids equal `reference_ids` (None without them): a finer
+    signal than BLEU when a change flips a few tokens.
+    """
+    from labkit.evaluate import agreement, score
+    from labkit.runtime import translate_ids
+
+    ids, hyps = translate_ids(translator, [p.zh for p in pairs], preset.batch_size)
+    scores = score(hyps, [p.en for p in pairs]).as_metrics() if preset.quality else \
+        {"bleu": None, "chrf": None, "bleu_signature": None}
+    return {**scores, "agreement": None if reference_ids is None else agreement(ids, reference_ids), "ids": ids}
 
 
 def evaluate_dir(directory: Path | str, bundle, preset, pairs, reference_ids: list[list[int]] | None = None,
                  threads: int = 1) -> dict:
-    """Translate `pairs` with the graphs in `directory`: {bleu, chrf, bleu_signature, agreement, ids}.
+    """`evaluate_translator` over the graphs in `directory` (tokenizer from `bundle`).
 
-    `agreement` is the share of sentences whose ids equal `reference_ids` (None without them):
-    a finer signal than BLEU when a change flips a few tokens. One thread by default: this is a
-    quality check, and a spinning two-thread pool on a shared machine only makes it slower.
+    One thread by default: this is a quality check, and a spinning two-thread pool on a shared
+    machine only makes it slower.
     """
-    from labkit.evaluate import agreement, score
-    from labkit.runtime import translate_ids, translator
+    from labkit.runtime import translator
 
-    ids, hyps = translate_ids(translator(directory, bundle, preset, threads=threads), [p.zh for p in pairs],
-                              preset.batch_size)
-    scores = score(hyps, [p.en for p in pairs])
-    return {**scores.as_metrics(), "agreement": agreement(ids, reference_ids) if reference_ids else None,
-            "ids": ids}
+    return evaluate_translator(translator(directory, bundle, preset, threads=threads), preset, pairs, reference_ids)
 
 
-def bleu_gate(bleu: float, parent_bleu: float, max_drop: float = MAX_BLEU_DROP) -> dict:
-    """The ledger gate: {'name': 'bleu-drop<=1.0', 'passed': drop <= 1.0, 'detail': ...}."""
+def bleu_gate(bleu: float, parent_bleu: float, max_drop: float = MAX_BLEU_DROP, parent: str = "the fp32 parent",
+              agreement: float | None = None, n: int | None = None) -> dict:
+    """The int8 gate on quality presets: {'name': 'bleu-drop<=1.0', 'passed': drop <= 1.0, 'detail': ...}.
+
+    bleu 30.4, parent_bleu 31.5 -> drop 1.1 -> passed False.
+    """
     drop = parent_bleu - bleu
-    return {"name": f"bleu-drop<={max_drop}", "passed": bool(drop <= max_drop),
-            "detail": f"BLEU {bleu:.2f} vs fp32 parent {parent_bleu:.2f}: drop {drop:.2f}"}
+    detail = f"BLEU {bleu:.2f} vs {parent} {parent_bleu:.2f}: drop {drop:.2f} (max {max_drop})"
+    if agreement is not None:
+        detail += f"; token ids identical to {parent}'s on {round(agreement * n)}/{n} sentences"
+    return {"name": f"bleu-drop<={max_drop}", "passed": bool(drop <= max_drop), "detail": detail}
+
+
+def agreement_gate(agreement: float, minimum: float, n: int, parent: str = "the fp32 parent", note: str = "") -> dict:
+    """A token-agreement gate: agreement 47/48, minimum 0.95 ->
+    {'name': 'agreement>=0.95', 'passed': True, 'detail': "token ids identical to torch's on 47/48 sentences ..."}.
+    """
+    detail = f"token ids identical to {parent}'s on {round(agreement * n)}/{n} sentences (min {minimum:.0%})"
+    return {"name": f"agreement>={minimum}", "passed": bool(agreement >= minimum),
+            "detail": detail + (f"; {note}" if note else "")}
+
+
+def variant_gate(result: dict, parent: dict, precision: str, preset, parent_name: str = "the fp32 parent") -> dict:
+    """Gate an optimized variant against its parent; both are `evaluate_translator` results on `gate_pairs`.
+
+    fp32 (a conversion, e.g. CTranslate2 float32): its tokens must equal the parent's
+    (agreement >= MIN_FP32_AGREEMENT). int8 on quality presets: BLEU drop <= MAX_BLEU_DROP.
+    int8 on speed-only presets: agreement >= MIN_SPEED_AGREEMENT at the forced length, and the
+    detail says how little that proves (how many distinct tokens the random parent emits).
+    """
+    from labkit.evaluate import agreement
+
+    same, n = agreement(result["ids"], parent["ids"]), len(parent["ids"])
+    if precision == "fp32":
+        return agreement_gate(same, MIN_FP32_AGREEMENT, n, parent_name)
+    if preset.quality:
+        return bleu_gate(result["bleu"], parent["bleu"], MAX_BLEU_DROP, parent_name, agreement=same, n=n)
+    distinct = len({t for row in parent["ids"] for t in row})
+    note = (f"speed-only preset (random weights, no BLEU): greedy forced to {preset.forced_length} tokens; the "
+            f"parent's output holds {distinct} distinct token(s), so this catches a broken graph, not lost quality")
+    return agreement_gate(same, MIN_SPEED_AGREEMENT, n, parent_name, note)
 
 
 def sensitivity(onnx_dir: Path | str, bundle, preset, pairs, work: Path | str, blocks: Iterable[str] = BLOCKS,
-                kind: str = "dynamic", feeds=None, reference: dict | None = None, optimize: bool = False) -> list[dict]:
+                kind: str = "dynamic", feeds=None, reference: dict | None = None, optimize: bool = True) -> list[dict]:
     """Quantize one block type at a time and score it: [{block, nodes, bleu, chrf, agreement, size_mb}, ...].
 
     The first row, block 'none', is the fp32 graphs (`reference`, an `evaluate_dir` result, if
-    given), against which agreement is counted. `optimize=False` skips ORT's fusion pass: it is
-    float-exact and costs seconds per variant.
+    given), against which agreement is counted. `optimize` runs ORT's transformer optimizer
+    first, as the shipped dynamic recipe does: its fusions (Add+LayerNorm, the folded LM head)
+    change the float arithmetic around the quantized MatMuls, so the choice is measured on the
+    graphs that will ship.
     """
     work = Path(work)
     fp32 = reference or evaluate_dir(onnx_dir, bundle, preset, pairs)
@@ -475,6 +570,77 @@ def choose_blocks(rows: list[dict], max_drop: float) -> tuple[str, ...]:
 # --------------------------------------------------------------------------- handler
 
 
+def blocks_path(preset: str, bundle_name: str = "teacher") -> Path:
+    """Where ensure_blocks keeps its measurement: <artifacts>/<preset>/int8-blocks-<bundle_name>.json."""
+    from labkit.artifacts import preset_dir
+
+    return preset_dir(preset) / f"int8-blocks-{bundle_name}.json"
+
+
+def read_blocks(path: Path | str) -> dict | None:
+    """A stored block choice; None when missing, corrupt or of another schema (it is measured again)."""
+    try:
+        record = json.loads(Path(path).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return record if isinstance(record, dict) and record.get("schema") == BLOCKS_SCHEMA else None
+
+
+def _write_json(path: Path, record: dict) -> None:
+    """Atomically: a temp file in the same directory renamed over `path`, so readers never see half."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(record, indent=2, ensure_ascii=False, default=str) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def measure_blocks(onnx_dir: Path | str, bundle, preset, max_drop: float = MAX_BLEU_DROP) -> dict:
+    """`sensitivity` on the gate sentences and `choose_blocks`: the record `ensure_blocks` stores."""
+    from labkit.artifacts import preset_dir
+
+    pairs = gate_pairs(preset)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=preset_dir(preset.name), prefix=".int8-sensitivity-") as work:
+        rows = sensitivity(onnx_dir, bundle, preset, pairs, work)
+    return {"schema": BLOCKS_SCHEMA, "blocks": list(choose_blocks(rows, max_drop)),
+            "basis": f"measured: each block alone within {max_drop} BLEU of the fp32 graphs on {len(pairs)} test "
+                     "sentences (dynamic recipe, ORT optimizer on); together they face the gate again",
+            "max_bleu_drop": max_drop, "eval_sentences": len(pairs), "kind": "dynamic", "optimize": True,
+            "parent_sidecar_sha256": sidecar_digest(onnx_dir), "rows": rows,
+            "seconds": round(time.perf_counter() - start, 1)}
+
+
+def ensure_blocks(preset, bundle_name: str = "teacher", bundle=None) -> dict:
+    """The dynamic recipe's default blocks for `bundle_name`'s export: {blocks, basis, rows, ...}.
+
+    Quality presets: measured once per export by `measure_blocks` (six quantize-and-score
+    rounds; the record keeps how many seconds they took), stored at `blocks_path`, and measured
+    again when the export changes (sidecar digest) or the gate does. Speed-only presets have
+    nothing to measure (random weights): BODY_BLOCKS, DESIGN's default, with rows None.
+    """
+    from labkit.config import Preset
+    from labkit.export import bundle_for, ensure_onnx
+
+    preset = Preset.from_name(preset) if isinstance(preset, str) else preset
+    if not preset.quality:
+        return {"schema": BLOCKS_SCHEMA, "blocks": list(BODY_BLOCKS), "rows": None,
+                "basis": "default, not measured (speed-only preset: random weights make BLEU meaningless): the "
+                         "body's weight MatMuls; embeddings and LM head stay float"}
+    bundle = bundle if bundle is not None else bundle_for(preset.name, bundle_name)
+    src = ensure_onnx(preset, bundle_name, bundle=bundle)
+    path = blocks_path(preset.name, bundle_name)
+    stored = read_blocks(path)
+    wanted = {"parent_sidecar_sha256": sidecar_digest(src), "max_bleu_drop": MAX_BLEU_DROP,
+              "eval_sentences": len(gate_pairs(preset)), "kind": "dynamic", "optimize": True}
+    if stored and all(stored.get(k) == v for k, v in wanted.items()):
+        return stored
+    record = measure_blocks(src, bundle, preset)
+    _write_json(path, record)
+    return record
+
+
 def quantized_dir(preset: str, kind: str, bundle_name: str = "teacher", method: str | None = None) -> Path:
     """Where ensure_quantized keeps a recipe: <artifacts>/<preset>/onnx-<bundle_name>-int8-<kind>.
 
@@ -488,31 +654,42 @@ def quantized_dir(preset: str, kind: str, bundle_name: str = "teacher", method: 
 
 
 def ensure_quantized(preset, kind: str = "dynamic", bundle_name: str = "teacher", blocks: Iterable[str] | None = None,
-                     method: str | None = None, feeds: dict[str, list[dict]] | None = None) -> Path:
-    """The preset's int8 copy of `bundle_name`'s export, built if missing or made with other settings.
+                     method: str | None = None, feeds: dict[str, list[dict]] | None = None, bundle=None) -> Path:
+    """The preset's int8 copy of `bundle_name`'s export, built if missing, stale or made otherwise.
 
-    Blocks and calibration method default to the preset's QuantBudget; the qdq recipe decodes
-    `calibration_sentences` training sentences with the fp32 graphs first, unless `feeds`
-    (from `calibration_for`) are given.
+    Blocks default to `ensure_blocks` (measured on quality presets), the calibration method to
+    the preset's QuantBudget. A copy is reused only if it was made from the current export
+    (`ensure_onnx` re-exports a changed bundle; the copy's recipe holds the digest of the sidecar
+    it was made from) with the same kind, blocks, method and optimizer setting. The qdq recipe
+    decodes `calibration_sentences` training sentences with the fp32 graphs first, unless `feeds`
+    (from `calibration_for`) are given; `bundle` when it is already loaded. AssertionError when
+    no block type is int8-safe.
     """
     from labkit.config import Preset
-    from labkit.export import ensure_onnx
+    from labkit.export import bundle_for, ensure_onnx
 
     preset = Preset.from_name(preset) if isinstance(preset, str) else preset
     budget = budget_for(preset.name)
-    blocks = tuple(blocks or budget.blocks)
+    bundle = bundle if bundle is not None else bundle_for(preset.name, bundle_name)
+    src = ensure_onnx(preset, bundle_name, bundle=bundle)
+    if blocks is None:
+        choice = ensure_blocks(preset, bundle_name, bundle)
+        blocks, basis = tuple(choice["blocks"]), choice["basis"]
+    else:
+        blocks, basis = tuple(blocks), "chosen by the caller"
+    if not blocks:
+        raise AssertionError(f"no block type stays within {MAX_BLEU_DROP} BLEU of fp32 on its own "
+                             f"({blocks_path(preset.name, bundle_name)}): nothing of {bundle_name} is int8-safe")
     method = method or budget.method
     out = quantized_dir(preset.name, kind, bundle_name, method)
-    try:
-        recipe = recipe_of(out)
-        if recipe and recipe["blocks"] == list(blocks) and (kind == "dynamic" or recipe["method"] == method):
-            return out
-    except (FileNotFoundError, ValueError):
-        pass
-    src = ensure_onnx(preset, bundle_name)
+    settings = {"kind": kind, "blocks": list(blocks), "method": method if kind == "qdq" else None,
+                "ort_optimizer": kind == "dynamic", "parent_sidecar_sha256": sidecar_digest(src)}
+    if _made_with(out, settings):
+        return out
     if kind == "qdq" and feeds is None:
         feeds = calibration_for(src, preset, budget)
-    return quantize_dir(src, out, kind, blocks, feeds=feeds, method=method, percentile=budget.percentile)
+    return quantize_dir(src, out, kind, blocks, feeds=feeds, method=method, percentile=budget.percentile,
+                        blocks_basis=basis)
 
 
 def calibration_for(onnx_dir: Path | str, preset, budget: QuantBudget | None = None) -> dict[str, list[dict]]:
@@ -549,6 +726,6 @@ def plot_sensitivity(rows: list[dict]):
     names = [r["block"] for r in blocks]
     fig = go.Figure([go.Bar(name="BLEU drop", x=names, y=[ref["bleu"] - r["bleu"] for r in blocks]),
                      go.Bar(name="% sentences changed", x=names, y=[100 * (1 - r["agreement"]) for r in blocks])])
-    fig.update_layout(title="INT8 sensitivity: one block type quantized at a time (dynamic, per-channel)",
+    fig.update_layout(title="INT8 sensitivity: one block type quantized at a time (dynamic, per-channel, optimized)",
                       barmode="group", xaxis_title="quantized block", yaxis_title="vs fp32")
     return fig

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 
 import pytest
 import torch
@@ -49,25 +50,108 @@ def test_results_frame_ratios_against_torch():
     assert df.loc["ort-int8", "agreement"] == 0.5
 
 
+def test_results_frame_leaves_untimed_variants_empty():
+    """A failed variant has a row (status, gate) but no numbers, so it can never show a speedup."""
+    gate = {"name": "bleu-drop<=1.0", "passed": False, "detail": "BLEU 20.00 vs fp32 parent 31.50: drop 11.50"}
+    checks = {"torch": benchmark.Check("ok"), "ort-int8": benchmark.Check("failed", gate, gate["detail"])}
+    df = benchmark.results_frame({"torch": _result(300.0, 10.0, [[1]])}, checks).set_index("variant")
+    assert df.loc["ort-int8", "status"] == "failed" and df.loc["ort-int8", "gate_passed"] is False
+    assert df.loc["ort-int8", ["p50_ms", "speedup", "sentences_per_s"]].isna().all()
+    table = benchmark.format_table(df.reset_index())
+    assert "FAILED" in table and "fastest within its gate" not in table
+
+
+@pytest.fixture()
+def fake_workers(monkeypatch):
+    """Record which variants would get a timing process, and answer for them without starting one."""
+    started = []
+
+    def run_variant(variant, preset_name, threads, bundle_name="teacher", artifact=None):
+        started.append(variant)
+        return {**_result(100.0 if variant != "torch" else 300.0, 10.0, [[1]]), "threads": threads}
+
+    monkeypatch.setattr(benchmark, "run_variant", run_variant)
+    return started
+
+
+def test_a_variant_failing_its_gate_is_recorded_failed_and_not_timed(tiny_bundle_dir, tmp_path, monkeypatch,
+                                                                      fake_workers):
+    """The int8 gate is made to fail: ort-int8 gets no timing process, its row and ledger record say
+    failed with the gate, and the table offers no win; torch and ort-fp32 (parity) are timed."""
+    from labkit import quantize
+    from labkit.export import export
+    from labkit.models import load_bundle
+
+    monkeypatch.setenv("LABKIT_ARTIFACTS", str(tmp_path))
+    shutil.copytree(tiny_bundle_dir, tmp_path / "ci" / "tiny")
+    torch.set_num_threads(1)
+    export(load_bundle(tiny_bundle_dir), tmp_path / "ci" / "onnx-tiny", exporters=("torchscript",))
+    monkeypatch.setattr(quantize, "ensure_blocks", lambda *a, **k: {"blocks": ["ffn"], "basis": "test: ffn only"})
+    failing = {"name": "bleu-drop<=1.0", "passed": False, "detail": "BLEU 20.00 vs fp32 parent 31.50: drop 11.50"}
+    monkeypatch.setattr(quantize, "variant_gate", lambda *a, **k: dict(failing))
+    df = benchmark.run_bench("ci", ["torch", "ort-fp32", "ort-int8"], threads=1, bundle_name="tiny",
+                             progress=False).set_index("variant")
+    assert fake_workers == ["torch", "ort-fp32"]
+    assert list(df["status"]) == ["ok", "ok", "failed"]
+    assert df.loc["ort-fp32", "gate"] == "onnx-parity" and df.loc["ort-fp32", "gate_passed"] is True
+    assert df.loc["ort-int8", "speedup"] != df.loc["ort-int8", "speedup"]  # NaN: never timed
+    newest = ledger.latest(ledger.read(ledger.ledger_path("ci")), ["bench-torch", "bench-ort-fp32", "bench-ort-int8"])
+    record = newest.loc["bench-ort-int8", "record"]
+    assert record["status"] == "failed" and record["gate"] == failing and record["reason"] == failing["detail"]
+    assert record["metrics"] is None and record["bench"]["timed"] is False
+    assert record["recipe"]["blocks"] == ["ffn"] and record["recipe"]["blocks_basis"] == "test: ffn only"
+    assert newest.loc["bench-ort-fp32", "gate.passed"] is True
+    # the model's own name ('teacher' for this fixture), not the bundle directory's ('tiny')
+    assert set(newest["model"]) == {load_bundle(tiny_bundle_dir).name} != {"tiny"}
+    table = benchmark.format_table(df.reset_index())
+    assert "ort-int8: bleu-drop<=1.0 FAILED, not timed" in table
+    assert "fastest within its gate: ort-fp32" in table
+
+
+def test_missing_ctranslate2_is_a_recorded_skip(artifacts, monkeypatch, fake_workers, capsys):
+    """Without CTranslate2 the ct2 variants are skipped with the install hint, in the table and the
+    ledger, and `labkit bench` still exits 0 after timing the rest."""
+    monkeypatch.setenv("LABKIT_ARTIFACTS", str(artifacts))
+    monkeypatch.setitem(sys.modules, "ctranslate2", None)
+    parser = argparse.ArgumentParser()
+    benchmark.add_arguments(parser)
+    args = parser.parse_args(["--preset", "ci", "--variants", "torch,ct2-int8", "--threads", "1", "--bundle", "tiny"])
+    assert benchmark.main(args) == 0
+    assert fake_workers == ["torch"]
+    out = capsys.readouterr().out
+    assert "skipped" in out and "labkit[peer]" in out
+    record = ledger.latest(ledger.read(ledger.ledger_path("ci")), "bench-ct2-int8").iloc[0]["record"]
+    assert record["status"] == "skipped" and "labkit[peer]" in record["reason"] and record["metrics"] is None
+
+
 @pytest.mark.slow
 def test_run_bench_in_own_processes(artifacts, monkeypatch):
-    """Three worker processes (~15 s each on 2 busy cores): CTranslate2 float32 decodes the very
-    ids torch decodes; every worker timed the same sentences; each row became a ledger record."""
+    """Gates first, then one worker process per variant that passed (~15 s each on 2 busy cores):
+    CTranslate2 float32 decodes the very ids torch decodes; every worker timed the same sentences;
+    each row became a ledger record with its gate, and only passed variants carry latencies."""
     monkeypatch.setenv("LABKIT_ARTIFACTS", str(artifacts))
     variants = ["torch", "ort-int8", "ct2-fp32"]
     df = benchmark.run_bench("ci", variants, threads=1, bundle_name="tiny", progress=False).set_index("variant")
     assert list(df.index) == variants
-    assert df.loc["torch", "speedup"] == 1.0
+    assert df.loc["torch", "speedup"] == 1.0 and df.loc["torch", "gate"] is None
+    assert df.loc["ct2-fp32", "gate"] == "agreement>=0.95" and df.loc["ct2-fp32", "status"] == "ok"
     assert df.loc["ct2-fp32", "agreement"] == 1.0  # CTranslate2 float32 greedy == labkit greedy
-    assert set(df["n"]) == {16 * 3}  # preset ci: 16 bench sentences x 3 repeats, for every variant
-    assert (df["p50_ms"] > 0).all() and (df["sentences_per_s"] > 0).all()
-    assert (df["threads"] == 1).all()
+    assert df.loc["ort-int8", "gate"] == "bleu-drop<=1.0"
+    timed = df[df["status"] == "ok"]
+    assert (timed["gate_passed"].isna() | (timed["gate_passed"] == True)).all()  # noqa: E712
+    assert set(timed["n"]) == {16 * 3}  # preset ci: 16 bench sentences x 3 repeats, for every timed variant
+    assert (timed["p50_ms"] > 0).all() and (timed["sentences_per_s"] > 0).all()
+    assert (timed["threads"] == 1).all()
+    assert df[df["status"] != "ok"]["p50_ms"].isna().all()
     records = ledger.read(ledger.ledger_path("ci"))
     newest = ledger.latest(records, [benchmark.ledger_variant(v) for v in variants])
     assert newest.loc["bench-ort-int8", "technique"] == "quantization"
     assert newest.loc["bench-ort-int8", "parent"] == "bench-ort-fp32"
+    assert newest.loc["bench-ort-int8", "record"]["recipe"]["blocks"]  # the measured default blocks
     assert newest.loc["bench-ct2-fp32", "backend"] == "ctranslate2"
     assert newest.loc["bench-torch", "metrics.latency_ms.n"] == 48
+    for record in newest["record"]:
+        assert (record["status"] == "ok") == (record["gate"] is None or record["gate"]["passed"]), record
 
 
 def test_cli_rejects_unknown_variants(capsys):

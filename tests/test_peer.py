@@ -1,7 +1,14 @@
-"""CTranslate2 peer: conversion keeps ids, float32 greedy equals labkit's greedy token for token."""
+"""CTranslate2 peer: conversion keeps ids, float32 greedy equals labkit's greedy token for token.
+
+Tests that run CTranslate2 are marked `requires_ct2` (skipped without the `peer` extra); the ones
+about its absence and about what no engine runs (vocabulary, install hint) always run.
+"""
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import shutil
 import sys
 
 import pytest
@@ -12,8 +19,8 @@ from labkit.data import load_split
 from labkit.decode import DecodeConfig, TorchStepper, greedy
 from labkit.models import Bundle
 
-pytest.importorskip("ctranslate2")
-
+requires_ct2 = pytest.mark.skipif(importlib.util.find_spec("ctranslate2") is None,
+                                  reason="CTranslate2 is not installed (pip install 'labkit[peer]')")
 SENTENCES = 60
 
 
@@ -35,6 +42,7 @@ def source_ids(bundle, texts):
     return [bundle.tokenizer(t)["input_ids"] for t in texts]
 
 
+@requires_ct2
 @pytest.mark.parametrize("cfg", [DecodeConfig(max_new_tokens=64), DecodeConfig(max_new_tokens=8),
                                  DecodeConfig(forced_length=12)], ids=["max64", "max8", "forced12"])
 def test_float32_greedy_equals_labkit_greedy(fixture_ct2, cfg):
@@ -52,6 +60,7 @@ def test_float32_greedy_equals_labkit_greedy(fixture_ct2, cfg):
         assert {len(ids) for ids in got} == {cfg.forced_length}
 
 
+@requires_ct2
 def test_int8_is_smaller_and_obeys_the_length_rules(fixture_ct2):
     bundle, dirs = fixture_ct2
     assert peer.file_mb(dirs["int8"]) < 0.6 * peer.file_mb(dirs["float32"])
@@ -62,6 +71,7 @@ def test_int8_is_smaller_and_obeys_the_length_rules(fixture_ct2):
     assert all(pad not in ids for ids in got)
 
 
+@requires_ct2
 @pytest.mark.parametrize("quantization", peer.COMPUTE_TYPES)
 def test_convert_leaves_the_bundle_untouched(tiny_bundle, tmp_path, quantization):
     """CTranslate2's int8 pass rewrites the weight arrays it is given in place; convert copies first."""
@@ -70,6 +80,7 @@ def test_convert_leaves_the_bundle_untouched(tiny_bundle, tmp_path, quantization
     assert all(torch.equal(v, before[k]) for k, v in tiny_bundle.model.state_dict().items())
 
 
+@requires_ct2
 def test_stock_converter_needs_a_zero_pad_row(tiny_bundle_dir, tmp_path):
     """Why PadStartMarianLoader exists: the tied <pad> row is trained, and the stock loader
     starts from a zero vector instead, so its first decoder input differs from generate's."""
@@ -110,6 +121,7 @@ def test_vocabulary_pads_missing_ids_and_moves_pad(tiny_bundle):
     assert tokens[:2] == ["</s>", "<unk>"] and tokens[n] == f"<unused_{n}>"
 
 
+@requires_ct2
 def test_wide_vocabulary_round_trips_through_ct2(tiny_bundle, tmp_path):
     """Random-weight model with a padded vocabulary: float32 ct2 == labkit greedy at forced length."""
     from transformers import MarianConfig, MarianMTModel
@@ -128,6 +140,7 @@ def test_wide_vocabulary_round_trips_through_ct2(tiny_bundle, tmp_path):
     assert got == torch_greedy(wide, texts, dc)
 
 
+@requires_ct2
 def test_run_keeps_order_notes_and_stage_timings(fixture_ct2):
     _, dirs = fixture_ct2
     result = peer.Ct2Translator(dirs["float32"]).run(["我喜欢猫。", "  ", "我喜欢猫。"])
@@ -140,6 +153,32 @@ def test_run_keeps_order_notes_and_stage_timings(fixture_ct2):
 
 
 def test_missing_ctranslate2_says_how_to_install(monkeypatch):
+    """Runs with or without CTranslate2: a None entry in sys.modules makes the import fail."""
     monkeypatch.setitem(sys.modules, "ctranslate2", None)
     with pytest.raises(ImportError, match=r"labkit\[peer\]"):
         peer.require_ctranslate2()
+    assert "labkit[peer]" in peer.missing_reason()
+    with pytest.raises(ImportError, match=r"labkit\[peer\]"):
+        peer.Ct2Translator("anywhere")
+
+
+@requires_ct2
+def test_missing_reason_is_none_when_installed():
+    assert peer.missing_reason() is None
+
+
+@requires_ct2
+def test_ensure_ct2_converts_again_for_a_changed_bundle(tiny_bundle_dir, tmp_path, monkeypatch):
+    """Reused while the bundle is the same; a retrained bundle (new sidecar metadata) is converted again,
+    and the swap leaves no old copy beside the new one."""
+    monkeypatch.setenv("LABKIT_ARTIFACTS", str(tmp_path))
+    shutil.copytree(tiny_bundle_dir, tmp_path / "ci" / "tiny")
+    out = peer.ensure_ct2("ci", "tiny", "float32")
+    made = (out / peer.SIDECAR).read_text()
+    assert peer.ensure_ct2("ci", "tiny", "float32") == out and (out / peer.SIDECAR).read_text() == made
+    meta_path = tmp_path / "ci" / "tiny" / "bundle.json"
+    meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "retrained": True}))
+    assert peer.ensure_ct2("ci", "tiny", "float32") == out
+    assert peer.read_sidecar(out)["source"]["meta"]["retrained"] is True
+    assert peer.Ct2Translator(out).translate(["我喜欢猫。"])[0]
+    assert sorted(p.name for p in (tmp_path / "ci").iterdir()) == ["ct2-tiny-float32", "tiny"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import onnx
@@ -11,6 +12,7 @@ import torch
 from onnx import helper
 
 from labkit import quantize as Q
+from labkit.config import Preset
 from labkit.data import load_split
 from labkit.decode import DecodeConfig
 from labkit.export import FILES, export, read_sidecar
@@ -113,7 +115,7 @@ def _ops(directory):
     return ops
 
 
-@pytest.mark.parametrize("blocks", [("ffn",), Q.DEFAULT_BLOCKS], ids=["ffn-only", "default"])
+@pytest.mark.parametrize("blocks", [("ffn",), Q.BODY_BLOCKS, Q.BLOCKS], ids=["ffn-only", "body", "all"])
 def test_dynamic_quantizes_exactly_the_chosen_blocks(onnx_dir, tmp_path, blocks):
     """Weight MatMuls become MatMulInteger; the embedding Gather reads int8 rows (then DequantizeLinear)."""
     out = Q.quantize_dir(onnx_dir, tmp_path / "dyn", "dynamic", blocks)
@@ -129,7 +131,7 @@ def test_dynamic_quantizes_exactly_the_chosen_blocks(onnx_dir, tmp_path, blocks)
 
 def test_dynamic_int8_logits_stay_close_to_fp32(onnx_dir, feeds, tmp_path):
     """Per-channel int8 weights perturb logits a little, not the ranking of the top candidates."""
-    out = Q.quantize_dir(onnx_dir, tmp_path / "dyn", "dynamic", Q.DEFAULT_BLOCKS)
+    out = Q.quantize_dir(onnx_dir, tmp_path / "dyn", "dynamic", Q.BLOCKS)
     assert export_size_mb(out) < export_size_mb(onnx_dir)
     for feed in feeds["decoder_with_past"][:3]:
         ref, got = _logits(onnx_dir / FILES["decoder_with_past"], feed), _logits(out / FILES["decoder_with_past"], feed)
@@ -143,7 +145,7 @@ def test_qdq_is_symmetric_int8_in_standard_ops(onnx_dir, feeds, tmp_path, method
     """What TensorRT needs: QuantizeLinear/DequantizeLinear pairs, int8, zero points 0, no contrib ops."""
     from onnx import numpy_helper
 
-    out = Q.quantize_dir(onnx_dir, tmp_path / method, "qdq", Q.DEFAULT_BLOCKS, feeds=feeds, method=method)
+    out = Q.quantize_dir(onnx_dir, tmp_path / method, "qdq", Q.BLOCKS, feeds=feeds, method=method)
     for graph, name in FILES.items():
         model = onnx.load(str(out / name))
         assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}
@@ -188,3 +190,121 @@ def test_choose_blocks_keeps_the_cheap_ones():
             {"block": "lm-head", "nodes": 1, "bleu": 28.5}, {"block": "embeddings", "nodes": 0, "bleu": 30.0}]
     assert Q.choose_blocks(rows, 1.0) == ("ffn",)
     assert Q.choose_blocks(rows, 2.0) == ("ffn", "lm-head")
+
+
+# --------------------------------------------------------------------------- the gate
+
+
+def _result(ids, bleu=None):
+    return {"ids": ids, "bleu": bleu}
+
+
+@pytest.mark.parametrize("preset, precision, child, parent, name, passed", [
+    # int8 on a quality preset: BLEU decides (30.4 vs 31.5 is a 1.1 drop); agreement only informs
+    ("ci", "int8", _result([[1], [2]], 30.4), _result([[1], [2]], 31.5), "bleu-drop<=1.0", False),
+    ("ci", "int8", _result([[1], [3]], 31.0), _result([[1], [2]], 31.5), "bleu-drop<=1.0", True),
+    # a float32 conversion must give the parent's tokens: 19 of 20 sentences = 0.95 passes, 18 fails
+    ("ci", "fp32", _result([[1]] * 19 + [[9]]), _result([[1]] * 20), "agreement>=0.95", True),
+    ("ci", "fp32", _result([[1]] * 18 + [[9]] * 2), _result([[1]] * 20), "agreement>=0.95", False),
+    # speed-only preset: no BLEU; 9 of 10 forced-length outputs identical = 0.9 passes, 8 fails
+    ("opus-mt-shape", "int8", _result([[7, 7]] * 9 + [[7, 8]]), _result([[7, 7]] * 10), "agreement>=0.9", True),
+    ("opus-mt-shape", "int8", _result([[7, 7]] * 8 + [[7, 8]] * 2), _result([[7, 7]] * 10), "agreement>=0.9", False),
+])
+def test_variant_gate_rules(preset, precision, child, parent, name, passed):
+    gate = Q.variant_gate(child, parent, precision, Preset.from_name(preset))
+    assert gate["name"] == name and gate["passed"] is passed and gate["detail"]
+
+
+def test_speed_only_gate_says_how_little_it_proves():
+    """Random weights repeat a token: the detail names the preset's forced length and the parent's
+    distinct tokens (1 here), so nobody reads 'agreement 1.0' as a quality result."""
+    gate = Q.variant_gate(_result([[7] * 40] * 8), _result([[7] * 40] * 8), "int8", Preset.from_name("opus-mt-shape"))
+    assert gate["passed"] and "8/8" in gate["detail"]
+    assert "forced to 40 tokens" in gate["detail"] and "1 distinct token" in gate["detail"]
+
+
+# --------------------------------------------------------------------------- the handler: measured defaults, staleness
+
+
+@pytest.fixture()
+def root(tiny_bundle_dir, tmp_path, monkeypatch):
+    """A fresh artifact root with the tiny fixture as bundle 'tiny' of preset ci, already exported
+    with the TorchScript exporter (seconds), so ensure_onnx reuses it instead of exporting."""
+    from labkit.models import load_bundle
+
+    monkeypatch.setenv("LABKIT_ARTIFACTS", str(tmp_path))
+    shutil.copytree(tiny_bundle_dir, tmp_path / "ci" / "tiny")
+    torch.set_num_threads(1)
+    export(load_bundle(tmp_path / "ci" / "tiny"), tmp_path / "ci" / "onnx-tiny", exporters=("torchscript",))
+    return tmp_path
+
+
+def retrain(root):
+    """What a retrained bundle and notebook 04 leave behind: new bundle metadata, a new export."""
+    from labkit.models import load_bundle
+
+    meta_path = root / "ci" / "tiny" / "bundle.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "retrained": True}))
+    export(load_bundle(root / "ci" / "tiny"), root / "ci" / "onnx-tiny", exporters=("torchscript",))
+
+
+def fake_sensitivity(calls, bleus):
+    """Stands in for the six quantize-and-score rounds: rows with the given BLEU per block, fp32 at 30."""
+    def sensitivity(onnx_dir, bundle, preset, pairs, work, **kwargs):
+        calls.append(onnx_dir)
+        return [{"block": "none", "nodes": 0, "bleu": 30.0}] + [
+            {"block": b, "nodes": 4, "bleu": bleus.get(b, 25.0)} for b in Q.BLOCKS]
+    return sensitivity
+
+
+def test_ensure_blocks_measures_once_per_export(root, monkeypatch):
+    """ffn and cross-attn cost <= 1.0 BLEU alone -> they are the default; the file is read back, and
+    measured again after a re-export (its sidecar digest changed)."""
+    calls = []
+    monkeypatch.setattr(Q, "sensitivity", fake_sensitivity(calls, {"ffn": 29.5, "cross-attn": 29.0}))
+    choice = Q.ensure_blocks("ci", "tiny")
+    assert choice["blocks"] == ["cross-attn", "ffn"] and choice["basis"].startswith("measured")
+    stored = json.loads(Q.blocks_path("ci", "tiny").read_text())
+    assert stored["schema"] == Q.BLOCKS_SCHEMA and stored["rows"][0]["block"] == "none"
+    assert stored["parent_sidecar_sha256"] == Q.sidecar_digest(root / "ci" / "onnx-tiny")
+    assert Q.ensure_blocks("ci", "tiny")["blocks"] == ["cross-attn", "ffn"] and len(calls) == 1
+    retrain(root)
+    Q.ensure_blocks("ci", "tiny")
+    assert len(calls) == 2
+    assert not [p.name for p in (root / "ci").iterdir() if p.name.startswith(".")], "no temp files left behind"
+
+
+def test_speed_only_default_is_the_body_not_measured(monkeypatch):
+    monkeypatch.setattr(Q, "sensitivity", lambda *a, **k: pytest.fail("nothing to measure on random weights"))
+    choice = Q.ensure_blocks("opus-mt-shape")
+    assert tuple(choice["blocks"]) == Q.BODY_BLOCKS and choice["rows"] is None
+    assert "embeddings" not in choice["blocks"] and "lm-head" not in choice["blocks"]
+
+
+def test_ensure_quantized_uses_the_measured_blocks(root, monkeypatch):
+    monkeypatch.setattr(Q, "sensitivity", fake_sensitivity([], {"ffn": 29.5}))
+    recipe = Q.recipe_of(Q.ensure_quantized("ci", "dynamic", "tiny"))
+    assert recipe["blocks"] == ["ffn"] and recipe["blocks_basis"].startswith("measured")
+    assert recipe["ort_optimizer"] is True
+
+
+def test_ensure_quantized_refuses_when_no_block_is_safe(root, monkeypatch):
+    monkeypatch.setattr(Q, "sensitivity", fake_sensitivity([], {}))  # every block alone costs 5 BLEU
+    with pytest.raises(AssertionError, match="int8-safe"):
+        Q.ensure_quantized("ci", "dynamic", "tiny")
+
+
+def test_ensure_quantized_rebuilds_a_stale_copy(root):
+    """Reused while made from the current export with the same settings; rebuilt after a re-export
+    (a retrained teacher) and when the optimizer setting differs."""
+    out = Q.ensure_quantized("ci", "dynamic", "tiny", blocks=("ffn",))
+    made = (out / "onnx.json").read_text()
+    assert Q.ensure_quantized("ci", "dynamic", "tiny", blocks=("ffn",)) == out
+    assert (out / "onnx.json").read_text() == made  # reused, not rebuilt
+    retrain(root)
+    Q.ensure_quantized("ci", "dynamic", "tiny", blocks=("ffn",))
+    assert Q.recipe_of(out)["parent_sidecar_sha256"] == Q.sidecar_digest(root / "ci" / "onnx-tiny")
+    assert read_sidecar(out)["source"]["meta"]["retrained"] is True
+    Q.quantize_dir(root / "ci" / "onnx-tiny", out, "dynamic", ("ffn",), optimize=False)
+    assert Q.recipe_of(Q.ensure_quantized("ci", "dynamic", "tiny", blocks=("ffn",)))["ort_optimizer"] is True
