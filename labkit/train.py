@@ -201,6 +201,17 @@ def greedy_bleu(model, tokenizer, pairs: list[corpus.Pair], batch_size: int = 50
     return sacrebleu.corpus_bleu(hyps, [[p.en for p in pairs]]).score
 
 
+def freeze_positions(model) -> None:
+    """Keep Marian's sinusoidal position tables out of training (in place).
+
+    transformers 5 leaves them `requires_grad=True` but never saves them (`_keys_to_ignore_on_save`;
+    a load recomputes them), so a fine-tune that moved them would be measured on one model and
+    saved as another: a few steps at lr 2e-3 already change the tiny fixture's greedy output.
+    """
+    for stack in (model.model.encoder, model.model.decoder):
+        stack.embed_positions.weight.requires_grad_(False)
+
+
 def fit(model, tokenizer, train: list[corpus.Pair], dev: list[corpus.Pair], *, steps: int,
         batch_size: int, lr: float, warmup: int, eval_every: int, seed: int = 0,
         loss_fn: Callable | None = None, label_smoothing: float = 0.1,
@@ -208,7 +219,8 @@ def fit(model, tokenizer, train: list[corpus.Pair], dev: list[corpus.Pair], *, s
     """Train `model` for `steps` optimizer steps; return the history of loss and dev BLEU.
 
     `loss_fn(model, batch) -> loss` replaces the default label-smoothed CE
-    (distillation plugs its KD loss in here).
+    (distillation plugs its KD loss in here). Marian's sinusoidal position tables stay frozen
+    (`freeze_positions`): what is saved must be what was trained and measured.
     """
     from tqdm.auto import tqdm
 
@@ -216,6 +228,7 @@ def fit(model, tokenizer, train: list[corpus.Pair], dev: list[corpus.Pair], *, s
     torch.manual_seed(seed)
     torch.set_flush_denormal(True)  # tiny gradients turn denormal and slow CPU matmuls several-fold
     examples = encode_pairs(tokenizer, train)
+    freeze_positions(model)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     history, batches, step = [], [], 0
     bar = tqdm(total=steps, desc="train", disable=not progress, mininterval=2)

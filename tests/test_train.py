@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from labkit import train
 from labkit.models import TEACHER_DIR
@@ -68,3 +69,17 @@ def test_command_line_trains_and_records_its_command(tmp_path):
     meta = json.loads((out / "bundle.json").read_text())
     assert meta["training"]["command"].startswith("python -m labkit.train teacher --config tiny --steps 10")
     assert meta["training"]["config"]["steps"] == 10 and "dev_bleu" in json.loads(proc.stdout.splitlines()[-1])
+
+
+def test_fit_leaves_the_unsaved_position_tables_alone(tiny_bundle):
+    """transformers does not save Marian's sinusoidal tables: training them would make the saved
+    model differ from the measured one."""
+    from labkit import data
+
+    model = tiny_bundle.model
+    before = [s.embed_positions.weight.detach().clone() for s in (model.model.encoder, model.model.decoder)]
+    train.fit(model, tiny_bundle.tokenizer, data.load_split("train", limit=64), data.load_split("dev", limit=2), steps=3, batch_size=16,
+              lr=1e-2, warmup=1, eval_every=10, progress=False)
+    after = [s.embed_positions.weight for s in (model.model.encoder, model.model.decoder)]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    assert any(p.requires_grad for p in model.parameters())  # everything else still trains
