@@ -4,6 +4,8 @@
     student = make_student(teacher, select_layers("alternate", 6, 4))   # decoder layers 0, 2, 4, 5
     result = distill(teacher, student, train, dev, budget_for("ci"))      # result.losses, result.history
     path = ensure_student("ci", "alternate")   # the same, cached under artifacts/ci/student-alternate
+    ensure_student("ci", teacher=artifacts.bundle_for("ci", "pruned-25pct"), encoder_layers=4)  # pruned, both stacks cut
+    records = ledger_records(teacher, students, comparison_table(...), ...)   # gap gate -> status
 
 The loss, per target token, plugs into `labkit.train.fit(..., loss_fn=KDLoss(...))`:
 
@@ -28,7 +30,6 @@ and what the lab decodes with).
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import time
@@ -40,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from labkit import data as corpus
-from labkit.models import SIDECAR, Bundle, load_bundle
+from labkit.models import SIDECAR, Bundle, cached_recipe, fingerprint, jsonable, load_bundle
 
 STRATEGIES = ("alternate", "ends", "bottom")
 
@@ -72,7 +73,7 @@ class DistillBudget:
     train_sentences: int | None  # training pairs used (None: the whole train split)
     dev_sentences: int  # dev pairs scored for the recovery curve
     seq_kd_sentences: int  # source sentences the teacher translates for sequence-level KD
-    bleu_gap_target: float  # the aim for teacher BLEU - student BLEU (a gate, reported, not asserted)
+    bleu_gap_target: float  # the aim for teacher BLEU - student BLEU: a ledger gate (over it: status "failed")
 
 
 DISTILL_BUDGETS: dict[str, DistillBudget] = {
@@ -164,15 +165,6 @@ def hidden_mse(student_states: Sequence[torch.Tensor], teacher_states: Sequence[
     losses = [F.mse_loss(student_states[i + 1][mask], teacher_states[j + 1][mask])
               for i, j in enumerate(layer_map)]
     return torch.stack(losses).mean()
-
-
-def fingerprint(model: torch.nn.Module) -> str:
-    """A short hash of the weights, so a cached student knows whether its teacher changed."""
-    h = hashlib.sha1()
-    for name, tensor in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().float().numpy().tobytes())
-    return h.hexdigest()[:12]
 
 
 # --------------------------------------------------------------------------- building students
@@ -395,11 +387,11 @@ def ensure_student(preset: str, strategy: str | Sequence[int] = "alternate", *, 
     decoder_map = select_layers(strategy, cfg.decoder_layers, decoder_layers)
     encoder_map = (select_layers(strategy, cfg.encoder_layers, encoder_layers)
                    if encoder_layers is not None else None)
-    recipe = _jsonable({"teacher": teacher.name, "teacher_fingerprint": fingerprint(teacher.model),
-                        "decoder_layer_map": decoder_map, "encoder_layer_map": encoder_map,
-                        "seq_kd": seq_kd, "kd": asdict(kd), "budget": asdict(budget)})
+    recipe = jsonable({"teacher": teacher.name, "teacher_fingerprint": fingerprint(teacher.model),
+                       "decoder_layer_map": decoder_map, "encoder_layer_map": encoder_map,
+                       "seq_kd": seq_kd, "kd": asdict(kd), "budget": asdict(budget)})
     path = artifacts.preset_dir(preset) / student_name(strategy, encoder_layers, seq_kd, teacher.name)
-    if _cached_recipe(path) == recipe:
+    if cached_recipe(path) == recipe:
         return path
     result = train_student(preset, teacher, decoder_map, encoder_map, budget, kd, seq_kd=seq_kd,
                            name=path.name, progress=progress)
@@ -434,16 +426,9 @@ def train_student(preset: str, teacher: Bundle, decoder_map: Sequence[int], enco
     return result
 
 
-def _cached_recipe(path: Path) -> dict | None:
-    sidecar = path / SIDECAR
-    if not sidecar.exists():
-        return None
-    return json.loads(sidecar.read_text()).get("distillation", {}).get("recipe")
-
-
-def _jsonable(obj):
-    """What `obj` reads back as from JSON (tuples -> lists, inf -> Infinity kept as float)."""
-    return json.loads(json.dumps(obj))
+def _number(x) -> float | None:
+    """A table cell as the ledger wants it: NaN and None -> None, numpy floats -> float."""
+    return None if x is None or x != x else float(x)
 
 
 def _round(x, digits: int = 3):
@@ -454,6 +439,112 @@ def _write_json(path: Path, obj) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- comparing and recording
+
+
+def gap_gate(teacher_bleu: float | None, student_bleu: float | None, target: float, sentences: int,
+             preset: str) -> dict | None:
+    """Ledger gate "bleu_gap": teacher BLEU - student BLEU <= target; None when BLEU is n/a.
+
+    gap_gate(98.8, 97.0, 1.5, 200, "ci")["passed"] -> False (a gap of 1.80 > 1.5)
+    """
+    if teacher_bleu is None or student_bleu is None:
+        return None
+    gap = teacher_bleu - student_bleu
+    return {"name": "bleu_gap", "passed": bool(gap <= target),
+            "detail": f"teacher - student = {gap:.2f} BLEU on {sentences} test sentences "
+                      f"(target <= {target:g} for preset {preset})"}
+
+
+def training_gate(run: dict) -> dict | None:
+    """Did distilling help? The student's dev BLEU after training must be >= its step-0 BLEU.
+
+    `run` is a student's meta["distillation"]. A cut student starts well below its teacher, so
+    a run that diverged (too high a learning rate, a broken loss) ends below where it began.
+    None without training or dev BLEU (speed-only presets).
+    """
+    before, after = run["history"][0]["dev_bleu"], run["final_dev_bleu"]
+    if not run["steps"] or before is None or after is None:
+        return None
+    return {"name": "kd-improves-dev-bleu", "passed": bool(after >= before),
+            "detail": f"dev BLEU {before:.2f} at step 0 -> {after:.2f} after {run['steps']} steps "
+                      f"({run['dev_sentences']} dev sentences)"}
+
+
+def comparison_table(bundles: dict[str, Bundle], latency: dict, scores: dict | None = None,
+                     hyps: dict | None = None, reference: str = "teacher"):
+    """Reference vs students, one row per bundle: layers, BLEU, chrF, BLEU gap, share of identical
+    outputs, latency p50 and ratio to the reference's (same run), parameters.
+
+    `latency` maps names to labkit.bench Measurements; `scores`/`hyps` (labkit.evaluate) are None
+    for speed-only presets, and the quality columns then are too.
+    """
+    import pandas as pd
+    from labkit.evaluate import agreement
+
+    ref = latency[reference].p50
+    return pd.DataFrame.from_dict({name: {
+        "decoder layers": bundle.model.config.decoder_layers,
+        "encoder layers": bundle.model.config.encoder_layers,
+        "BLEU": scores[name].bleu if scores else None,
+        "chrF": scores[name].chrf if scores else None,
+        "BLEU gap": scores[reference].bleu - scores[name].bleu if scores else None,
+        "same output as teacher": agreement(hyps[name], hyps[reference]) if hyps else None,
+        "latency p50 ms": latency[name].p50,
+        "latency ratio": latency[name].p50 / ref,
+        "params": bundle.params,
+    } for name, bundle in bundles.items()}, orient="index")
+
+
+def _status(gates: list[dict | None]) -> dict:
+    """status/reason ledger fields: any failed gate makes the record "failed", never "ok"."""
+    failed = [g["detail"] for g in gates if g is not None and not g["passed"]]
+    return {"status": "failed", "reason": "; ".join(failed)} if failed else {"status": "ok", "reason": None}
+
+
+def ledger_records(teacher: Bundle, students: dict[str, Bundle], table, latency: dict, scores: dict | None,
+                   *, preset: str, budget: DistillBudget, sentences: int,
+                   notebook: str = "03_distillation") -> list[dict]:
+    """The reference (distill-ref-<teacher>) measured in this run, then one `distillation` record per student.
+
+    A student's gate is `gap_gate` against budget.bleu_gap_target; `training_check` is
+    `training_gate`. Either failing makes the record status "failed" with the detail as reason.
+    Parent: the bundle it was distilled from. Latency ratios are to the reference timed here.
+    """
+    from labkit import ledger
+    from labkit.bench import as_latency
+
+    quality = lambda name: scores[name].as_metrics() if scores else {}  # noqa: E731
+    # A pruned reference is a pruning variant re-measured here; pruning records carry their fraction.
+    pruned = ({k: teacher.meta[k] for k in ("heads_removed_frac", "head_plan")}
+              if teacher.meta.get("head_plan") else {})
+    ref = ledger.make_record(
+        notebook=notebook, variant=f"distill-ref-{teacher.name}", model=teacher.name, backend="torch",
+        precision="fp32", technique="pruning" if pruned else "baseline", reference_for="distillation",
+        metrics={**quality(teacher.name), "latency_ms": as_latency(latency[teacher.name]),
+                 "params": teacher.params, "size_mb": round(teacher.size_mb, 3)}, **pruned)
+    records = [ref]
+    for name, bundle in students.items():
+        run, row = bundle.meta["distillation"], table.loc[name]
+        gate = gap_gate(scores[teacher.name].bleu if scores else None, scores[name].bleu if scores else None,
+                        budget.bleu_gap_target, sentences, preset)
+        check = training_gate(run)
+        records.append(ledger.make_record(
+            notebook=notebook, variant=name, technique="distillation", parent=teacher.name, model=name,
+            backend="torch", precision="fp32", gate=gate, **_status([gate, check]),
+            metrics={**quality(name), "latency_ms": as_latency(latency[name]), "params": bundle.params,
+                     "size_mb": round(bundle.size_mb, 3), "agreement": row["same output as teacher"]},
+            decoder_layers=bundle.model.config.decoder_layers, encoder_layers=bundle.model.config.encoder_layers,
+            layer_map=run["decoder_layer_map"], encoder_layer_map=run["encoder_layer_map"],
+            strategy=run.get("strategy"), steps=run["steps"], seq_kd=run["seq_kd"],
+            loss_weights=run["loss_weights"],
+            step0_dev_bleu=run["history"][0]["dev_bleu"], final_dev_bleu=run["final_dev_bleu"],
+            training_check=check, bleu_gap=_number(row["BLEU gap"]),
+            latency_ratio=round(float(row["latency ratio"]), 4),
+            teacher_latency_ms=as_latency(latency[teacher.name])))
+    return records
 
 
 # --------------------------------------------------------------------------- figures

@@ -12,6 +12,7 @@ random weights for offline speed work. Left out: non-Marian architectures.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -89,6 +90,32 @@ class Bundle:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return path
+
+
+def fingerprint(model: torch.nn.Module) -> str:
+    """A short hash of the weights, so a cached student knows whether its teacher changed."""
+    h = hashlib.sha1()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().float().numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+def cached_recipe(path: Path, section: str = "distillation") -> dict | None:
+    """The recipe a cached bundle was built from (`meta[section]["recipe"]`), None when there is none.
+
+    Builders compare it with the recipe they would use now and rebuild on any difference
+    (labkit.prune.ensure_pruned uses section "pruning").
+    """
+    sidecar = path / SIDECAR
+    if not sidecar.exists():
+        return None
+    return (json.loads(sidecar.read_text()).get(section) or {}).get("recipe")
+
+
+def jsonable(obj):
+    """What `obj` reads back as from JSON (tuples -> lists, inf -> Infinity kept as float)."""
+    return json.loads(json.dumps(obj))
 
 
 def load_bundle(path: Path | str) -> Bundle:

@@ -29,6 +29,11 @@ Plans are JSON-able: {"encoder_self": {layer: [heads]}, "decoder_self": {...},
 stores its plan in `meta["head_plan"]`; `load_pruned` rebuilds from config, re-prunes
 and loads the safetensors (from_pretrained refuses the changed shapes).
 
+Fractions. `heads_removed_frac` is always a fraction of ALL the model's heads (the teacher
+has 144), so points of different groups compare by cost; `group_frac` is the fraction of
+the pruned group's own heads (half of the 48 cross-attention heads: group_frac 0.5,
+heads_removed_frac 1/6). Variant names use the first: pruned-25pct, pruned-17pct-cross.
+
 Left out on purpose: removing *all* heads of an attention module (every module keeps
 at least one head; a headless module would need a different forward and a cache layer
 that is never written), pruning FFN neurons or whole layers (labkit.distill removes
@@ -66,18 +71,22 @@ class PruneBudget:
     eval_sentences: int | None = None  # test pairs scored per point; None = the preset's
     bench_sentences: int | None = None  # sentences per latency measurement; None = the preset's
     bench_repeats: int | None = None  # passes over them; None = the preset's
-    finetune_steps: int = 0  # recovery fine-tune of the most pruned overall point (0 = off)
+    finetune_steps: int = 0  # recovery fine-tune of one overall point, and of the cached bundle (0 = off)
+    finetune_frac: float | None = None  # the overall sweep fraction fine-tuned; None = the most pruned
     finetune_batch: int = 32
     finetune_lr: float = 3e-4
     slider_sentences: int = 40  # test pairs the interactive slider scores per move
+    slider_bench_sentences: int = 4  # sentences it times, 1 pass: a quick look, not a measurement
     seed: int = 0  # calibration sample
 
 
 PRUNE_BUDGETS: dict[str, PruneBudget] = {
-    # ~60 s on 2 cores for the whole notebook: fewer points, a smaller BLEU subset
+    # ~90 s on 2 cores for the whole notebook: fewer points, a smaller BLEU subset. 60 recovery
+    # steps (~15 s, 1 thread) bring the 25 % point from ~7 BLEU below the teacher to within 0.5.
     "ci": PruneBudget(calibration_sentences=128, fractions=(0.0, 0.1, 0.25, 0.4, 0.5),
                       type_fractions=(0.25, 0.5), compare_one_shot=False, eval_sentences=100,
-                      bench_sentences=8, bench_repeats=2, finetune_steps=0, slider_sentences=24),
+                      bench_sentences=8, bench_repeats=2, finetune_steps=60, finetune_frac=0.25,
+                      slider_sentences=24),
     "workshop": PruneBudget(calibration_sentences=512, eval_sentences=None, finetune_steps=300),
     "opus-mt-zh-en": PruneBudget(calibration_sentences=128, calibration_batch=8,
                                  type_fractions=(0.5,), compare_one_shot=False, eval_sentences=200),
@@ -383,16 +392,18 @@ def prune_bundle(bundle, plan: dict, name: str | None = None):
 
 
 def load_pruned(path: Path | str, head_plan: dict):
-    """Rebuild a pruned MarianMTModel from `path`: config -> fresh model -> prune -> weights.
+    """Rebuild a pruned MarianMTModel from `path`: config (+ generation config) -> fresh model -> prune -> weights.
 
     Keys the checkpoint leaves out are the tied embeddings/LM head and the sinusoidal
     positions (recomputed at construction); anything else missing is an error.
     """
     from safetensors.torch import load_file
-    from transformers import MarianConfig, MarianMTModel
+    from transformers import GenerationConfig, MarianConfig, MarianMTModel
 
     path = Path(path)
     model = MarianMTModel(MarianConfig.from_pretrained(path))
+    if (path / "generation_config.json").exists():  # from_pretrained reads it; a rebuild must too (bad_words_ids)
+        model.generation_config = GenerationConfig.from_pretrained(path)
     prune_heads(model, head_plan)
     state = load_file(path / "model.safetensors")
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -452,7 +463,7 @@ def measure_point(bundle, preset, pairs, texts, timed: bool = True) -> dict:
     return out
 
 
-def parity_gate(teacher, pruned, plan: dict, texts: list[str], atol: float = 1e-4) -> dict:
+def parity_gate(teacher, pruned, plan: dict, texts: list[str], atol: float = 1e-5) -> dict:
     """Ledger gate: `pruned` must equal `teacher` with the same heads gated to zero.
 
     Compares teacher-forced logits along the masked model's greedy output and the greedy
@@ -477,16 +488,25 @@ def parity_gate(teacher, pruned, plan: dict, texts: list[str], atol: float = 1e-
                       f"to zero, on {len(texts)} sentences"}
 
 
-def variant_name(group: str, frac: float) -> str:
-    """Ledger variant of a sweep point: ("overall", 0.25) -> pruned-25pct; ("cross", 0.5) -> pruned-cross-50pct."""
+def variant_name(group: str, frac: float, finetuned: bool = False) -> str:
+    """Ledger variant of a point; `frac` is of ALL heads, the suffix names the group that lost them.
+
+    ("overall", 0.25) -> pruned-25pct; ("cross", 24 / 144) -> pruned-17pct-cross;
+    ("overall", 0.25, finetuned=True) -> pruned-25pct-ft (the recovered point is a different model).
+    """
     pct = round(100 * frac)
-    return f"pruned-{pct}pct" if group == "overall" else f"pruned-{SHORT[group]}-{pct}pct"
+    name = f"pruned-{pct}pct" if group == "overall" else f"pruned-{pct}pct-{SHORT[group]}"
+    return name + ("-ft" if finetuned else "")
 
 
-def _row(group: str, method: str, frac: float, plan: dict, total: int, metrics: dict) -> dict:
-    return {"group": group, "method": method, "target_frac": frac, "heads_removed": plan_size(plan),
-            "heads_total": total, "heads_removed_frac": plan_size(plan) / total, "plan": plan_json(plan),
-            "variant": variant_name(group, frac), **metrics}
+def _row(group: str, method: str, frac: float, plan: dict, model_heads: int, group_heads: int,
+         metrics: dict) -> dict:
+    """One results row. `target_frac` is the sweep's target, a fraction of the group's heads."""
+    n = plan_size(plan)
+    return {"group": group, "method": method, "target_frac": frac, "heads_removed": n,
+            "heads_total": model_heads, "heads_removed_frac": n / model_heads,
+            "group_heads": group_heads, "group_frac": n / group_heads, "plan": plan_json(plan),
+            "variant": variant_name(group, n / model_heads), "parent": "teacher", **metrics}
 
 
 def sweep(teacher, preset, budget: PruneBudget, groups: dict | None = None, progress: bool = True):
@@ -494,7 +514,8 @@ def sweep(teacher, preset, budget: PruneBudget, groups: dict | None = None, prog
 
     The teacher is measured once, first, with the same texts and repeats (its rows have
     0 heads removed in every group); `speedup` = teacher p50 / point p50. One-shot rows
-    (budget.compare_one_shot) carry BLEU only.
+    (budget.compare_one_shot) carry BLEU only. The fractions of a per-kind group are of
+    that kind's heads (`group_frac`); `heads_removed_frac` is of all heads.
     """
     import pandas as pd
     from tqdm.auto import tqdm
@@ -506,17 +527,17 @@ def sweep(teacher, preset, budget: PruneBudget, groups: dict | None = None, prog
     methods = [("iterative", budget.iterative, True)]
     if budget.compare_one_shot and budget.iterative:
         methods.append(("one-shot", False, False))
-    rows = []
+    model_heads, rows = total_heads(teacher.model), []
     for group, kinds in groups.items():
-        total = total_heads(teacher.model, kinds)
+        group_heads = total_heads(teacher.model, kinds)
         fracs = budget.fractions if group == "overall" else (0.0, *budget.type_fractions)
         for method, iterative, timed in methods:
             plans = prune_schedule(teacher.model, teacher.tokenizer, calib, fracs, kinds,
                                    batch_size=budget.calibration_batch, iterative=iterative)
             for frac, plan in tqdm(plans.items(), desc=f"{group} {method}", disable=not progress):
-                rows.append(_row(group, method, frac, plan, total,
-                                 _measure_plan(teacher, plan, variant_name(group, frac), bp, pairs, texts, timed)
-                                 if plan else base))
+                name = variant_name(group, plan_size(plan) / model_heads)
+                rows.append(_row(group, method, frac, plan, model_heads, group_heads,
+                                 _measure_plan(teacher, plan, name, bp, pairs, texts, timed) if plan else base))
     return with_speedup(pd.DataFrame(rows))
 
 
@@ -535,9 +556,17 @@ def with_speedup(results):
     return results
 
 
+def gate_passed(results):
+    """Per row: False only where a gate ran and failed (the teacher's rows have no gate)."""
+    if "gate" not in results:
+        return results["heads_removed"].map(lambda _: True)
+    return results["gate"].map(lambda g: not isinstance(g, dict) or bool(g["passed"]))
+
+
 def compare_plans(teacher, preset, budget: PruneBudget, plans: dict[str, dict], scores=None):
     """Named plans measured side by side, e.g. a hand-picked choice vs the importance-guided one.
 
+    The group is the one attention kind a plan touches ("overall" when it mixes kinds).
     With `scores`, `importance_removed` sums the (normalized) importance of the removed
     heads: the smaller, the less the choice should hurt.
     """
@@ -545,13 +574,12 @@ def compare_plans(teacher, preset, budget: PruneBudget, plans: dict[str, dict], 
 
     bp = bench_preset(preset, budget)
     pairs, texts = eval_data(preset, budget)
-    rows = []
+    model_heads, rows = total_heads(teacher.model), []
     for name, plan in plans.items():
         plan = check_plan(teacher.model, plan)
-        groups = [g for g, kinds in GROUPS.items() if set(plan) <= set(kinds)]
-        group = groups[-1] if len(plan) == 1 else "overall"
-        total = total_heads(teacher.model, GROUPS[group])
-        row = _row(group, name, plan_size(plan) / total, plan, total,
+        group = next(iter(plan)) if len(plan) == 1 else "overall"
+        group_heads = total_heads(teacher.model, GROUPS[group])
+        row = _row(group, name, plan_size(plan) / group_heads, plan, model_heads, group_heads,
                    _measure_plan(teacher, plan, name, bp, pairs, texts))
         row["variant"] = name
         if scores is not None:
@@ -561,65 +589,99 @@ def compare_plans(teacher, preset, budget: PruneBudget, plans: dict[str, dict], 
     return pd.DataFrame(rows)
 
 
-def largest_safe(results, max_drop: float = 1.0, group: str = "overall") -> dict:
-    """The most-pruned iterative point of `group` whose BLEU is within `max_drop` of the teacher.
+def sweep_point(results, frac: float, group: str = "overall"):
+    """The iterative sweep row of `group` at target fraction `frac`; KeyError when the sweep has none."""
+    rows = results[(results["group"] == group) & (results["method"] == "iterative")
+                   & (results["target_frac"] - frac).abs().lt(1e-9)]
+    if rows.empty:
+        raise KeyError(f"the sweep has no {group} point at {frac:g}; its fractions: "
+                       f"{sorted(results.loc[results['group'] == group, 'target_frac'].unique())}")
+    return rows.iloc[0]
 
-    {"heads_removed_frac", "variant", "bleu", "teacher_bleu", "bleu_drop", "latency_ratio"
+
+def largest_safe(results, max_drop: float = 1.0, group: str = "overall",
+                 methods: tuple[str, ...] = ("iterative", "iterative+finetune")) -> dict:
+    """The most-pruned point of `group` whose BLEU is within `max_drop` of the teacher's.
+
+    Points whose gate failed never qualify. `methods` picks the rows considered: by default the
+    iterative sweep and any recovered (fine-tuned) point; on a tie the point without fine-tuning
+    wins (it is the cheaper model to make). Returns {"heads_removed_frac" (of all heads),
+    "variant", "method", "finetuned", "bleu", "teacher_bleu", "bleu_drop", "latency_ratio"
     (point p50 / teacher p50: < 1 is faster), "speedup"}; the teacher itself when nothing qualifies.
     """
-    rows = results[(results["group"] == group) & (results["method"] == "iterative")]
-    rows = rows.sort_values("heads_removed_frac")
-    teacher = rows.iloc[0]
+    rows = results[(results["group"] == group) & results["method"].isin(methods) & gate_passed(results)]
+    teacher = rows[rows["heads_removed"] == 0].iloc[0]
     if teacher["bleu"] is None or teacher["bleu"] != teacher["bleu"]:
         return {"heads_removed_frac": None, "variant": None, "reason": "BLEU is n/a for this preset"}
-    ok = rows[teacher["bleu"] - rows["bleu"] <= max_drop]
-    best = ok.iloc[-1]
+    ok = rows[teacher["bleu"] - rows["bleu"] <= max_drop].assign(finetuned=lambda r: r["method"] != "iterative")
+    best = ok.sort_values(["heads_removed_frac", "finetuned"], ascending=[True, False]).iloc[-1]
+    ratio = best["latency_ms"]["p50"] / teacher["latency_ms"]["p50"]
     return {"heads_removed_frac": float(best["heads_removed_frac"]), "variant": best["variant"],
+            "method": best["method"], "finetuned": bool(best["finetuned"]),
             "bleu": float(best["bleu"]), "teacher_bleu": float(teacher["bleu"]),
-            "bleu_drop": float(teacher["bleu"] - best["bleu"]),
-            "latency_ratio": best["latency_ms"]["p50"] / teacher["latency_ms"]["p50"],
-            "speedup": float(best["speedup"])}
+            "bleu_drop": float(teacher["bleu"] - best["bleu"]), "latency_ratio": ratio, "speedup": 1 / ratio}
 
 
 def recover(bundle, budget: PruneBudget, dev_sentences: int = 50, progress: bool = False) -> list[dict]:
-    """Short recovery fine-tune of a pruned bundle in place (label-smoothed CE, labkit.train.fit)."""
+    """Short recovery fine-tune of a pruned bundle in place (label-smoothed CE, labkit.train.fit).
+
+    Renames the bundle "<name>-ft" and records steps, lr, history and wall time in its meta.
+    """
+    import time
+
     from labkit.data import load_split
     from labkit.train import fit
 
-    steps = budget.finetune_steps
+    start, steps = time.perf_counter(), budget.finetune_steps
     train = load_split("train")  # a seeded sample: each pair seen about once, no time tokenizing the rest
     train = random.Random(budget.seed + 1).sample(train, min(len(train), steps * budget.finetune_batch))
     history = fit(bundle.model, bundle.tokenizer, train, load_split("dev", limit=dev_sentences),
                   steps=steps, batch_size=budget.finetune_batch, lr=budget.finetune_lr,
                   warmup=max(1, steps // 10), eval_every=steps, seed=budget.seed, progress=progress)
-    bundle.meta |= {"name": bundle.name + "-ft", "recovery_finetune": {"steps": steps, "history": history}}
+    bundle.meta |= {"name": bundle.name + "-ft", "recovery_finetune": {
+        "steps": steps, "batch_size": budget.finetune_batch, "lr": budget.finetune_lr, "history": history,
+        "wall_time_s": round(time.perf_counter() - start, 1), "threads": torch.get_num_threads()}}
     return history
 
 
-def recovery(teacher, results, preset, budget: PruneBudget):
-    """The most-pruned overall point, fine-tuned for budget.finetune_steps and measured again.
+def recovery(teacher, results, preset, budget: PruneBudget, progress: bool = False):
+    """One overall sweep point, fine-tuned for budget.finetune_steps and measured again.
 
-    One row like the sweep's (method "iterative+finetune", variant "<point>-ft"); empty
-    when the budget has no fine-tune steps. The gate compares it with the pruned-only
-    point: BLEU must not fall below it (recovery should only help).
+    The point is budget.finetune_frac (None: the most pruned). The fine-tuned bundle is the
+    one `ensure_pruned` caches for later notebooks (built here if missing), so what is measured
+    here is what they load. One row like the sweep's (method "iterative+finetune", variant
+    "<point>-ft", parent the pruned point); empty when the budget has no fine-tune steps. The
+    gate: BLEU must not fall below the pruned-only point's (recovery should only help).
     """
     import pandas as pd
+    from labkit.models import load_bundle
 
     if not budget.finetune_steps:
         return pd.DataFrame()
-    rows = results[(results["group"] == "overall") & (results["method"] == "iterative")]
-    point = rows.sort_values("heads_removed_frac").iloc[-1]
-    tuned = prune_bundle(teacher, point["plan"], point["variant"])
-    history = recover(tuned, budget)
+    point = _recovery_point(results, budget)
+    tuned = load_bundle(ensure_pruned(preset.name, point["target_frac"], teacher=teacher, budget=budget,
+                                      progress=progress))
+    if normalize_plan(tuned.meta["head_plan"]) != normalize_plan(point["plan"]):
+        raise RuntimeError(f"the cached {tuned.name} does not have the sweep's plan for {point['variant']}")
     pairs, texts = eval_data(preset, budget)
     metrics = measure_point(tuned, bench_preset(preset, budget), pairs, texts)
+    run = tuned.meta["recovery_finetune"]
     gained = None if metrics["bleu"] is None else metrics["bleu"] - point["bleu"]
     gate = {"name": "recovery-not-worse", "passed": bool(gained is None or gained >= 0),
-            "detail": f"BLEU {point['bleu']} -> {metrics['bleu']} after {budget.finetune_steps} steps"}
+            "detail": f"BLEU {point['bleu']} -> {metrics['bleu']} after {run['steps']} fine-tune steps"}
     row = _row("overall", "iterative+finetune", point["target_frac"], point["plan"], point["heads_total"],
-               {**metrics, "gate": gate, "finetune_steps": budget.finetune_steps, "history": history})
-    row["variant"] = point["variant"] + "-ft"
-    return pd.DataFrame([row])
+               point["group_heads"], {**metrics, "gate": gate, "finetune_steps": run["steps"],
+                                      "finetune_s": run["wall_time_s"], "history": run["history"]})
+    teacher_p50 = results.loc[results["heads_removed"] == 0, "latency_ms"].iloc[0]["p50"]  # timed in the sweep
+    return pd.DataFrame([row | {"variant": tuned.name, "parent": point["variant"],
+                                "speedup": teacher_p50 / metrics["latency_ms"]["p50"]}])
+
+
+def _recovery_point(results, budget: PruneBudget):
+    if budget.finetune_frac is not None:
+        return sweep_point(results, budget.finetune_frac)
+    rows = results[(results["group"] == "overall") & (results["method"] == "iterative")]
+    return rows.sort_values("heads_removed_frac").iloc[-1]
 
 
 # --------------------------------------------------------------------------- handler
@@ -629,9 +691,12 @@ def ledger_records(results, notebook: str, parent: str = "teacher") -> list[dict
     """One `pruning` record per timed point (the 0 % point once: the teacher measured in this run).
 
     `results` may concatenate several frames (sweep, compare_plans, recovery); the teacher
-    is the timed row with 0 heads removed. Extra keys: heads_removed_frac (of the pruned
-    group), heads_removed, attention (the group), head_plan, teacher_latency_ms and
-    speedup (teacher p50 / point p50, same run). The gate is the pruned-equals-masked check.
+    is the timed row with 0 heads removed. Extra keys: heads_removed_frac (of ALL heads),
+    group_frac (of the pruned group's heads), heads_removed, heads_total, attention (the group),
+    head_plan, teacher_latency_ms and speedup (teacher p50 / point p50, same run). The gate is
+    the pruned-equals-masked check (recovery-not-worse for a fine-tuned point); a failed gate
+    makes the record status "failed" with the gate's detail as reason (`ledger.make_record`). `parent` is the default
+    for rows without their own (a recovered point's parent is the pruned point it started from).
     """
     from labkit import ledger
 
@@ -648,46 +713,59 @@ def ledger_records(results, notebook: str, parent: str = "teacher") -> list[dict
                    "params": int(row["params"]), "size_mb": float(row["size_mb"])}
         if isinstance(row.get("bleu_signature"), str):
             metrics["bleu_signature"] = row["bleu_signature"]
-        extra = {"finetune_steps": int(row["finetune_steps"])} if number(row.get("finetune_steps")) else {}
+        extra = {"finetune_steps": int(row["finetune_steps"]), "finetune_s": number(row.get("finetune_s"))} \
+            if number(row.get("finetune_steps")) else {}
+        gate = row["gate"] if isinstance(row.get("gate"), dict) else None
         records.append(ledger.make_record(
-            notebook=notebook, variant=variant, technique="pruning", parent=parent, backend="torch",
-            precision="fp32", metrics=metrics, gate=row["gate"] if isinstance(row.get("gate"), dict) else None,
-            heads_removed_frac=round(float(row["heads_removed_frac"]), 4), heads_removed=int(row["heads_removed"]),
-            attention=row["group"], head_plan=row["plan"], teacher_latency_ms=teacher,
-            speedup=round(teacher["p50"] / row["latency_ms"]["p50"], 4), **extra))
+            notebook=notebook, variant=variant, technique="pruning", backend="torch", precision="fp32",
+            parent=row["parent"] if isinstance(row.get("parent"), str) else parent, metrics=metrics, gate=gate,
+            heads_removed_frac=round(float(row["heads_removed_frac"]), 4),
+            group_frac=round(float(row["group_frac"]), 4), heads_removed=int(row["heads_removed"]),
+            heads_total=int(row["heads_total"]), attention=row["group"], head_plan=row["plan"],
+            teacher_latency_ms=teacher, speedup=round(teacher["p50"] / row["latency_ms"]["p50"], 4), **extra))
     return records
 
 
-def pruned_dir(preset: str, frac: float) -> Path:
-    """Where ensure_pruned caches a bundle: <artifacts>/<preset>/pruned-25pct."""
-    from labkit.artifacts import preset_dir
+def pruning_recipe(teacher, budget: PruneBudget, frac: float) -> dict:
+    """What a cached pruned bundle depends on: the teacher's weights, the rounds, calibration, fine-tune."""
+    from labkit.models import fingerprint, jsonable
 
-    return preset_dir(preset) / variant_name("overall", frac)
+    rounds = ([f for f in budget.fractions if f < frac] + [frac]) if budget.iterative else [frac]
+    finetune = ({"steps": budget.finetune_steps, "batch": budget.finetune_batch, "lr": budget.finetune_lr}
+                if budget.finetune_steps else None)
+    return jsonable({"teacher": teacher.name, "teacher_fingerprint": fingerprint(teacher.model),
+                     "fraction": frac, "rounds": rounds, "iterative": budget.iterative,
+                     "calibration_sentences": budget.calibration_sentences,
+                     "calibration_batch": budget.calibration_batch, "seed": budget.seed, "finetune": finetune})
 
 
-def ensure_pruned(preset: str, frac: float = 0.25) -> Path:
-    """The preset's teacher with `frac` of all heads removed by iterative importance; built if missing.
+def ensure_pruned(preset: str, frac: float = 0.25, *, teacher=None, budget: PruneBudget | None = None,
+                  progress: bool = False) -> Path:
+    """<artifacts>/<preset>/pruned-25pct: the teacher with `frac` of all heads removed; built if missing or stale.
 
     The rounds are the budget's sweep fractions up to `frac`, so the plan is the one the
-    notebook's sweep measures at that point; with budget.finetune_steps the bundle is
-    also fine-tuned to recover. The sidecar carries the plan and how it was made.
+    notebook's sweep measures at that point; with budget.finetune_steps the bundle is also
+    fine-tuned to recover and cached under its own name (pruned-25pct-ft). The sidecar's
+    `pruning.recipe` (teacher fingerprint, rounds, calibration, fine-tune) must match for a
+    cached bundle to be reused, as labkit.distill.ensure_student does.
     """
-    from labkit.artifacts import teacher_for
-    from labkit.models import SIDECAR
+    from labkit.artifacts import preset_dir, teacher_for
+    from labkit.models import cached_recipe
 
-    path = pruned_dir(preset, frac)
-    if (path / SIDECAR).exists():
+    budget = budget or budget_for(preset)
+    teacher = teacher if teacher is not None else teacher_for(preset)
+    recipe = pruning_recipe(teacher, budget, frac)
+    n = total_heads(teacher.model)
+    name = variant_name("overall", round(frac * n) / n)  # the sweep point's name; recover() appends -ft
+    path = preset_dir(preset) / (name + "-ft" if budget.finetune_steps else name)
+    if cached_recipe(path, "pruning") == recipe:
         return path
-    budget = budget_for(preset)
-    teacher = teacher_for(preset)
-    rounds = ([f for f in budget.fractions if f < frac] + [frac]) if budget.iterative else [frac]
-    plan = prune_schedule(teacher.model, teacher.tokenizer, calibration_pairs(budget), rounds,
+    plan = prune_schedule(teacher.model, teacher.tokenizer, calibration_pairs(budget), recipe["rounds"],
                           batch_size=budget.calibration_batch, iterative=budget.iterative)[frac]
-    bundle = prune_bundle(teacher, plan, variant_name("overall", frac))
-    bundle.meta |= {"preset": preset, "importance": {"calibration_sentences": budget.calibration_sentences,
-                                                     "rounds": rounds, "iterative": budget.iterative}}
+    bundle = prune_bundle(teacher, plan, name)
+    bundle.meta |= {"preset": preset, "pruning": {"recipe": recipe}}
     if budget.finetune_steps:
-        recover(bundle, budget)
+        recover(bundle, budget, progress=progress)
     bundle.save(path)
     return path
 
@@ -695,13 +773,16 @@ def ensure_pruned(preset: str, frac: float = 0.25) -> Path:
 def head_slider(teacher, preset, budget: PruneBudget, scores: dict[str, torch.Tensor]):
     """An ipywidgets slider: prune the k least important heads (one-shot ranking), show BLEU and latency.
 
-    The callback runs once when displayed, so a headless run shows the default point.
+    BLEU on budget.slider_sentences test pairs, latency on budget.slider_bench_sentences x 1
+    pass (a quick look, not a measurement to report). The callback runs once when displayed,
+    so a headless run shows the default point.
     """
     import ipywidgets as widgets
+    from labkit.data import load_split
 
-    bp = bench_preset(preset, budget).with_(bench_sentences=4, bench_repeats=1, bench_warmup=1)
-    pairs, texts = eval_data(bp, budget)
-    pairs = pairs[: budget.slider_sentences]
+    bp = preset.with_(bench_sentences=budget.slider_bench_sentences, bench_repeats=1, bench_warmup=1)
+    pairs = eval_data(preset, budget)[0][: budget.slider_sentences]
+    texts = [p.zh for p in load_split("test", limit=bp.bench_sentences)]
     total = total_heads(teacher.model)
     most = total - sum(len(m) for m in attention_modules(teacher.model).values())
 
@@ -709,7 +790,8 @@ def head_slider(teacher, preset, budget: PruneBudget, scores: dict[str, torch.Te
         m = measure_point(prune_bundle(teacher, choose_heads(scores, k)), bp, pairs, texts)
         bleu = "n/a" if m["bleu"] is None else f"{m['bleu']:.1f}"
         print(f"{k}/{total} heads removed ({k / total:.0%}): BLEU {bleu} on {len(pairs)} sentences, "
-              f"latency p50 {m['latency_ms']['p50']:.1f} ms, {m['params']:,} parameters")
+              f"latency p50 {m['latency_ms']['p50']:.1f} ms on {len(texts)} sentences x {bp.bench_repeats} "
+              f"pass, {m['params']:,} parameters")
 
     slider = widgets.IntSlider(value=round(0.25 * total), min=0, max=most, description="heads removed",
                                continuous_update=False, style={"description_width": "initial"})
@@ -739,32 +821,55 @@ def importance_figure(scores: dict[str, torch.Tensor]):
     return fig
 
 
-def sweep_figure(results, max_drop: float = 1.0):
-    """BLEU and batch-1 latency (p50, IQR bars) vs % of heads removed, one line per group/method."""
+SWEEP_PANELS = (("bleu", "BLEU"), ("chrf", "chrF"), ("latency", "latency p50 (ms, batch 1)"))
+
+
+def _sweep_traces(rows, name: str, dash: str | None, mode: str = "lines+markers") -> dict:
+    """{panel: Scatter} of one line; x is % of ALL heads, hover adds % of the group's heads."""
     import plotly.graph_objects as go
+
+    style = dict(name=name, legendgroup=name, mode=mode, line={"dash": dash},
+                 marker={"size": 10 if mode == "markers" else 6}, customdata=100 * rows["group_frac"],
+                 hovertemplate="%{x:.0f} % of all heads (%{customdata:.0f} % of the group's): %{y:.2f}"
+                               "<extra>" + name + "</extra>")
+    x = 100 * rows["heads_removed_frac"]
+    traces = {"bleu": go.Scatter(x=x, y=rows["bleu"], **style),
+              "chrf": go.Scatter(x=x, y=rows["chrf"], showlegend=False, **style)}
+    lat = rows[rows["latency_ms"].map(lambda l: isinstance(l, dict))]
+    if len(lat):
+        p50 = lat["latency_ms"].map(lambda l: l["p50"])
+        traces["latency"] = go.Scatter(
+            x=100 * lat["heads_removed_frac"], y=p50, showlegend=False,
+            error_y={"type": "data", "symmetric": False, "array": lat["latency_q3"] - p50,
+                     "arrayminus": p50 - lat["latency_q1"]}, **(style | {"customdata": 100 * lat["group_frac"]}))
+    return traces
+
+
+def sweep_figure(results, max_drop: float = 1.0):
+    """BLEU, chrF and batch-1 latency (p50, IQR bars) vs % of ALL heads removed, one line per group/method.
+
+    Per-kind groups end where their kind is exhausted (half of one kind's heads is 1/6 of all
+    of them); a recovered (fine-tuned) point is a separate marker, not part of any line.
+    """
     from plotly.subplots import make_subplots
 
-    fig = make_subplots(rows=1, cols=2, subplot_titles=["BLEU", "latency p50 (ms, batch 1)"])
+    fig = make_subplots(rows=1, cols=len(SWEEP_PANELS), subplot_titles=[t for _, t in SWEEP_PANELS])
     for (group, method), rows in results.groupby(["group", "method"], sort=False):
-        if method not in ("iterative", "one-shot"):
+        if method not in ("iterative", "one-shot", "iterative+finetune"):
             continue
         rows = rows.sort_values("heads_removed_frac")
-        name = group if method == "iterative" else f"{group} ({method})"
-        x = 100 * rows["heads_removed_frac"]
-        dash = "dot" if method == "one-shot" else None
-        fig.add_trace(go.Scatter(x=x, y=rows["bleu"], name=name, legendgroup=name, mode="lines+markers",
-                                 line={"dash": dash}), row=1, col=1)
-        lat = rows[rows["latency_ms"].map(lambda l: isinstance(l, dict))]
-        if len(lat):
-            p50 = lat["latency_ms"].map(lambda l: l["p50"])
-            fig.add_trace(go.Scatter(x=100 * lat["heads_removed_frac"], y=p50, name=name, legendgroup=name,
-                                     showlegend=False, mode="lines+markers",
-                                     error_y={"type": "data", "symmetric": False, "array": lat["latency_q3"] - p50,
-                                              "arrayminus": p50 - lat["latency_q1"]}), row=1, col=2)
+        finetuned = method == "iterative+finetune"
+        name = (group if method == "iterative" else f"{group} ({method})" if not finetuned
+                else f"{group}, recovered ({int(rows['finetune_steps'].iloc[0])} fine-tune steps)")
+        traces = _sweep_traces(rows, name, "dot" if method == "one-shot" else None,
+                               "markers" if finetuned else "lines+markers")
+        for col, (panel, _) in enumerate(SWEEP_PANELS, start=1):
+            if panel in traces:
+                fig.add_trace(traces[panel], row=1, col=col)
     teacher_bleu = results.loc[results["heads_removed"] == 0, "bleu"]
     if teacher_bleu.notna().any():
         fig.add_hline(y=float(teacher_bleu.iloc[0]) - max_drop, line_dash="dash", line_color="gray",
                       annotation_text=f"teacher - {max_drop:g} BLEU", row=1, col=1)
-    fig.update_xaxes(title="% of the group's heads removed")
+    fig.update_xaxes(title="% of all heads removed")
     fig.update_layout(title="Importance-ordered head pruning", height=420)
     return fig

@@ -1,7 +1,8 @@
 """Distillation: layer selection, exact copies, the KD loss, a short run, caching, seq-KD data.
 
 The tiny fixture has 2+2 layers, so students here keep 1 of 2 decoder layers (or all of
-them, where the oracle is the teacher itself).
+them, where the oracle is the teacher itself). The notebook's checks (gap gate, training
+check, comparison table, ledger records) are tested here on hand-made numbers.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import math
 import pytest
 import torch
 
-from labkit import data, distill
+from labkit import artifacts, data, distill, ledger
 from labkit.decode import DecodeConfig, TorchStepper, decode
 from labkit.models import load_bundle
 from labkit.train import collate, encode_pairs
@@ -198,3 +199,125 @@ def test_a_pruned_teacher_gives_a_pruned_student_that_reloads(tiny_bundle, tmp_p
     assert torch.equal(logits(again, batch), logits(student, batch))
     identity = distill.make_student(pruned, (0, 1))  # and keeping every layer is the pruned teacher
     assert torch.equal(logits(identity, batch), logits(pruned, batch))
+
+
+def test_a_pruned_teacher_distils_into_a_shrunk_seq_kd_student_that_reloads(tiny_bundle, tmp_path, monkeypatch):
+    """Notebook 03 with TEACHER = a pruned bundle, ENCODER_LAYERS = 1 (of 2), SEQ_KD = True, for 4 steps.
+
+    "bottom" keeps layer 1 of 2 in both stacks, so the student has the pruned teacher's layer-1
+    heads, renumbered to layer 0. Oracle for the reload: its greedy dev BLEU, recomputed from
+    disk, equals the one measured in memory right after training.
+    """
+    from labkit import prune
+    from labkit.train import greedy_bleu
+
+    monkeypatch.setenv("LABKIT_ARTIFACTS", str(tmp_path))
+    plan = {"encoder_self": {1: [1, 2]}, "decoder_self": {0: [3], 1: [0, 2]}, "cross": {1: [3]}}
+    pruned = prune.prune_bundle(tiny_bundle, plan, "pruned-x")
+    budget = dataclasses.replace(TINY_BUDGET, steps=4, eval_every=4, seq_kd_sentences=16)
+    path = distill.ensure_student("ci", "bottom", decoder_layers=1, encoder_layers=1, seq_kd=True, teacher=pruned,
+                                  budget=budget, progress=False)
+    assert path == tmp_path / "ci" / "student-bottom-enc1-seqkd-from-pruned-x"
+    student = load_bundle(path)
+    assert (student.model.config.encoder_layers, student.model.config.decoder_layers) == (1, 1)
+    assert prune.head_counts(student.model) == {"encoder_self": [2], "decoder_self": [2], "cross": [3]}
+    assert student.meta["head_plan"] == {"encoder_self": {"0": [1, 2]}, "decoder_self": {"0": [0, 2]},
+                                         "cross": {"0": [3]}}
+    d = student.meta["distillation"]
+    assert d["teacher"] == "pruned-x" and d["seq_kd"] and d["steps"] == 4
+    assert d["encoder_layer_map"] == [1] and d["decoder_layer_map"] == [1]
+    assert 0 < d["train_pairs"] <= 16 and (tmp_path / "ci" / "seqkd-pruned-x.tsv").exists()
+    dev = data.load_split("dev", limit=budget.dev_sentences)
+    assert round(greedy_bleu(student.model, student.tokenizer, dev), 3) == d["final_dev_bleu"]
+    assert student.params < pruned.params
+
+
+def test_teacher_bundle_is_the_preset_model_or_a_cached_bundle(tiny_bundle, tmp_path, monkeypatch):
+    from labkit import prune
+
+    monkeypatch.setenv("LABKIT_ARTIFACTS", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="notebook 02"):
+        artifacts.bundle_for("ci", "pruned-25pct")
+    prune.prune_bundle(tiny_bundle, {"cross": {0: [1]}}, "pruned-25pct").save(tmp_path / "ci" / "pruned-25pct")
+    loaded = artifacts.bundle_for("ci", "pruned-25pct")
+    assert loaded.name == "pruned-25pct" and loaded.meta["heads_removed"] == 1
+    assert artifacts.bundle_for("ci").name == "teacher"  # the preset's own model
+
+
+@pytest.mark.parametrize("teacher,student,passed", [(98.8, 97.4, True), (98.8, 97.0, False), (None, 97.0, None)])
+def test_gap_gate(teacher, student, passed):
+    """98.8 - 97.4 = 1.4 <= 1.5 passes; 1.8 fails; no BLEU (speed-only preset), no gate."""
+    gate = distill.gap_gate(teacher, student, 1.5, 200, "ci")
+    if passed is None:
+        assert gate is None
+    else:
+        assert gate["name"] == "bleu_gap" and gate["passed"] is passed
+        expected = f"{teacher - student:.2f} BLEU on 200 test sentences (target <= 1.5 for preset ci)"
+        assert expected in gate["detail"]
+
+
+def run_meta(before, after, steps=30):
+    """The fields of a student's meta["distillation"] the checks read."""
+    return {"history": [{"step": 0, "loss": None, "dev_bleu": before},
+                        {"step": steps, "loss": 1.0, "dev_bleu": after}],
+            "final_dev_bleu": after, "steps": steps, "dev_sentences": 40, "seq_kd": False,
+            "loss_weights": {"alpha": 0.7, "beta": 0.2, "gamma": 0.1}}
+
+
+def test_training_gate_fails_a_student_that_training_made_worse():
+    assert distill.training_gate(run_meta(65.0, 96.0))["passed"]
+    assert distill.training_gate(run_meta(65.0, 65.0))["passed"]
+    worse = distill.training_gate(run_meta(65.0, 40.0))
+    assert not worse["passed"] and worse["detail"].startswith("dev BLEU 65.00 at step 0 -> 40.00 after 30 steps")
+    assert distill.training_gate(run_meta(None, None)) is None
+    assert distill.training_gate(run_meta(65.0, 65.0, steps=0)) is None
+
+
+def test_comparison_table_and_records_mark_a_student_over_the_gap_failed(tiny_bundle, tmp_path):
+    """Teacher 98 BLEU; students 97 (gap 1) and 95 (gap 3) against a 1.5 target: ok and failed.
+
+    Latency p50s 10, 8, 6 ms -> ratios 1, 0.8, 0.6; 3 of 4 outputs identical -> agreement 0.75.
+    """
+    from labkit.bench import Measurement
+    from labkit.evaluate import Scores
+
+    students = {}
+    for name in ("student-near", "student-far"):
+        students[name] = distill.make_student(tiny_bundle, (1,), name=name)
+        students[name].meta["distillation"].update(run_meta(60.0, 96.0))
+    bundles = {"teacher": tiny_bundle, **students}
+    scores = {name: Scores(bleu, bleu + 1, "nrefs:1|case:mixed|tok:13a", 200)
+              for name, bleu in (("teacher", 98.0), ("student-near", 97.0), ("student-far", 95.0))}
+    hyps = {"teacher": ["a", "b", "c", "d"], "student-near": ["a", "b", "c", "x"],
+            "student-far": ["x", "b", "y", "z"]}
+    latency = {"teacher": Measurement((10.0, 10.0, 12.0), 1), "student-near": Measurement((7.0, 8.0, 9.0), 1),
+               "student-far": Measurement((6.0, 6.0, 6.0), 1)}
+    table = distill.comparison_table(bundles, latency, scores, hyps)
+    assert table.loc["student-near", "BLEU gap"] == pytest.approx(1.0)
+    assert table.loc["student-near", "same output as teacher"] == 0.75
+    assert list(table["latency ratio"]) == pytest.approx([1.0, 0.8, 0.6])
+    assert list(table["decoder layers"]) == [2, 1, 1] and list(table["encoder layers"]) == [2, 2, 2]
+
+    budget = dataclasses.replace(TINY_BUDGET, bleu_gap_target=1.5)
+    records = distill.ledger_records(tiny_bundle, students, table, latency, scores, preset="ci", budget=budget,
+                                     sentences=200)
+    for record in records:  # valid under the ledger schema
+        ledger.append(tmp_path / "ledger.jsonl", record)
+    ref, near, far = records
+    assert ref["variant"] == "distill-ref-teacher" and ref["technique"] == "baseline"
+    assert ref["metrics"]["bleu"] == 98.0
+    assert near["status"] == "ok" and near["gate"]["passed"] and near["parent"] == "teacher"
+    assert near["bleu_gap"] == pytest.approx(1.0) and near["metrics"]["agreement"] == 0.75
+    assert near["latency_ratio"] == 0.8 and near["training_check"]["passed"]
+    assert far["status"] == "failed" and far["reason"] == far["gate"]["detail"] and "3.00 BLEU" in far["reason"]
+
+    students["student-near"].meta["distillation"].update(run_meta(60.0, 50.0))  # training made it worse
+    worse = distill.ledger_records(tiny_bundle, students, table, latency, scores, preset="ci", budget=budget,
+                                   sentences=200)[1]
+    assert worse["status"] == "failed" and worse["gate"]["passed"]
+    assert "60.00 at step 0 -> 50.00" in worse["reason"]
+
+    bare = distill.comparison_table(bundles, latency)  # a speed-only preset: no BLEU, no gap gate
+    speed = distill.ledger_records(tiny_bundle, students, bare, latency, None, preset="ci", budget=budget,
+                                   sentences=0)
+    assert bare["BLEU"].isna().all() and all(r["gate"] is None for r in speed[1:])
