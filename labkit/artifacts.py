@@ -63,6 +63,28 @@ def teacher_for(preset):
     return bundle
 
 
+def bundle_for(preset, name: str = "teacher"):
+    """A bundle by name: "teacher" is the preset's model, anything else a bundle directory under
+    artifacts/<preset> that an earlier notebook cached (what distillation, export and bench start from).
+
+    bundle_for("ci", "pruned-25pct") loads the head-pruned teacher notebook 02 caches; a missing
+    one is an error that lists what is there and says how to make it.
+    """
+    from labkit.models import SIDECAR, load_bundle
+
+    if name == "teacher":
+        return teacher_for(preset)
+    preset_name = preset if isinstance(preset, str) else preset.name
+    path = preset_dir(preset_name) / name
+    if not (path / SIDECAR).exists():
+        there = sorted(p.parent.name for p in path.parent.glob(f"*/{SIDECAR}"))
+        raise FileNotFoundError(
+            f"no bundle {name!r} under {path.parent} (there: {', '.join(there) or 'none'}); build it first: "
+            f"notebook 02 / labkit.prune.ensure_pruned caches pruned-<pct>pct (pruned-<pct>pct-ft when its budget "
+            "fine-tunes), notebook 03 / labkit.distill.ensure_student caches student-<strategy>")
+    return load_bundle(path)
+
+
 def ensure_teacher() -> Path:
     """The committed teacher; it is not rebuilt on the fly (that takes ~40 min on 2 cores)."""
     from labkit.models import SIDECAR, TEACHER_DIR

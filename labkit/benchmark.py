@@ -132,7 +132,7 @@ def build_translator(variant: str, preset, threads: int, bundle_name: str = "tea
         from labkit.pipeline import decode_config
 
         return Ct2Translator(artifact, threads=threads, decode=decode_config(preset))
-    from labkit.export import bundle_for
+    from labkit.artifacts import bundle_for
 
     bundle = bundle if bundle is not None else bundle_for(preset.name, bundle_name)
     stepper = None
@@ -232,7 +232,7 @@ def check_variant(variant: str, preset, bundle_name: str, evaluations, parent: C
 def check_variants(preset, variants, bundle_name: str = "teacher", bundle=None,
                    gates: Mapping[str, dict] | None = None) -> dict[str, Check]:
     """Build and gate every variant, parents first, before any timing; {variant: Check} in `variants` order."""
-    from labkit.export import bundle_for
+    from labkit.artifacts import bundle_for
 
     bundle = bundle if bundle is not None else bundle_for(preset.name, bundle_name)
     evaluations = _Evaluations(preset, bundle_name, bundle)
@@ -308,7 +308,7 @@ def run_bench(preset, variants=DEFAULT_VARIANTS, threads: int | None = None, bun
     `gates` ({variant: gate}) are gates the caller measured on the same artifacts (notebook 05).
     """
     from labkit.config import Preset
-    from labkit.export import bundle_for
+    from labkit.artifacts import bundle_for
 
     preset = Preset.from_name(preset) if isinstance(preset, str) else preset
     threads = threads or preset.threads

@@ -48,7 +48,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from labkit.artifacts import commit_dir
+from labkit.artifacts import bundle_for, commit_dir
 
 OPSET = 18  # pinned: both exporters and ORT's quantization tools support it
 SCHEMA = "labkit.onnx/1"
@@ -695,22 +695,6 @@ def onnx_dir(preset: str, bundle_name: str = "teacher") -> Path:
     from labkit.artifacts import preset_dir
 
     return preset_dir(preset) / f"onnx-{bundle_name}"
-
-
-def bundle_for(preset: str, bundle_name: str = "teacher"):
-    """The bundle ensure_onnx exports: the preset's teacher, or a bundle directory under preset_dir."""
-    if bundle_name == "teacher":
-        from labkit.artifacts import teacher_for
-
-        return teacher_for(preset)
-    from labkit.artifacts import preset_dir
-    from labkit.models import load_bundle
-
-    path = preset_dir(preset) / bundle_name
-    if not path.exists():
-        raise FileNotFoundError(f"no bundle {bundle_name!r} under {preset_dir(preset)}; build it first "
-                                "(e.g. labkit.artifacts.ensure_pruned / ensure_student)")
-    return load_bundle(path)
 
 
 def same_source(meta: dict, bundle) -> bool:

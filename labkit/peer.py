@@ -285,7 +285,8 @@ def ensure_ct2(preset, bundle_name: str = "teacher", compute_type: str = "int8",
     again); else converted (a second for the teacher, ~20 s for opus-mt-shape on 2 cores).
     Pass `bundle` when it is already loaded.
     """
-    from labkit.export import bundle_for, same_source
+    from labkit.artifacts import bundle_for
+    from labkit.export import same_source
 
     preset_name = getattr(preset, "name", preset)
     out = ct2_dir(preset_name, bundle_name, compute_type)

@@ -621,7 +621,8 @@ def ensure_blocks(preset, bundle_name: str = "teacher", bundle=None) -> dict:
     nothing to measure (random weights): BODY_BLOCKS, DESIGN's default, with rows None.
     """
     from labkit.config import Preset
-    from labkit.export import bundle_for, ensure_onnx
+    from labkit.artifacts import bundle_for
+    from labkit.export import ensure_onnx
 
     preset = Preset.from_name(preset) if isinstance(preset, str) else preset
     if not preset.quality:
@@ -666,7 +667,8 @@ def ensure_quantized(preset, kind: str = "dynamic", bundle_name: str = "teacher"
     no block type is int8-safe.
     """
     from labkit.config import Preset
-    from labkit.export import bundle_for, ensure_onnx
+    from labkit.artifacts import bundle_for
+    from labkit.export import ensure_onnx
 
     preset = Preset.from_name(preset) if isinstance(preset, str) else preset
     budget = budget_for(preset.name)
