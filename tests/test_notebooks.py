@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from labkit import ledger
+from labkit import data, ledger
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -40,6 +40,11 @@ def finite(x) -> bool:
     return x is not None and isinstance(x, (int, float)) and math.isfinite(x)
 
 
+def gated_honestly(record) -> bool:
+    """A record whose gate failed is written as failed (with a reason), never as ok."""
+    return record["gate"] is None or (record["status"] == "ok") == bool(record["gate"]["passed"])
+
+
 def test_every_notebook_ran_and_left_an_executed_copy(ci_run):
     out, _ = ci_run
     names = sorted(p.name for p in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
@@ -54,6 +59,8 @@ def test_teacher_baseline_reaches_the_quality_floor(ci_run):
     assert row["metrics.bleu"] >= 60, row["metrics.bleu"]
     assert finite(row["metrics.chrf"]) and finite(row["metrics.latency_ms.p50"])
     assert row["metrics.bleu_signature"].startswith("nrefs:1")
+    # the floor holds on the whole test split, not on the preset's subset
+    assert row["record"]["eval_sentences"] == len(data.load_split("test")), row["record"].get("eval_sentences")
 
 
 def test_profiling_records_have_the_pipeline_stages(ci_run):
@@ -74,6 +81,7 @@ def test_pruning_removes_a_quarter_of_the_heads_with_measured_quality(ci_run):
         m = record["metrics"]
         assert finite(m["bleu"]) and finite(m["chrf"]) and finite(m["latency_ms"]["p50"]), m
         assert record["gate"]["passed"], record["gate"]
+    assert all(gated_honestly(r) for r in pruned["record"])
 
 
 def test_distillation_students_have_four_decoder_layers(ci_run):
@@ -85,6 +93,7 @@ def test_distillation_students_have_four_decoder_layers(ci_run):
         m = record["metrics"]
         assert finite(m["bleu"]) and finite(m["chrf"]) and finite(m["latency_ms"]["p50"]), m
         assert m["params"] < records(df, variant="teacher")["metrics.params"].iloc[-1]
+        assert gated_honestly(record), record
 
 
 def test_onnx_fp32_passes_parity_and_agrees_with_torch(ci_run):
@@ -121,4 +130,5 @@ def test_kv_cache_modes_agree_and_are_timed(ci_run):
     assert {"kv-none", "kv-dynamic", "kv-static"} <= set(kv["variant"])
     for record in kv["record"]:
         assert record["gate"]["passed"], record["gate"]
+        assert "generate beams 4: same" in record["gate"]["detail"], record["gate"]  # the independent oracle ran
         assert finite(record["metrics"]["latency_ms"]["p50"])
