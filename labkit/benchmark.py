@@ -54,6 +54,8 @@ VARIANTS: dict[str, Variant] = {
     "ort-fp32": Variant("onnxruntime", "onnx", "fp32", "torch", "ONNX Runtime, exported graphs"),
     "ort-int8": Variant("onnxruntime", "quantization", "int8", "ort-fp32",
                         "ONNX Runtime, optimized + dynamic int8 (labkit.quantize 'dynamic')"),
+    "ort-int8-all": Variant("onnxruntime", "quantization", "int8", "ort-fp32",
+                            "ONNX Runtime, dynamic int8 of every block, LM head and embeddings included"),
     "ort-int8-qdq": Variant("onnxruntime", "quantization", "int8", "ort-fp32",
                             "ONNX Runtime, static symmetric QDQ int8 (labkit.quantize 'qdq')"),
     "ct2-fp32": Variant("ctranslate2", "peer", "fp32", "torch", "CTranslate2 float32"),
@@ -61,6 +63,17 @@ VARIANTS: dict[str, Variant] = {
 }
 BASELINE = "torch"
 DEFAULT_VARIANTS = ("torch", "ort-fp32", "ort-int8", "ct2-int8")
+# Where the default int8 recipe keeps the LM head in float because nothing could be measured (random
+# weights), the bench also shows what quantizing it buys; on quality presets the default is measured.
+SPEED_ONLY_EXTRA = ("ort-int8-all",)
+
+
+def default_variants(preset) -> tuple[str, ...]:
+    """DEFAULT_VARIANTS, plus SPEED_ONLY_EXTRA on speed-only presets (opus-mt-shape)."""
+    from labkit.config import Preset
+
+    preset = Preset.from_name(preset) if isinstance(preset, str) else preset
+    return DEFAULT_VARIANTS + (() if preset.quality else SPEED_ONLY_EXTRA)
 
 
 @dataclass(frozen=True)
@@ -108,6 +121,13 @@ def artifact_for(variant: str, preset, bundle_name: str = "teacher", bundle=None
         from labkit.export import ensure_onnx
 
         return ensure_onnx(preset, bundle_name, bundle=bundle)
+    if variant == "ort-int8-all":
+        from labkit.quantize import ALL_BLOCKS_BASIS, BLOCKS, ensure_quantized
+
+        # The LM head is the largest matrix of a 65k-vocabulary model: where int8 pays most, and
+        # what the default recipe keeps in float until it is measured safe. Its own gate still applies.
+        return ensure_quantized(preset, "dynamic", bundle_name, blocks=BLOCKS, bundle=bundle, tag="all",
+                                basis=ALL_BLOCKS_BASIS)
     if variant.startswith("ort-int8"):
         from labkit.quantize import ensure_quantized
 
@@ -296,7 +316,7 @@ def agreement_with(result: dict, baseline: dict | None) -> float | None:
     return agreement(result["ids"], baseline["ids"])
 
 
-def run_bench(preset, variants=DEFAULT_VARIANTS, threads: int | None = None, bundle_name: str = "teacher",
+def run_bench(preset, variants=None, threads: int | None = None, bundle_name: str = "teacher",
               write_ledger: bool = True, notebook: str = "labkit-bench", progress: bool = True,
               gates: Mapping[str, dict] | None = None) -> pd.DataFrame:
     """Gate every variant, then time those that passed, each in its own process; one row per variant.
@@ -306,13 +326,14 @@ def run_bench(preset, variants=DEFAULT_VARIANTS, threads: int | None = None, bun
     throughput_ratio, agreement (ids equal to torch's at batch 1), load_s, peak_rss_mb. Failed
     and skipped rows are not timed: their numbers are NaN. Ratios are NaN without a torch row.
     `gates` ({variant: gate}) are gates the caller measured on the same artifacts (notebook 05).
+    `variants` default to `default_variants(preset)`.
     """
     from labkit.config import Preset
     from labkit.artifacts import bundle_for
 
     preset = Preset.from_name(preset) if isinstance(preset, str) else preset
     threads = threads or preset.threads
-    variants = parse_variants(variants)
+    variants = parse_variants(variants or default_variants(preset))
     bundle = bundle_for(preset.name, bundle_name)
     checks = check_variants(preset, variants, bundle_name, bundle, gates)  # every gate before any timing
     results = {}
@@ -445,8 +466,9 @@ def format_table(df: pd.DataFrame) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", required=True, help="ci, workshop, opus-mt-zh-en, opus-mt-shape")
-    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
-                        help=f"comma-separated, from: {', '.join(VARIANTS)}")
+    parser.add_argument("--variants", default=None,
+                        help=f"comma-separated, from: {', '.join(VARIANTS)} (default: {', '.join(DEFAULT_VARIANTS)}; "
+                             f"speed-only presets add {', '.join(SPEED_ONLY_EXTRA)})")
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the preset's)")
     parser.add_argument("--bundle", default="teacher", help="bundle name under the preset's artifacts")
     parser.add_argument("--no-ledger", action="store_true", help="print only; write no ledger records")
@@ -463,7 +485,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"labkit bench: unknown preset {args.preset!r}; known: {', '.join(PRESETS)}", file=sys.stderr)
         return 2
     try:
-        variants = parse_variants(args.variants)
+        variants = parse_variants(args.variants or default_variants(args.preset))
     except ValueError as exc:
         print(f"labkit bench: {exc}", file=sys.stderr)
         return 2

@@ -66,6 +66,8 @@ MIN_SPEED_AGREEMENT = 0.9
 # DESIGN: "Start with MatMul only; keep embeddings/LM head in float unless measured safe".
 BODY_BLOCKS = ("encoder-self-attn", "decoder-self-attn", "cross-attn", "ffn")
 BLOCKS_SCHEMA = "labkit.int8-blocks/1"
+ALL_BLOCKS_BASIS = ("every block, LM head and embeddings included: labkit bench's ort-int8-all, to show what "
+                    "the float LM head costs; its gate says how far it was checked")
 
 
 @dataclass(frozen=True)
@@ -642,20 +644,23 @@ def ensure_blocks(preset, bundle_name: str = "teacher", bundle=None) -> dict:
     return record
 
 
-def quantized_dir(preset: str, kind: str, bundle_name: str = "teacher", method: str | None = None) -> Path:
-    """Where ensure_quantized keeps a recipe: <artifacts>/<preset>/onnx-<bundle_name>-int8-<kind>.
+def quantized_dir(preset: str, kind: str, bundle_name: str = "teacher", method: str | None = None,
+                  tag: str = "") -> Path:
+    """Where ensure_quantized keeps a recipe: <artifacts>/<preset>/onnx-<bundle_name>-int8-<kind>[-<tag>].
 
     A qdq copy calibrated with a method other than the preset's default gets a '-<method>' suffix,
-    so comparing methods never replaces the kept artifact.
+    so comparing methods never replaces the kept artifact; `tag` names a copy with other blocks
+    ("all": every block), so it never replaces the default recipe either.
     """
     from labkit.artifacts import preset_dir
 
     suffix = f"-{method}" if kind == "qdq" and method and method != budget_for(preset).method else ""
-    return preset_dir(preset) / f"onnx-{bundle_name}-int8-{kind}{suffix}"
+    return preset_dir(preset) / f"onnx-{bundle_name}-int8-{kind}{suffix}{f'-{tag}' if tag else ''}"
 
 
 def ensure_quantized(preset, kind: str = "dynamic", bundle_name: str = "teacher", blocks: Iterable[str] | None = None,
-                     method: str | None = None, feeds: dict[str, list[dict]] | None = None, bundle=None) -> Path:
+                     method: str | None = None, feeds: dict[str, list[dict]] | None = None, bundle=None,
+                     tag: str = "", basis: str | None = None) -> Path:
     """The preset's int8 copy of `bundle_name`'s export, built if missing, stale or made otherwise.
 
     Blocks default to `ensure_blocks` (measured on quality presets), the calibration method to
@@ -664,7 +669,8 @@ def ensure_quantized(preset, kind: str = "dynamic", bundle_name: str = "teacher"
     it was made from) with the same kind, blocks, method and optimizer setting. The qdq recipe
     decodes `calibration_sentences` training sentences with the fp32 graphs first, unless `feeds`
     (from `calibration_for`) are given; `bundle` when it is already loaded. AssertionError when
-    no block type is int8-safe.
+    no block type is int8-safe. Caller-chosen `blocks` go in a copy named by `tag`, with `basis`
+    saying why they were chosen.
     """
     from labkit.config import Preset
     from labkit.artifacts import bundle_for
@@ -678,12 +684,12 @@ def ensure_quantized(preset, kind: str = "dynamic", bundle_name: str = "teacher"
         choice = ensure_blocks(preset, bundle_name, bundle)
         blocks, basis = tuple(choice["blocks"]), choice["basis"]
     else:
-        blocks, basis = tuple(blocks), "chosen by the caller"
+        blocks, basis = tuple(blocks), basis or "chosen by the caller"
     if not blocks:
         raise AssertionError(f"no block type stays within {MAX_BLEU_DROP} BLEU of fp32 on its own "
                              f"({blocks_path(preset.name, bundle_name)}): nothing of {bundle_name} is int8-safe")
     method = method or budget.method
-    out = quantized_dir(preset.name, kind, bundle_name, method)
+    out = quantized_dir(preset.name, kind, bundle_name, method, tag)
     settings = {"kind": kind, "blocks": list(blocks), "method": method if kind == "qdq" else None,
                 "ort_optimizer": kind == "dynamic", "parent_sidecar_sha256": sidecar_digest(src)}
     if _made_with(out, settings):

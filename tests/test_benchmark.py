@@ -187,3 +187,9 @@ def test_labkit_bench_unknown_variant_exits_nonzero_in_a_process():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "unknown variant" in proc.stderr and "known: torch" in proc.stderr
+
+
+def test_default_variants_show_the_float_lm_head_cost_on_speed_only_presets():
+    assert benchmark.default_variants("ci") == benchmark.DEFAULT_VARIANTS
+    assert benchmark.default_variants("opus-mt-shape") == (*benchmark.DEFAULT_VARIANTS, "ort-int8-all")
+    assert all(v in benchmark.VARIANTS for v in benchmark.default_variants("opus-mt-shape"))

@@ -308,3 +308,16 @@ def test_ensure_quantized_rebuilds_a_stale_copy(root):
     assert read_sidecar(out)["source"]["meta"]["retrained"] is True
     Q.quantize_dir(root / "ci" / "onnx-tiny", out, "dynamic", ("ffn",), optimize=False)
     assert Q.recipe_of(Q.ensure_quantized("ci", "dynamic", "tiny", blocks=("ffn",)))["ort_optimizer"] is True
+
+
+def test_the_all_blocks_copy_lives_beside_the_default_and_says_why(root, monkeypatch):
+    """ort-int8-all quantizes every block into its own directory: building it never replaces the
+    measured default recipe, and its recipe carries the reason it exists."""
+    from labkit import benchmark
+
+    monkeypatch.setattr(Q, "sensitivity", fake_sensitivity([], {"ffn": 29.5}))
+    default = Q.ensure_quantized("ci", "dynamic", "tiny")
+    every = benchmark.artifact_for("ort-int8-all", "ci", "tiny")
+    assert every != default and every.name.endswith("-all")
+    assert Q.recipe_of(every)["blocks"] == list(Q.BLOCKS) and Q.recipe_of(every)["blocks_basis"] == Q.ALL_BLOCKS_BASIS
+    assert Q.recipe_of(Q.ensure_quantized("ci", "dynamic", "tiny"))["blocks"] == ["ffn"]  # still the default
