@@ -105,7 +105,8 @@ def before_after(df: pd.DataFrame, baseline: str = BASELINE, include_profiling: 
     """The seed-style table: variant, technique, backend, precision, latency p50/p95, tokenize and
     postprocess ms, peak RSS and size (MB), BLEU, chrF (on the shared test subset, see
     `comparable_scores`) and how many sentences they cover, agreement, sentences/s, QPS,
-    speedup vs `baseline` (its p50 over the row's p50), gate, status, reason.
+    speedup vs `baseline` (its p50 over the row's p50; empty for a row timed on another workload, i.e.
+    another forced decode length), gate, status, reason.
 
     Empty ledger -> empty table with these columns. Profiling records are not variants and
     are left out unless `include_profiling`.
@@ -132,6 +133,12 @@ def before_after(df: pd.DataFrame, baseline: str = BASELINE, include_profiling: 
         table[name] = values.astype(float)
     base = table["latency_p50_ms"].get(baseline)
     table["speedup_vs_teacher"] = (base / table["latency_p50_ms"]) if base is not None else float("nan")
+    # A latency over a forced decode length (kv-cache steps on opus-mt-shape) is another workload than
+    # the baseline's translations: a ratio between them would read as a 50x slowdown.
+    forced = pd.to_numeric(_col(rows, "forced_length"), errors="coerce")
+    base_forced = forced.get(baseline) if baseline in forced.index else float("nan")
+    same_work = forced.eq(base_forced) | (forced.isna() & (base_forced != base_forced))
+    table.loc[~same_work.to_numpy(), "speedup_vs_teacher"] = float("nan")
     table["gate"] = [_gate_text(p, n) for p, n in zip(_col(rows, "gate.passed"), _col(rows, "gate.name"))]
     table["status"] = _col(rows, "status").fillna("ok")
     table["reason"] = _col(rows, "reason").fillna("")

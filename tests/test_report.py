@@ -136,3 +136,16 @@ def test_teacher_bleu_is_compared_on_the_subset_the_variants_use(tmp_path):
     assert table.loc["ort-int8", "bleu"] == 98.5 and math.isnan(table.loc["ort-int8", "bleu_sentences"])
     points = plots.pareto_points(df).set_index("variant")
     assert points.loc["teacher", "metrics.bleu"] == 98.7
+
+
+def test_no_speedup_between_different_workloads(tmp_path):
+    """kv-cache records time a 128-token forced decode of opus-mt-shape: not comparable with the
+    teacher's translations, so they get no speedup; a bench row of the same workload does."""
+    path = tmp_path / "ci" / "ledger.jsonl"
+    write(path, variant="teacher", technique="baseline", metrics={"latency_ms": lat(25.0)})
+    write(path, variant="kv-static", technique="kv-cache", metrics={"latency_ms": lat(1500.0)}, forced_length=128)
+    write(path, variant="bench-ort-int8", technique="quantization", metrics={"latency_ms": lat(12.5)}, forced_length=None)
+    table = report.before_after(report.load(path)).set_index("variant")
+    assert math.isnan(table.loc["kv-static", "speedup_vs_teacher"])
+    assert table.loc["bench-ort-int8", "speedup_vs_teacher"] == pytest.approx(2.0)
+    assert table.loc["teacher", "speedup_vs_teacher"] == 1.0
