@@ -59,6 +59,13 @@ def test_results_frame_leaves_untimed_variants_empty():
     assert df.loc["ort-int8", ["p50_ms", "speedup", "sentences_per_s"]].isna().all()
     table = benchmark.format_table(df.reset_index())
     assert "FAILED" in table and "fastest within its gate" not in table
+    assert "no optimized variant beats torch eager" in table
+
+
+def test_a_slower_variant_is_not_called_the_fastest():
+    df = benchmark.results_frame({"torch": _result(25.0, 190.0, [[1]]), "ct2-int8": _result(75.0, 50.0, [[1]])})
+    table = benchmark.format_table(df)
+    assert "no optimized variant beats torch eager" in table and "fastest within its gate" not in table
 
 
 @pytest.fixture()
