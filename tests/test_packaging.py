@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -64,7 +65,8 @@ def test_hardware_markers_skip_with_a_reason(tmp_path):
         "def test_plain():\n    pass\n")
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", str(tmp_path),
                            "-o", "markers=cuda\n tensorrt", "-o", "addopts="],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                          env={k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"})  # the outer run's options
     out = proc.stdout
     assert proc.returncode == 0, out[-2000:]
     assert f"{3 - len(missing)} passed" in out, out[-2000:]
