@@ -66,7 +66,7 @@ class LedgerError(ValueError):
 
 
 class LedgerWarning(UserWarning):
-    """A torn (unparseable) line was skipped while reading."""
+    """A torn (unparseable) line was skipped, or a record from an older labkit was read leniently."""
 
 
 # ---------------------------------------------------------------- identity and paths
@@ -130,14 +130,9 @@ def _check_optional_text(record: Mapping[str, Any], field: str, prefix: str = ""
 def _validate_latency(lat: Any) -> None:
     _check(isinstance(lat, Mapping), "metrics.latency_ms", lat, "a dict {p50, p95, n}")
     for key in ("p50", "p95"):
-        value = lat.get(key)
-        _check(_is_number(value) and value >= 0, f"metrics.latency_ms.{key}", value, "a finite number >= 0")
-    _check(lat["p95"] >= lat["p50"], "metrics.latency_ms.p95", lat["p95"], f"a value >= p50 ({lat['p50']})")
+        _check(_is_number(lat.get(key)), f"metrics.latency_ms.{key}", lat.get(key), "a finite number")
     n = lat.get("n")
     _check(_is_int(n) and n > 0, "metrics.latency_ms.n", n, "a positive int")
-    iqr, noisy = lat.get("iqr"), lat.get("noisy")  # optional: the spread behind p50
-    _check(iqr is None or (_is_number(iqr) and iqr >= 0), "metrics.latency_ms.iqr", iqr, "a finite number >= 0")
-    _check(noisy is None or isinstance(noisy, bool), "metrics.latency_ms.noisy", noisy, "a bool")
 
 
 def _validate_metrics(metrics: Any) -> None:
@@ -147,9 +142,6 @@ def _validate_metrics(metrics: Any) -> None:
     for key in NUMBER_METRICS:
         value = metrics.get(key)
         _check(value is None or _is_number(value), f"metrics.{key}", value, "a finite number or None")
-    for key, (low, high) in SCORE_RANGES.items():
-        value = metrics.get(key)
-        _check(value is None or low <= value <= high, f"metrics.{key}", value, f"a score in [{low:g}, {high:g}]")
     _check_optional_text(metrics, "bleu_signature", "metrics.")
     params = metrics.get("params")
     _check(params is None or _is_int(params), "metrics.params", params, "an int or None")
@@ -166,7 +158,26 @@ def _validate_gate(gate: Any) -> None:
     _check(isinstance(gate.get("detail"), str), "gate.detail", gate.get("detail"), "a string")
 
 
-def _validate_env(env: Any) -> None:
+def _consistent_latency(lat: Mapping[str, Any]) -> None:
+    for key in ("p50", "p95"):
+        _check(lat[key] >= 0, f"metrics.latency_ms.{key}", lat[key], "a finite number >= 0")
+    _check(lat["p95"] >= lat["p50"], "metrics.latency_ms.p95", lat["p95"], f"a value >= p50 ({lat['p50']})")
+    iqr, noisy = lat.get("iqr"), lat.get("noisy")  # optional: the spread behind p50
+    _check(iqr is None or (_is_number(iqr) and iqr >= 0), "metrics.latency_ms.iqr", iqr, "a finite number >= 0")
+    _check(noisy is None or isinstance(noisy, bool), "metrics.latency_ms.noisy", noisy, "a bool")
+
+
+def _consistent_metrics(metrics: Mapping[str, Any] | None) -> None:
+    if metrics is None:
+        return
+    for key, (low, high) in SCORE_RANGES.items():
+        value = metrics.get(key)
+        _check(value is None or low <= value <= high, f"metrics.{key}", value, f"a score in [{low:g}, {high:g}]")
+    if metrics.get("latency_ms") is not None:
+        _consistent_latency(metrics["latency_ms"])
+
+
+def _consistent_env(env: Any) -> None:
     _check(isinstance(env, Mapping), "env", env, "a dict {cpu, cores, threads, gpu, versions, git}")
     for key, kind in ENV_FIELDS.items():
         value = env.get(key)
@@ -177,26 +188,55 @@ def _validate_env(env: Any) -> None:
         _check_optional_text(env, key, "env.")
 
 
-def _validate_time(value: str) -> None:
+def _parse_time(value: str) -> dt.datetime:
     try:
-        parsed = dt.datetime.fromisoformat(value)
+        return dt.datetime.fromisoformat(value)
     except ValueError:
-        parsed = None
-    # A time without a zone cannot be ordered against records written on another machine.
-    _check(parsed is not None and parsed.tzinfo is not None, "time", value, "an ISO 8601 time with a UTC offset")
+        _check(False, "time", value, "an ISO 8601 time")
 
 
 def _validate_status(record: Mapping[str, Any]) -> None:
     status, reason = record.get("status", "ok"), record.get("reason")
     _check(status in STATUSES, "status", status, f"one of {sorted(STATUSES)}")
-    gate = record.get("gate")
-    # A variant that failed its gate is never an "ok" number a report could offer as a win.
-    failed_gate = isinstance(gate, Mapping) and gate.get("passed") is False
-    _check(not (failed_gate and status == "ok"), "status", status, "'failed' (or 'skipped') when the gate failed")
     # A skipped TensorRT step with no reason reads like a bug in the report.
     if status != "ok":
         _check(_is_text(reason), "reason", reason, f"a non-empty string when status is {status!r}")
     _check_optional_text(record, "reason")
+
+
+def validate_structure(record: Mapping[str, Any]) -> None:
+    """The types of every field: what any `labkit.ledger/1` record, old or new, must satisfy."""
+    _check(isinstance(record, Mapping), "<record>", type(record).__name__, "a dict")
+    _check(record.get("schema") == SCHEMA, "schema", record.get("schema"), repr(SCHEMA))
+    for field in ("run_id", "time", "notebook", "variant"):
+        _check(_is_text(record.get(field)), field, record.get(field), "a non-empty string")
+    _parse_time(record["time"])
+    technique = record.get("technique")
+    _check(technique in TECHNIQUES, "technique", technique, f"one of {sorted(TECHNIQUES)}")
+    for field in TEXT_FIELDS:
+        _check_optional_text(record, field)
+    _validate_status(record)
+    _validate_metrics(record.get("metrics"))
+    _validate_gate(record.get("gate"))
+    env = record.get("env")
+    _check(env is None or isinstance(env, Mapping), "env", env, "a dict or None")
+
+
+def validate_consistency(record: Mapping[str, Any]) -> None:
+    """What the values must say together: every DESIGN field present, a zoned time, a complete env,
+    scores in range, p95 >= p50, and no "ok" record whose gate failed. Records written by labkit
+    before these rules existed may break them; `read` accepts those with a warning."""
+    for field in REQUIRED_FIELDS:
+        _check(field in record, field, "<missing>", "present (None where the schema allows it)")
+    # A time without a zone cannot be ordered against records written on another machine.
+    _check(_parse_time(record["time"]).tzinfo is not None, "time", record["time"], "an ISO 8601 time with a UTC offset")
+    _consistent_metrics(record.get("metrics"))
+    _consistent_env(record.get("env"))
+    gate = record.get("gate")
+    # A variant that failed its gate is never an "ok" number a report could offer as a win.
+    failed_gate = isinstance(gate, Mapping) and gate.get("passed") is False
+    _check(not (failed_gate and record.get("status", "ok") == "ok"), "status", record.get("status", "ok"),
+           "'failed' (or 'skipped') when the gate failed")
 
 
 def validate(record: Mapping[str, Any]) -> None:
@@ -205,21 +245,8 @@ def validate(record: Mapping[str, Any]) -> None:
     Missing `status` means "ok"; a "failed" or "skipped" record must say why in `reason`.
     {"schema": "labkit.ledger/1", ..., "technique": "prune"} -> LedgerError: ledger field 'technique': ...
     """
-    _check(isinstance(record, Mapping), "<record>", type(record).__name__, "a dict")
-    for field in REQUIRED_FIELDS:
-        _check(field in record, field, "<missing>", "present (None where the schema allows it)")
-    _check(record.get("schema") == SCHEMA, "schema", record.get("schema"), repr(SCHEMA))
-    for field in ("run_id", "time", "notebook", "variant"):
-        _check(_is_text(record.get(field)), field, record.get(field), "a non-empty string")
-    _validate_time(record["time"])
-    technique = record.get("technique")
-    _check(technique in TECHNIQUES, "technique", technique, f"one of {sorted(TECHNIQUES)}")
-    for field in TEXT_FIELDS:
-        _check_optional_text(record, field)
-    _validate_status(record)
-    _validate_metrics(record.get("metrics"))
-    _validate_gate(record.get("gate"))
-    _validate_env(record.get("env"))
+    validate_structure(record)
+    validate_consistency(record)
 
 
 # ---------------------------------------------------------------- records
@@ -308,6 +335,14 @@ def append(path: str | Path, record: Mapping[str, Any]) -> Mapping[str, Any]:
 # ---------------------------------------------------------------- reading
 
 
+def _legacy(record: dict[str, Any]) -> dict[str, Any]:
+    """An older record as today's rules read it: a failed gate makes it "failed" (with the gate's detail)."""
+    gate = record.get("gate")
+    if isinstance(gate, Mapping) and gate.get("passed") is False and record.get("status", "ok") == "ok":
+        return {**record, "status": "failed", "reason": gate.get("detail") or gate.get("name")}
+    return record
+
+
 def flatten(record: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """Nested dicts to dotted keys; a None sub-record contributes nothing.
 
@@ -337,9 +372,15 @@ def _parse_lines(path: Path, strict: bool) -> list[tuple[int, dict[str, Any]]]:
             warnings.warn(message + ", skipped", LedgerWarning, stacklevel=3)
             continue
         try:
-            validate(record)
+            validate_structure(record)
         except LedgerError as exc:
             raise LedgerError(f"{path}:{number}: {exc}") from None
+        try:
+            validate_consistency(record)
+        except LedgerError as exc:  # written before the rule existed: keep it, but never as a false "ok"
+            record = _legacy(record)
+            warnings.warn(f"{path}:{number}: record written by an older labkit ({exc}); read as "
+                          f"status {record['status']!r}", LedgerWarning, stacklevel=3)
         records.append((number, record))
     return records
 

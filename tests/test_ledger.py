@@ -230,3 +230,21 @@ def test_a_failed_gate_makes_a_failed_record_and_never_an_ok_one():
     with pytest.raises(LedgerError, match="'status'"):
         record(gate=gate, status="ok")
     assert record()["status"] == "ok"  # a passed gate
+
+
+def test_records_from_an_older_labkit_still_read_but_never_as_a_false_ok(tmp_path):
+    """Before the consistency rules, make_record wrote status "ok" whatever the gate said, and left
+    env and latency spreads loose. Such a ledger still reads (with a warning per record); a failed
+    gate reads as "failed"; a record that is structurally broken is still refused."""
+    path = tmp_path / "ledger.jsonl"
+    old = copy.deepcopy(record())
+    old |= {"status": "ok", "gate": {"name": "bleu_gap", "passed": False, "detail": "gap 2.4 > 1.5"},
+            "env": {"cpu": "old"}, "time": "2025-01-01T12:00:00"}
+    path.write_text(json.dumps(old) + "\n" + json.dumps(record(variant="new")) + "\n")
+    with pytest.warns(LedgerWarning, match="older labkit"):
+        df = ledger.read(path)
+    assert df.set_index("variant").loc["baseline", ["status", "reason"]].tolist() == ["failed", "gap 2.4 > 1.5"]
+    assert df.set_index("variant").loc["new", "status"] == "ok"
+    path.write_text(json.dumps({**old, "technique": "magic"}) + "\n")
+    with pytest.raises(LedgerError, match="'technique'"):
+        ledger.read(path)
