@@ -28,6 +28,20 @@ def preset_dir(preset: str) -> Path:
     return path
 
 
+def write_json_atomic(path: Path | str, data) -> None:
+    """Write JSON via a temporary file in the same directory and a rename, so readers never see half a file."""
+    import json
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def commit_dir(tmp: Path | str, out: Path | str) -> None:
     """Move a fully written directory `tmp` into place at `out`, replacing any old one.
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from labkit import data as corpus
+from labkit.artifacts import write_json_atomic
 from labkit.models import SIDECAR, Bundle, cached_recipe, fingerprint, jsonable, load_bundle
 
 STRATEGIES = ("alternate", "ends", "bottom")
@@ -328,7 +328,7 @@ def ensure_seq_kd_data(preset: str, teacher: Bundle, n: int) -> Path:
     if path.exists() and sidecar.exists() and json.loads(sidecar.read_text()) == want:
         return path
     corpus.write_tsv(seq_kd_pairs(teacher, corpus.load_split("train", limit=n)), path)
-    _write_json(sidecar, want)
+    write_json_atomic(sidecar, want)
     return path
 
 
@@ -433,12 +433,6 @@ def _number(x) -> float | None:
 
 def _round(x, digits: int = 3):
     return round(x, digits) if isinstance(x, float) else x
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- comparing and recording

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -52,6 +51,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from labkit.artifacts import write_json_atomic
 from labkit.export import size_mb as export_size_mb  # graph files + external data, MiB
 
 BLOCKS = ("encoder-self-attn", "decoder-self-attn", "cross-attn", "ffn", "lm-head", "embeddings")
@@ -588,16 +588,6 @@ def read_blocks(path: Path | str) -> dict | None:
     return record if isinstance(record, dict) and record.get("schema") == BLOCKS_SCHEMA else None
 
 
-def _write_json(path: Path, record: dict) -> None:
-    """Atomically: a temp file in the same directory renamed over `path`, so readers never see half."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(record, indent=2, ensure_ascii=False, default=str) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def measure_blocks(onnx_dir: Path | str, bundle, preset, max_drop: float = MAX_BLEU_DROP) -> dict:
     """`sensitivity` on the gate sentences and `choose_blocks`: the record `ensure_blocks` stores."""
     from labkit.artifacts import preset_dir
@@ -640,7 +630,7 @@ def ensure_blocks(preset, bundle_name: str = "teacher", bundle=None) -> dict:
     if stored and all(stored.get(k) == v for k, v in wanted.items()):
         return stored
     record = measure_blocks(src, bundle, preset)
-    _write_json(path, record)
+    write_json_atomic(path, record)
     return record
 
 

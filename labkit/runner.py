@@ -13,7 +13,6 @@ share the CPU that is being measured), retries, and resuming after a failure (ru
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from labkit import artifacts, ledger
-from labkit.artifacts import ARTIFACTS_ENV
+from labkit.artifacts import ARTIFACTS_ENV, write_json_atomic
 
 NOTEBOOK_NAME = re.compile(r"^(\d{2})_\w[\w.-]*\.ipynb$")  # NN_name.ipynb
 RUNS_SCHEMA = "labkit.runs/1"
@@ -134,14 +133,6 @@ def cell_failure(exc: BaseException, notebook: Path) -> CellFailure:
     # Kernel death, timeouts, a missing kernel: papermill does not attribute these to a cell.
     lines = str(exc).strip().splitlines()
     return CellFailure(type(exc).__name__, lines[0] if lines else "")
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to `path` via a temporary file and rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def format_table(results: list[NotebookResult]) -> str:
