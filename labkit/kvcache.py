@@ -220,6 +220,27 @@ def time_steps(model, mode: str, enc: dict, setting: Setting, tokens: int) -> tu
     return stepper.step_ms, ids
 
 
+def decoder_positions(model, mode: str, enc: dict, tokens: int) -> list[int]:
+    """How many positions the decoder stack runs over at each step of a forced-length greedy decode.
+
+    The work a mode does, counted rather than timed (so a busy machine cannot blur it): no cache
+    recomputes the prefix, [1, 2, ..., tokens]; a cache feeds only the new position, [1, 1, ..., 1].
+    """
+    seen: list[int] = []
+
+    def count(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        seen.append(int(ids.shape[1]) if ids is not None else int(kwargs["inputs_embeds"].shape[1]))
+
+    handle = model.get_decoder().register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        decode(make_stepper(model, mode, capacity=tokens + 1), enc["input_ids"][:1], enc["attention_mask"][:1],
+               DecodeConfig(forced_length=tokens))
+    finally:
+        handle.remove()
+    return seen
+
+
 def position_costs(model, tokenizer, texts: list[str], budget: KvBudget,
                    modes: tuple[str, ...] = MODES) -> list[dict]:
     """Rows {mode, setting, num_beams, batch, repeat, position, ms} for every timed step.
@@ -307,7 +328,7 @@ def agree_with_generate(model, enc: dict, cfg: DecodeConfig, modes: tuple[str, .
     The independent oracle for the modes: `agree_across_modes` only compares them with each other.
     """
     reference = generate_ids(model, enc, cfg)
-    limit = (cfg.forced_length or cfg.max_new_tokens) + 1
+    limit = cfg.max_new_tokens + 1
     out = {}
     for mode in modes:
         ids = decode(make_stepper(model, mode, capacity=limit), enc["input_ids"], enc["attention_mask"], cfg)

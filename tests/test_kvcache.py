@@ -149,3 +149,10 @@ def test_slope_ignores_a_few_slow_steps():
     flat[10] = flat[40] = 50.0  # two steps hit by another process
     assert abs(kvcache.slope(range(1, 65), flat)) < 1e-9
     assert kvcache.slope(range(1, 65), [0.5 * p for p in range(1, 65)]) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("mode, expected", [("none", list(range(1, 9))), ("dynamic", [1] * 8), ("static", [1] * 8)])
+def test_decoder_positions_count_the_work_of_each_mode(batch, mode, expected):
+    """No cache reruns the decoder over the whole prefix at every step; a cache feeds one position."""
+    bundle, enc = batch
+    assert kvcache.decoder_positions(bundle.model, mode, enc, tokens=8) == expected
