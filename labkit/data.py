@@ -577,7 +577,7 @@ def english_content_words() -> frozenset[str]:
 
 def content_pairs(text: str, vocabulary: frozenset[str]) -> set[tuple[str, str]]:
     """Adjacent English content words: 'He has nine green notebooks.' -> {('green', 'notebooks')}."""
-    words = [w for w in "".join(c if c.isalpha() or c == "'" else " " for c in text.lower()).split()]
+    words = "".join(c if c.isalpha() or c == "'" else " " for c in text.lower()).split()
     return {(a, b) for a, b in zip(words, words[1:]) if a in vocabulary and b in vocabulary}
 
 

@@ -687,7 +687,7 @@ def _recovery_point(results, budget: PruneBudget):
 # --------------------------------------------------------------------------- handler
 
 
-def ledger_records(results, notebook: str, parent: str = "teacher") -> list[dict]:
+def ledger_records(results, notebook: str) -> list[dict]:
     """One `pruning` record per timed point (the 0 % point once: the teacher measured in this run).
 
     `results` may concatenate several frames (sweep, compare_plans, recovery); the teacher
@@ -695,8 +695,8 @@ def ledger_records(results, notebook: str, parent: str = "teacher") -> list[dict
     group_frac (of the pruned group's heads), heads_removed, heads_total, attention (the group),
     head_plan, teacher_latency_ms and speedup (teacher p50 / point p50, same run). The gate is
     the pruned-equals-masked check (recovery-not-worse for a fine-tuned point); a failed gate
-    makes the record status "failed" with the gate's detail as reason (`ledger.make_record`). `parent` is the default
-    for rows without their own (a recovered point's parent is the pruned point it started from).
+    makes the record status "failed" with the gate's detail as reason (`ledger.make_record`). Each
+    row names its parent: the teacher, or for a recovered point the pruned point it started from.
     """
     from labkit import ledger
 
@@ -718,7 +718,7 @@ def ledger_records(results, notebook: str, parent: str = "teacher") -> list[dict
         gate = row["gate"] if isinstance(row.get("gate"), dict) else None
         records.append(ledger.make_record(
             notebook=notebook, variant=variant, technique="pruning", backend="torch", precision="fp32",
-            parent=row["parent"] if isinstance(row.get("parent"), str) else parent, metrics=metrics, gate=gate,
+            parent=row["parent"], metrics=metrics, gate=gate,
             heads_removed_frac=round(float(row["heads_removed_frac"]), 4),
             group_frac=round(float(row["group_frac"]), 4), heads_removed=int(row["heads_removed"]),
             heads_total=int(row["heads_total"]), attention=row["group"], head_plan=row["plan"],

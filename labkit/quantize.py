@@ -588,14 +588,17 @@ def read_blocks(path: Path | str) -> dict | None:
     return record if isinstance(record, dict) and record.get("schema") == BLOCKS_SCHEMA else None
 
 
-def measure_blocks(onnx_dir: Path | str, bundle, preset, max_drop: float = MAX_BLEU_DROP) -> dict:
-    """`sensitivity` on the gate sentences and `choose_blocks`: the record `ensure_blocks` stores."""
+def measure_blocks(onnx_dir: Path | str, bundle, preset, max_drop: float = MAX_BLEU_DROP,
+                   reference: dict | None = None) -> dict:
+    """`sensitivity` on the gate sentences and `choose_blocks`: the record `ensure_blocks` stores.
+
+    `reference`: the fp32 graphs' `evaluate_dir` result on the same sentences, when the caller has it."""
     from labkit.artifacts import preset_dir
 
     pairs = gate_pairs(preset)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=preset_dir(preset.name), prefix=".int8-sensitivity-") as work:
-        rows = sensitivity(onnx_dir, bundle, preset, pairs, work)
+        rows = sensitivity(onnx_dir, bundle, preset, pairs, work, reference=reference)
     return {"schema": BLOCKS_SCHEMA, "blocks": list(choose_blocks(rows, max_drop)),
             "basis": f"measured: each block alone within {max_drop} BLEU of the fp32 graphs on {len(pairs)} test "
                      "sentences (dynamic recipe, ORT optimizer on); together they face the gate again",
@@ -604,13 +607,14 @@ def measure_blocks(onnx_dir: Path | str, bundle, preset, max_drop: float = MAX_B
             "seconds": round(time.perf_counter() - start, 1)}
 
 
-def ensure_blocks(preset, bundle_name: str = "teacher", bundle=None) -> dict:
+def ensure_blocks(preset, bundle_name: str = "teacher", bundle=None, reference: dict | None = None) -> dict:
     """The dynamic recipe's default blocks for `bundle_name`'s export: {blocks, basis, rows, ...}.
 
     Quality presets: measured once per export by `measure_blocks` (six quantize-and-score
     rounds; the record keeps how many seconds they took), stored at `blocks_path`, and measured
     again when the export changes (sidecar digest) or the gate does. Speed-only presets have
     nothing to measure (random weights): BODY_BLOCKS, DESIGN's default, with rows None.
+    `reference`: the fp32 graphs scored on `gate_pairs(preset)`, when the caller has them already.
     """
     from labkit.config import Preset
     from labkit.artifacts import bundle_for
@@ -629,7 +633,7 @@ def ensure_blocks(preset, bundle_name: str = "teacher", bundle=None) -> dict:
               "eval_sentences": len(gate_pairs(preset)), "kind": "dynamic", "optimize": True}
     if stored and all(stored.get(k) == v for k, v in wanted.items()):
         return stored
-    record = measure_blocks(src, bundle, preset)
+    record = measure_blocks(src, bundle, preset, reference=reference)
     write_json_atomic(path, record)
     return record
 

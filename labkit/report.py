@@ -37,7 +37,7 @@ METRIC_COLUMNS = (
     ("size_mb", "metrics.size_mb"),
     ("bleu", "metrics.bleu"),
     ("chrf", "metrics.chrf"),
-    ("bleu_sentences", "eval_sentences"),
+    ("bleu_sentences", None),  # how many sentences bleu/chrf cover (comparable_scores)
     ("agreement", "metrics.agreement"),
     ("sentences_per_s", "metrics.sentences_per_s"),
     ("qps", "metrics.qps"),
@@ -123,11 +123,9 @@ def before_after(df: pd.DataFrame, baseline: str = BASELINE, include_profiling: 
         rows = rows[_col(rows, "technique") != "profiling"]
     stages = _profile_stages(df)
     table = pd.DataFrame({c: _col(rows, c) for c in TEXT_COLUMNS})
-    scores = comparable_scores(rows)
+    scores = comparable_scores(rows).rename(columns={"eval_sentences": "bleu_sentences"})
     for name, source in METRIC_COLUMNS:
-        values = pd.to_numeric(_col(rows, source), errors="coerce")
-        if name in ("bleu", "chrf", "bleu_sentences"):
-            values = scores["eval_sentences" if name == "bleu_sentences" else name]
+        values = scores[name] if name in scores.columns else pd.to_numeric(_col(rows, source), errors="coerce")
         if source in stages.columns:  # fall back to the variant's profiling record
             values = values.fillna(rows["variant"].map(stages[source]))
         table[name] = values.astype(float)
@@ -135,7 +133,8 @@ def before_after(df: pd.DataFrame, baseline: str = BASELINE, include_profiling: 
     table["speedup_vs_teacher"] = (base / table["latency_p50_ms"]) if base is not None else float("nan")
     # A latency over a forced decode length (kv-cache steps on opus-mt-shape) is another workload than
     # the baseline's translations: a ratio between them would read as a 50x slowdown.
-    forced = pd.to_numeric(_col(rows, "forced_length"), errors="coerce")
+    forced = pd.to_numeric(_col(rows, "forced_length"), errors="coerce").fillna(
+        pd.to_numeric(_col(rows, "bench.forced_length"), errors="coerce"))  # labkit bench nests it
     base_forced = forced.get(baseline) if baseline in forced.index else float("nan")
     same_work = forced.eq(base_forced) | (forced.isna() & (base_forced != base_forced))
     table.loc[~same_work.to_numpy(), "speedup_vs_teacher"] = float("nan")

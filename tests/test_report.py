@@ -145,7 +145,9 @@ def test_no_speedup_between_different_workloads(tmp_path):
     write(path, variant="teacher", technique="baseline", metrics={"latency_ms": lat(25.0)})
     write(path, variant="kv-static", technique="kv-cache", metrics={"latency_ms": lat(1500.0)}, forced_length=128)
     write(path, variant="bench-ort-int8", technique="quantization", metrics={"latency_ms": lat(12.5)}, forced_length=None)
+    write(path, variant="bench-ort-fp32", technique="onnx", metrics={"latency_ms": lat(300.0)}, bench={"forced_length": 40})
     table = report.before_after(report.load(path)).set_index("variant")
+    assert math.isnan(table.loc["bench-ort-fp32", "speedup_vs_teacher"])  # labkit bench nests forced_length
     assert math.isnan(table.loc["kv-static", "speedup_vs_teacher"])
     assert table.loc["bench-ort-int8", "speedup_vs_teacher"] == pytest.approx(2.0)
     assert table.loc["teacher", "speedup_vs_teacher"] == 1.0
