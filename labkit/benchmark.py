@@ -36,6 +36,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping
 
+from labkit.ledger import json_number
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -318,7 +320,7 @@ def agreement_with(result: dict, baseline: dict | None) -> float | None:
 
 def run_bench(preset, variants=None, threads: int | None = None, bundle_name: str = "teacher",
               write_ledger: bool = True, notebook: str = "labkit-bench", progress: bool = True,
-              gates: Mapping[str, dict] | None = None) -> pd.DataFrame:
+              gates: Mapping[str, dict] | None = None, bundle=None) -> pd.DataFrame:
     """Gate every variant, then time those that passed, each in its own process; one row per variant.
 
     Columns: variant, status (ok | failed | skipped), gate, gate_passed, reason, backend,
@@ -326,7 +328,7 @@ def run_bench(preset, variants=None, threads: int | None = None, bundle_name: st
     throughput_ratio, agreement (ids equal to torch's at batch 1), load_s, peak_rss_mb. Failed
     and skipped rows are not timed: their numbers are NaN. Ratios are NaN without a torch row.
     `gates` ({variant: gate}) are gates the caller measured on the same artifacts (notebook 05).
-    `variants` default to `default_variants(preset)`.
+    `variants` default to `default_variants(preset)`; pass `bundle` when it is already loaded.
     """
     from labkit.config import Preset
     from labkit.artifacts import bundle_for
@@ -334,7 +336,7 @@ def run_bench(preset, variants=None, threads: int | None = None, bundle_name: st
     preset = Preset.from_name(preset) if isinstance(preset, str) else preset
     threads = threads or preset.threads
     variants = parse_variants(variants or default_variants(preset))
-    bundle = bundle_for(preset.name, bundle_name)
+    bundle = bundle if bundle is not None else bundle_for(preset.name, bundle_name)
     checks = check_variants(preset, variants, bundle_name, bundle, gates)  # every gate before any timing
     results = {}
     for v, check in checks.items():
@@ -394,7 +396,7 @@ def _row_metrics(row) -> dict | None:
     if row.status != "ok":
         return None
     return {"latency_ms": {"p50": row.p50_ms, "p95": row.p95_ms, "n": int(row.n)},
-            "sentences_per_s": row.sentences_per_s, "peak_rss_mb": _finite(row.peak_rss_mb),
+            "sentences_per_s": row.sentences_per_s, "peak_rss_mb": json_number(row.peak_rss_mb),
             "agreement": None if _absent(row.agreement) else float(row.agreement)}
 
 
@@ -417,17 +419,13 @@ def write_records(df: pd.DataFrame, preset, notebook: str = "labkit-bench", bund
             parent=ledger_variant(spec.parent) if spec.parent else None, backend=spec.backend,
             precision=spec.precision, model=getattr(row, "model", None) or bundle_name,
             **(getattr(row, "info", None) or {}),
-            bench={"speedup_vs_torch": _finite(row.speedup) if timed else None,
-                   "throughput_ratio": _finite(row.throughput_ratio) if timed else None,
+            bench={"speedup_vs_torch": json_number(row.speedup) if timed else None,
+                   "throughput_ratio": json_number(row.throughput_ratio) if timed else None,
                    "batch_size": SPEC.batch_size, "threads": int(row.threads) if timed else None,
                    "noisy": bool(row.noisy) if timed else None, "forced_length": preset.forced_length,
                    "own_process": True, "timed": timed})
         records.append(ledger.append(ledger.ledger_path(preset.name), record))
     return records
-
-
-def _finite(x: float | None) -> float | None:
-    return None if _absent(x) else float(x)  # NaN (no torch row, not timed) is not JSON
 
 
 def _absent(x) -> bool:

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from labkit import data as corpus
 from labkit.artifacts import write_json_atomic
+from labkit.ledger import json_number
 from labkit.models import SIDECAR, Bundle, cached_recipe, fingerprint, jsonable, load_bundle
 
 STRATEGIES = ("alternate", "ends", "bottom")
@@ -426,11 +427,6 @@ def train_student(preset: str, teacher: Bundle, decoder_map: Sequence[int], enco
     return result
 
 
-def _number(x) -> float | None:
-    """A table cell as the ledger wants it: NaN and None -> None, numpy floats -> float."""
-    return None if x is None or x != x else float(x)
-
-
 def _round(x, digits: int = 3):
     return round(x, digits) if isinstance(x, float) else x
 
@@ -535,7 +531,7 @@ def ledger_records(teacher: Bundle, students: dict[str, Bundle], table, latency:
             strategy=run.get("strategy"), steps=run["steps"], seq_kd=run["seq_kd"],
             loss_weights=run["loss_weights"],
             step0_dev_bleu=run["history"][0]["dev_bleu"], final_dev_bleu=run["final_dev_bleu"],
-            training_check=check, bleu_gap=_number(row["BLEU gap"]),
+            training_check=check, bleu_gap=json_number(row["BLEU gap"]),
             latency_ratio=round(float(row["latency ratio"]), 4),
             teacher_latency_ms=as_latency(latency[teacher.name])))
     return records

@@ -109,6 +109,14 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def json_number(x: Any) -> float | None:
+    """A metric as a record holds it: NaN and None (not measured) -> None, numpy floats -> float.
+
+    float("nan") -> None; np.float64(2.5) -> 2.5. JSON has no NaN, and validate refuses one.
+    """
+    return None if x is None or (isinstance(x, float) and x != x) else float(x)
+
+
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 

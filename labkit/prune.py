@@ -702,19 +702,19 @@ def ledger_records(results, notebook: str) -> list[dict]:
 
     timed = results[results["latency_ms"].map(lambda l: isinstance(l, dict))]
     teacher = timed[timed["heads_removed"] == 0].iloc[0]["latency_ms"]
-    number = lambda x: None if x is None or x != x else float(x)  # noqa: E731 (NaN -> None)
     records, seen = [], set()
     for _, row in timed.iterrows():
         variant = variant_name("overall", 0.0) if row["heads_removed"] == 0 else row["variant"]
         if variant in seen:
             continue
         seen.add(variant)
-        metrics = {"bleu": number(row["bleu"]), "chrf": number(row["chrf"]), "latency_ms": row["latency_ms"],
+        metrics = {"bleu": ledger.json_number(row["bleu"]), "chrf": ledger.json_number(row["chrf"]),
+                   "latency_ms": row["latency_ms"],
                    "params": int(row["params"]), "size_mb": float(row["size_mb"])}
         if isinstance(row.get("bleu_signature"), str):
             metrics["bleu_signature"] = row["bleu_signature"]
-        extra = {"finetune_steps": int(row["finetune_steps"]), "finetune_s": number(row.get("finetune_s"))} \
-            if number(row.get("finetune_steps")) else {}
+        extra = {"finetune_steps": int(row["finetune_steps"]), "finetune_s": ledger.json_number(row.get("finetune_s"))} \
+            if ledger.json_number(row.get("finetune_steps")) else {}
         gate = row["gate"] if isinstance(row.get("gate"), dict) else None
         records.append(ledger.make_record(
             notebook=notebook, variant=variant, technique="pruning", backend="torch", precision="fp32",
