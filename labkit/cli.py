@@ -1,7 +1,7 @@
 """The `labkit` command: `labkit run --preset P [--only 00,01]` runs the notebooks headless.
 
 Subcommands live in COMMANDS (name -> (add_arguments, handler, help)): `run`, and `bench`
-(labkit.benchmark: engines timed in their own processes). Left out on purpose: configuration files and environment-variable options (a preset
+(labkit.lab.bench: engines timed in their own processes). Left out on purpose: configuration files and environment-variable options (a preset
 name is the one knob; everything else has a flag with a default).
 """
 
@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
+
+from labkit.config import PRESETS
+from labkit.lab.bench import add_arguments, bench_command
+from labkit.lab.runner import RunnerError, run_notebooks
 
 
-def known_presets() -> list[str] | None:
-    """Preset names from labkit.config.PRESETS, or None (with a warning) if it cannot be imported."""
-    try:
-        from labkit.config import PRESETS
-    except ImportError as exc:
-        # Validation is a convenience; the notebooks check the preset again when they load it.
-        print(f"labkit: preset name not validated (labkit.config: {exc})", file=sys.stderr)
-        return None
+def known_presets() -> list[str]:
+    """Preset names from labkit.config.PRESETS."""
     return sorted(PRESETS)
 
 
@@ -34,10 +32,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Handler of `labkit run`: 0 when every notebook passed, 1 on a failed notebook, 2 on bad input."""
-    from labkit.runner import RunnerError, run_notebooks
 
     presets = known_presets()
-    if presets is not None and args.preset not in presets:
+    if args.preset not in presets:
         print(f"labkit run: unknown preset {args.preset!r}; known: {', '.join(presets)}", file=sys.stderr)
         return 2
     try:
@@ -56,16 +53,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    from labkit.benchmark import add_arguments
 
     add_arguments(parser)
 
 
 def bench(args: argparse.Namespace) -> int:
-    """Handler of `labkit bench` (labkit.benchmark.main): 0 ok, 1 a worker failed, 2 bad input."""
-    from labkit.benchmark import main as bench_main
+    """Handler of `labkit bench` (labkit.lab.bench.main): 0 ok, 1 a worker failed, 2 bad input."""
 
-    return bench_main(args)
+    return bench_command(args)
 
 
 Handler = Callable[[argparse.Namespace], int]
@@ -79,9 +74,9 @@ COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Handler, st
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="labkit", description="Inference-optimization lab tools.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (add_arguments, handler, help_text) in COMMANDS.items():
+    for name, (add_command_arguments, handler, help_text) in COMMANDS.items():
         command = sub.add_parser(name, help=help_text, description=help_text)
-        add_arguments(command)
+        add_command_arguments(command)
         command.set_defaults(handler=handler)
     return parser
 

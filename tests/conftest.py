@@ -12,9 +12,10 @@ import dataclasses
 import pytest
 import torch
 
-from labkit import bench, data
-from labkit.models import Bundle, load_bundle
-from labkit.train import TeacherConfig, train_teacher
+from labkit.compress.training import TeacherConfig, train_teacher
+from labkit.core import data
+from labkit.core.bundle import Bundle, load_bundle
+from labkit.measure import timing
 
 TINY_STEPS = 600
 
@@ -22,9 +23,9 @@ TINY_STEPS = 600
 def hardware_missing() -> dict[str, str]:
     """Why each hardware marker cannot run here: {"cuda": "no CUDA device", ...}; absent keys can run."""
     missing = {}
-    if not bench.gpu_name():
+    if not timing.gpu_name():
         missing["cuda"] = missing["tensorrt"] = "needs an NVIDIA GPU (none found)"
-    versions = bench.environment()["versions"]
+    versions = timing.environment()["versions"]
     if "tensorrt" not in missing and not versions.get("tensorrt"):
         missing["tensorrt"] = "needs the tensorrt package (pip install -e '.[trt]' on a GPU machine)"
     return missing

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from labkit import artifacts
+from labkit.core import artifacts
 
 
 def test_commit_dir_never_deletes_the_old_artifact_first(tmp_path, monkeypatch):

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from labkit import bench
-from labkit.bench import CommandError, Measurement
+from labkit.measure import timing
+from labkit.measure.timing import CommandError, Measurement
 
 # Ten timings with one outlier. Linear interpolation puts quantile q at position q*(n-1) = 9q:
 #   p50: pos 4.5  -> 14 + 0.5*(15-14)   = 14.5
@@ -27,7 +27,7 @@ STEADY = (100.0, 104.0, 101.0, 103.0, 102.0)
 @pytest.mark.parametrize("values", [OUTLIER, STEADY, (7.0,), (1.0, 2.0)])
 @pytest.mark.parametrize("q", [0.0, 0.25, 0.5, 0.75, 0.95, 1.0])
 def test_percentile_matches_numpy(values, q):
-    assert bench.percentile(values, q) == pytest.approx(np.percentile(values, 100 * q))
+    assert timing.percentile(values, q) == pytest.approx(np.percentile(values, 100 * q))
 
 
 def test_measurement_statistics_by_hand_and_by_oracle():
@@ -50,53 +50,53 @@ def test_measure_counts_warmup_and_repeats_with_a_fake_clock():
     """Every clock reading advances 1 ms and a sample is two consecutive readings: exactly 1.0 ms."""
     calls = []
     clock = itertools.count(step=0.001)  # 1 ms per reading; two readings per call
-    m = bench.measure(lambda: calls.append(1), warmup=3, repeats=7, label="x", timer=lambda: next(clock))
+    m = timing.measure(lambda: calls.append(1), warmup=3, repeats=7, label="x", timer=lambda: next(clock))
     assert len(calls) == 10 and m.n == 7
     assert m.times_ms == pytest.approx((1.0,) * 7)
-    assert m.label == "x" and m.threads == bench.current_threads()
+    assert m.label == "x" and m.threads == timing.current_threads()
 
 
 def test_measure_keeps_going_until_min_time():
     clock = itertools.count(step=1 / 64)  # every sample is 15.625 ms, exact in binary
-    m = bench.measure(lambda: None, warmup=0, repeats=2, min_time_s=0.1, timer=lambda: next(clock))
+    m = timing.measure(lambda: None, warmup=0, repeats=2, min_time_s=0.1, timer=lambda: next(clock))
     assert m.n == 7  # 6 samples make 93.75 ms < 100 ms; the 7th reaches 109.375 ms
 
 
 def test_measure_real_clock_and_sync_inside_timed_region():
     synced = []
-    m = bench.measure(lambda: sum(range(1000)), warmup=1, repeats=5, sync=lambda: synced.append(1))
+    m = timing.measure(lambda: sum(range(1000)), warmup=1, repeats=5, sync=lambda: synced.append(1))
     assert m.n == 5 and len(synced) == 6 and all(t > 0 for t in m.times_ms)
 
 
 def test_as_latency_and_ratio():
     slow, fast = Measurement(STEADY, threads=1), Measurement(tuple(t / 4 for t in STEADY), threads=1)
-    assert bench.as_latency(fast) == {"p50": 25.5, "p95": pytest.approx(25.95), "n": 5,
+    assert timing.as_latency(fast) == {"p50": 25.5, "p95": pytest.approx(25.95), "n": 5,
                                       "iqr": pytest.approx(fast.iqr), "noisy": fast.noisy}
-    assert bench.ratio(slow, fast) == pytest.approx(4.0)
+    assert timing.ratio(slow, fast) == pytest.approx(4.0)
 
 
 def test_pin_threads_sets_torch_and_child_environment(monkeypatch):
     torch = pytest.importorskip("torch")
-    for var in bench.THREAD_ENV_VARS:
+    for var in timing.THREAD_ENV_VARS:
         monkeypatch.delenv(var, raising=False)
     before = torch.get_num_threads()
     try:
-        assert bench.pin_threads(1) == 1
-        assert torch.get_num_threads() == 1 and bench.environment()["threads"] == 1
-        child = bench.time_command([sys.executable, "-c",
+        assert timing.pin_threads(1) == 1
+        assert torch.get_num_threads() == 1 and timing.environment()["threads"] == 1
+        child = timing.time_command([sys.executable, "-c",
                                     "import json, os; print(json.dumps({'omp': os.environ['OMP_NUM_THREADS']}))"],
                                    timeout=60)  # fmt: skip
         assert child["omp"] == "1"
     finally:
         torch.set_num_threads(before)
     with pytest.raises(ValueError):
-        bench.pin_threads(0)
+        timing.pin_threads(0)
 
 
 def test_environment_records_versions_without_importing_optional_engines():
     sys.modules.pop("tensorrt", None)
     sys.modules.pop("ctranslate2", None)
-    env = bench.environment()
+    env = timing.environment()
     assert set(env) == {"cpu", "cores", "threads", "gpu", "versions", "git"}
     assert env["versions"]["python"] == platform.python_version()
     assert set(env["versions"]) >= {"torch", "transformers", "onnxruntime", "ctranslate2", "tensorrt"}
@@ -105,21 +105,21 @@ def test_environment_records_versions_without_importing_optional_engines():
 
 
 def test_environment_git_matches_git_itself():
-    repo = Path(bench.__file__).resolve().parent
+    repo = Path(timing.__file__).resolve().parent
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True)
-    assert bench.environment()["git"] == (head.stdout.strip() if head.returncode == 0 else None)
+    assert timing.environment()["git"] == (head.stdout.strip() if head.returncode == 0 else None)
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
 def test_peak_rss_matches_proc_high_water_mark():
     status = Path("/proc/self/status").read_text()
     hwm_kb = int(next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1])
-    assert bench.peak_rss_mb() == pytest.approx(hwm_kb / 1024, rel=0.05)
+    assert timing.peak_rss_mb() == pytest.approx(hwm_kb / 1024, rel=0.05)
 
 
 def test_time_command_parses_last_json_line_and_adds_wall_time():
     code = "import json; print('loading...'); print(json.dumps({'p50': 3.5, 'n': 4}))"
-    result = bench.time_command([sys.executable, "-c", code], timeout=60)
+    result = timing.time_command([sys.executable, "-c", code], timeout=60)
     assert result["p50"] == 3.5 and result["n"] == 4 and result["wall_s"] > 0
 
 
@@ -135,4 +135,4 @@ def test_time_command_parses_last_json_line_and_adds_wall_time():
 )
 def test_time_command_failures_are_clear(code, timeout, message):
     with pytest.raises(CommandError, match=message):
-        bench.time_command([sys.executable, "-c", code], timeout=timeout)
+        timing.time_command([sys.executable, "-c", code], timeout=timeout)

@@ -9,15 +9,16 @@ import sys
 import pytest
 import torch
 
-from labkit import benchmark, ledger
+from labkit.lab import bench
+from labkit.measure import ledger
 
 
 @pytest.fixture(scope="module")
 def artifacts(tiny_bundle_dir, tmp_path_factory):
     """An artifact root holding the tiny fixture as bundle 'tiny' of preset ci, already exported
     (TorchScript, seconds) so the bench does not spend a minute in the dynamo exporter."""
-    from labkit.export import export
-    from labkit.models import load_bundle
+    from labkit.core.bundle import load_bundle
+    from labkit.engines.onnx_export import export
 
     root = tmp_path_factory.mktemp("artifacts")
     shutil.copytree(tiny_bundle_dir, root / "ci" / "tiny")
@@ -27,11 +28,11 @@ def artifacts(tiny_bundle_dir, tmp_path_factory):
 
 
 def test_parse_variants():
-    assert benchmark.parse_variants(" torch, ort-int8,torch") == ["torch", "ort-int8"]
+    assert bench.parse_variants(" torch, ort-int8,torch") == ["torch", "ort-int8"]
     with pytest.raises(ValueError, match="known"):
-        benchmark.parse_variants("torch,tensorflow")
+        bench.parse_variants("torch,tensorflow")
     with pytest.raises(ValueError):
-        benchmark.parse_variants("")
+        bench.parse_variants("")
 
 
 def _result(p50, sps, ids, n=6):
@@ -42,7 +43,7 @@ def _result(p50, sps, ids, n=6):
 def test_results_frame_ratios_against_torch():
     """torch 300 ms / 10 sent/s; ort-int8 100 ms / 40 sent/s, one of two sentences differs ->
     speedup 3.0, throughput ratio 4.0, agreement 0.5."""
-    df = benchmark.results_frame({"torch": _result(300.0, 10.0, [[1, 2], [3]]),
+    df = bench.results_frame({"torch": _result(300.0, 10.0, [[1, 2], [3]]),
                                   "ort-int8": _result(100.0, 40.0, [[1, 2], [4]])}).set_index("variant")
     assert df.loc["torch", "speedup"] == 1.0 and df.loc["torch", "agreement"] == 1.0
     assert df.loc["ort-int8", "speedup"] == pytest.approx(3.0)
@@ -53,18 +54,18 @@ def test_results_frame_ratios_against_torch():
 def test_results_frame_leaves_untimed_variants_empty():
     """A failed variant has a row (status, gate) but no numbers, so it can never show a speedup."""
     gate = {"name": "bleu-drop<=1.0", "passed": False, "detail": "BLEU 20.00 vs fp32 parent 31.50: drop 11.50"}
-    checks = {"torch": benchmark.Check("ok"), "ort-int8": benchmark.Check("failed", gate, gate["detail"])}
-    df = benchmark.results_frame({"torch": _result(300.0, 10.0, [[1]])}, checks).set_index("variant")
+    checks = {"torch": bench.Check("ok"), "ort-int8": bench.Check("failed", gate, gate["detail"])}
+    df = bench.results_frame({"torch": _result(300.0, 10.0, [[1]])}, checks).set_index("variant")
     assert df.loc["ort-int8", "status"] == "failed" and df.loc["ort-int8", "gate_passed"] is False
     assert df.loc["ort-int8", ["p50_ms", "speedup", "sentences_per_s"]].isna().all()
-    table = benchmark.format_table(df.reset_index())
+    table = bench.bench_table(df.reset_index())
     assert "FAILED" in table and "fastest within its gate" not in table
     assert "no optimized variant beats torch eager" in table
 
 
 def test_a_slower_variant_is_not_called_the_fastest():
-    df = benchmark.results_frame({"torch": _result(25.0, 190.0, [[1]]), "ct2-int8": _result(75.0, 50.0, [[1]])})
-    table = benchmark.format_table(df)
+    df = bench.results_frame({"torch": _result(25.0, 190.0, [[1]]), "ct2-int8": _result(75.0, 50.0, [[1]])})
+    table = bench.bench_table(df)
     assert "no optimized variant beats torch eager" in table and "fastest within its gate" not in table
 
 
@@ -77,7 +78,7 @@ def fake_workers(monkeypatch):
         started.append(variant)
         return {**_result(100.0 if variant != "torch" else 300.0, 10.0, [[1]]), "threads": threads}
 
-    monkeypatch.setattr(benchmark, "run_variant", run_variant)
+    monkeypatch.setattr(bench, "run_variant", run_variant)
     return started
 
 
@@ -85,18 +86,18 @@ def test_a_variant_failing_its_gate_is_recorded_failed_and_not_timed(tiny_bundle
                                                                       fake_workers):
     """The int8 gate is made to fail: ort-int8 gets no timing process, its row and ledger record say
     failed with the gate, and the table offers no win; torch and ort-fp32 (parity) are timed."""
-    from labkit import quantize
-    from labkit.export import export
-    from labkit.models import load_bundle
+    from labkit.core.bundle import load_bundle
+    from labkit.engines import ort_int8
+    from labkit.engines.onnx_export import export
 
     monkeypatch.setenv("LABKIT_ARTIFACTS", str(tmp_path))
     shutil.copytree(tiny_bundle_dir, tmp_path / "ci" / "tiny")
     torch.set_num_threads(1)
     export(load_bundle(tiny_bundle_dir), tmp_path / "ci" / "onnx-tiny", exporters=("torchscript",))
-    monkeypatch.setattr(quantize, "ensure_blocks", lambda *a, **k: {"blocks": ["ffn"], "basis": "test: ffn only"})
+    monkeypatch.setattr(ort_int8, "ensure_blocks", lambda *a, **k: {"blocks": ["ffn"], "basis": "test: ffn only"})
     failing = {"name": "bleu-drop<=1.0", "passed": False, "detail": "BLEU 20.00 vs fp32 parent 31.50: drop 11.50"}
-    monkeypatch.setattr(quantize, "variant_gate", lambda *a, **k: dict(failing))
-    df = benchmark.run_bench("ci", ["torch", "ort-fp32", "ort-int8"], threads=1, bundle_name="tiny",
+    monkeypatch.setattr(bench, "variant_gate", lambda *a, **k: dict(failing))
+    df = bench.run_bench("ci", ["torch", "ort-fp32", "ort-int8"], threads=1, bundle_name="tiny",
                              progress=False).set_index("variant")
     assert fake_workers == ["torch", "ort-fp32"]
     assert list(df["status"]) == ["ok", "ok", "failed"]
@@ -110,7 +111,7 @@ def test_a_variant_failing_its_gate_is_recorded_failed_and_not_timed(tiny_bundle
     assert newest.loc["bench-ort-fp32", "gate.passed"] is True
     # the model's own name ('teacher' for this fixture), not the bundle directory's ('tiny')
     assert set(newest["model"]) == {load_bundle(tiny_bundle_dir).name} != {"tiny"}
-    table = benchmark.format_table(df.reset_index())
+    table = bench.bench_table(df.reset_index())
     assert "ort-int8: bleu-drop<=1.0 FAILED, not timed" in table
     assert "fastest within its gate: ort-fp32" in table
 
@@ -121,9 +122,9 @@ def test_missing_ctranslate2_is_a_recorded_skip(artifacts, monkeypatch, fake_wor
     monkeypatch.setenv("LABKIT_ARTIFACTS", str(artifacts))
     monkeypatch.setitem(sys.modules, "ctranslate2", None)
     parser = argparse.ArgumentParser()
-    benchmark.add_arguments(parser)
+    bench.add_arguments(parser)
     args = parser.parse_args(["--preset", "ci", "--variants", "torch,ct2-int8", "--threads", "1", "--bundle", "tiny"])
-    assert benchmark.main(args) == 0
+    assert bench.bench_command(args) == 0
     assert fake_workers == ["torch"]
     out = capsys.readouterr().out
     assert "skipped" in out and "labkit[peer]" in out
@@ -138,7 +139,7 @@ def test_run_bench_in_own_processes(artifacts, monkeypatch):
     each row became a ledger record with its gate, and only passed variants carry latencies."""
     monkeypatch.setenv("LABKIT_ARTIFACTS", str(artifacts))
     variants = ["torch", "ort-int8", "ct2-fp32"]
-    df = benchmark.run_bench("ci", variants, threads=1, bundle_name="tiny", progress=False).set_index("variant")
+    df = bench.run_bench("ci", variants, threads=1, bundle_name="tiny", progress=False).set_index("variant")
     assert list(df.index) == variants
     assert df.loc["torch", "speedup"] == 1.0 and df.loc["torch", "gate"] is None
     assert df.loc["ct2-fp32", "gate"] == "agreement>=0.95" and df.loc["ct2-fp32", "status"] == "ok"
@@ -151,7 +152,7 @@ def test_run_bench_in_own_processes(artifacts, monkeypatch):
     assert (timed["threads"] == 1).all()
     assert df[df["status"] != "ok"]["p50_ms"].isna().all()
     records = ledger.read(ledger.ledger_path("ci"))
-    newest = ledger.latest(records, [benchmark.ledger_variant(v) for v in variants])
+    newest = ledger.latest(records, [bench.ledger_variant(v) for v in variants])
     assert newest.loc["bench-ort-int8", "technique"] == "quantization"
     assert newest.loc["bench-ort-int8", "parent"] == "bench-ort-fp32"
     assert newest.loc["bench-ort-int8", "record"]["recipe"]["blocks"]  # the measured default blocks
@@ -163,9 +164,9 @@ def test_run_bench_in_own_processes(artifacts, monkeypatch):
 
 def test_cli_rejects_unknown_variants(capsys):
     parser = argparse.ArgumentParser()
-    benchmark.add_arguments(parser)
+    bench.add_arguments(parser)
     args = parser.parse_args(["--preset", "ci", "--variants", "torch,trt-int4"])
-    assert benchmark.main(args) == 2
+    assert bench.bench_command(args) == 2
     assert "unknown variant" in capsys.readouterr().err
 
 
@@ -197,6 +198,6 @@ def test_labkit_bench_unknown_variant_exits_nonzero_in_a_process():
 
 
 def test_default_variants_show_the_float_lm_head_cost_on_speed_only_presets():
-    assert benchmark.default_variants("ci") == benchmark.DEFAULT_VARIANTS
-    assert benchmark.default_variants("opus-mt-shape") == (*benchmark.DEFAULT_VARIANTS, "ort-int8-all")
-    assert all(v in benchmark.VARIANTS for v in benchmark.default_variants("opus-mt-shape"))
+    assert bench.default_variants("ci") == bench.DEFAULT_VARIANTS
+    assert bench.default_variants("opus-mt-shape") == (*bench.DEFAULT_VARIANTS, "ort-int8-all")
+    assert all(v in bench.VARIANTS for v in bench.default_variants("opus-mt-shape"))

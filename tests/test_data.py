@@ -2,29 +2,29 @@
 
 from __future__ import annotations
 
-import random
 import re
 
 import pytest
 
-from labkit import data
+from labkit.core import corpus as grammar
+from labkit.core import data
 
 
 @pytest.fixture(scope="module")
 def corpus():
-    return data.generate_corpus(seed=0)
+    return grammar.generate_corpus(seed=0)
 
 
 def test_committed_splits_are_what_the_generator_writes(corpus):
-    """`python -m labkit.train corpus` re-creates data/*.tsv byte for byte."""
+    """`python -m labkit.compress.training corpus` re-creates data/*.tsv byte for byte."""
     for name in data.SPLITS:
         assert data.load_split(name) == corpus[name], name
 
 
 def test_generation_is_deterministic_and_seeded():
-    a = data.generate_corpus(seed=3, n_train=200, n_dev=20, n_test=50)
-    b = data.generate_corpus(seed=3, n_train=200, n_dev=20, n_test=50)
-    c = data.generate_corpus(seed=4, n_train=200, n_dev=20, n_test=50)
+    a = grammar.generate_corpus(seed=3, n_train=200, n_dev=20, n_test=50)
+    b = grammar.generate_corpus(seed=3, n_train=200, n_dev=20, n_test=50)
+    c = grammar.generate_corpus(seed=4, n_train=200, n_dev=20, n_test=50)
     assert a == b and a != c
 
 
@@ -39,15 +39,15 @@ def test_test_split_holds_combinations_training_never_sees(corpus):
     """Checked on the text, not on the generator's own bookkeeping: 'old pencil' ("Li Hua has this
     old pencil.") is in the test split and in no training sentence, and over a sixth of the test
     sentences hold such a pair."""
-    unseen = data.unseen_pairs(corpus["test"], corpus["train"])
+    unseen = grammar.unseen_pairs(corpus["test"], corpus["train"])
     assert ("old", "pencil") in set().union(*unseen)
     assert not any(re.search(r"\bold pencil\b", p.en) for p in corpus["train"])
     assert sum(bool(u) for u in unseen) >= len(corpus["test"]) // 6
-    assert data.content_pairs("He has nine green notebooks.", data.english_content_words()) == {("green", "notebooks")}
+    assert grammar.content_pairs("He has nine green notebooks.", grammar.english_content_words()) == {("green", "notebooks")}
 
 
 def test_vocabulary_and_grammar_coverage(corpus):
-    assert len(data.content_words()) >= 300
+    assert len(grammar.content_words()) >= 300
     zh = "\n".join(p.zh for p in corpus["train"])
     for marker in ["吗", "什么", "谁", "哪里", "比", "的", "因为", "所以", "但是", "了", "会", "正在", "不", "没",
                    "昨天", "明天", "上"]:
@@ -71,15 +71,15 @@ def test_verb_agreement(corpus, zh, en):
     """Subject + negation/aspect marker + verb: the English auxiliary agrees with the subject."""
     hits = [p for p in corpus["train"]
             if p.zh.startswith(zh) and p.zh[len(zh)] not in "会在有是比" and "吗" not in p.zh
-            and "？" not in p.zh and not any(p.zh[len(zh):].startswith(a.pred) for a in data.ADJECTIVES)]
+            and "？" not in p.zh and not any(p.zh[len(zh):].startswith(a.pred) for a in grammar.ADJECTIVES)]
     assert len(hits) >= 10 and all(p.en.startswith(en + " ") for p in hits)
 
 
 @pytest.mark.parametrize("fn,word,expected", [
-    (data._plural, "box", "boxes"), (data._plural, "story", "stories"), (data._plural, "toy", "toys"),
-    (data._third, "go", "goes"), (data._third, "cry", "cries"), (data._third, "have", "has"),
-    (data._past, "study", "studied"), (data._past, "like", "liked"), (data._ing, "make", "making"),
-    (data._comparative, "happy", "happier"), (data._comparative, "cute", "cuter")])
+    (grammar._plural, "box", "boxes"), (grammar._plural, "story", "stories"), (grammar._plural, "toy", "toys"),
+    (grammar._third, "go", "goes"), (grammar._third, "cry", "cries"), (grammar._third, "have", "has"),
+    (grammar._past, "study", "studied"), (grammar._past, "like", "liked"), (grammar._ing, "make", "making"),
+    (grammar._comparative, "happy", "happier"), (grammar._comparative, "cute", "cuter")])
 def test_inflection_rules(fn, word, expected):
     assert fn(word) == expected
 

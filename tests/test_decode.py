@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
-from labkit import data
-from labkit.decode import DecodeConfig, TorchStepper, decode, strip
+from labkit.core import data
+from labkit.core.decode import DecodeConfig, TorchStepper, decode, strip
 
 
 @pytest.fixture(scope="module")
 def batch(tiny_bundle_dir):
-    from labkit.models import load_bundle
+    from labkit.core.bundle import load_bundle
 
     bundle = load_bundle(tiny_bundle_dir)
     texts = [p.zh for p in data.load_split("test", limit=16)]

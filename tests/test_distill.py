@@ -14,10 +14,13 @@ import math
 import pytest
 import torch
 
-from labkit import artifacts, data, distill, ledger
-from labkit.decode import DecodeConfig, TorchStepper, decode
-from labkit.models import load_bundle
-from labkit.train import collate, encode_pairs
+from labkit.compress import distill
+from labkit.compress.training import collate, encode_pairs
+from labkit.core import data
+from labkit.core.bundle import bundle_for, load_bundle
+from labkit.core.decode import DecodeConfig, TorchStepper, decode
+from labkit.lab import nb03_distillation
+from labkit.measure import gates, ledger
 
 TINY_BUDGET = distill.DistillBudget(steps=40, batch_size=32, lr=2e-3, warmup=5, eval_every=40,
                                     train_sentences=2000, dev_sentences=8, seq_kd_sentences=16,
@@ -185,14 +188,15 @@ def test_ensure_student_builds_once_and_records_its_recipe(tiny_bundle, tmp_path
 
 def test_a_pruned_teacher_gives_a_pruned_student_that_reloads(tiny_bundle, tmp_path):
     """Heads removed from teacher decoder layer 1 stay removed in the student's layer 0."""
-    from labkit import prune
+    from labkit.compress import prune
+    from labkit.core.heads import head_counts
 
     plan = {"decoder_self": {1: [0, 2]}, "cross": {0: [1], 1: [3]}, "encoder_self": {0: [1]}}
     pruned = prune.prune_bundle(tiny_bundle, plan, "pruned")
     student = distill.make_student(pruned, (1,))
     assert student.meta["head_plan"] == {"encoder_self": {"0": [1]}, "decoder_self": {"0": [0, 2]},
                                          "cross": {"0": [3]}}
-    assert prune.head_counts(student.model) == {"encoder_self": [3, 4], "decoder_self": [2], "cross": [3]}
+    assert head_counts(student.model) == {"encoder_self": [3, 4], "decoder_self": [2], "cross": [3]}
     student.save(tmp_path / "s")
     again = load_bundle(tmp_path / "s")
     batch = batch_of(tiny_bundle)
@@ -208,8 +212,9 @@ def test_a_pruned_teacher_distils_into_a_shrunk_seq_kd_student_that_reloads(tiny
     heads, renumbered to layer 0. Oracle for the reload: its greedy dev BLEU, recomputed from
     disk, equals the one measured in memory right after training.
     """
-    from labkit import prune
-    from labkit.train import greedy_bleu
+    from labkit.compress import prune
+    from labkit.compress.training import greedy_bleu
+    from labkit.core.heads import head_counts
 
     monkeypatch.setenv("LABKIT_ARTIFACTS", str(tmp_path))
     plan = {"encoder_self": {1: [1, 2]}, "decoder_self": {0: [3], 1: [0, 2]}, "cross": {1: [3]}}
@@ -220,7 +225,7 @@ def test_a_pruned_teacher_distils_into_a_shrunk_seq_kd_student_that_reloads(tiny
     assert path == tmp_path / "ci" / "student-bottom-enc1-seqkd-from-pruned-x"
     student = load_bundle(path)
     assert (student.model.config.encoder_layers, student.model.config.decoder_layers) == (1, 1)
-    assert prune.head_counts(student.model) == {"encoder_self": [2], "decoder_self": [2], "cross": [3]}
+    assert head_counts(student.model) == {"encoder_self": [2], "decoder_self": [2], "cross": [3]}
     assert student.meta["head_plan"] == {"encoder_self": {"0": [1, 2]}, "decoder_self": {"0": [0, 2]},
                                          "cross": {"0": [3]}}
     d = student.meta["distillation"]
@@ -233,27 +238,31 @@ def test_a_pruned_teacher_distils_into_a_shrunk_seq_kd_student_that_reloads(tiny
 
 
 def test_teacher_bundle_is_the_preset_model_or_a_cached_bundle(tiny_bundle, tmp_path, monkeypatch):
-    from labkit import prune
+    from labkit.compress import prune
 
     monkeypatch.setenv("LABKIT_ARTIFACTS", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="notebook 02"):
-        artifacts.bundle_for("ci", "pruned-25pct")
+        bundle_for("ci", "pruned-25pct")
     prune.prune_bundle(tiny_bundle, {"cross": {0: [1]}}, "pruned-25pct").save(tmp_path / "ci" / "pruned-25pct")
-    loaded = artifacts.bundle_for("ci", "pruned-25pct")
+    loaded = bundle_for("ci", "pruned-25pct")
     assert loaded.name == "pruned-25pct" and loaded.meta["heads_removed"] == 1
-    assert artifacts.bundle_for("ci").name == "teacher"  # the preset's own model
+    assert bundle_for("ci").name == "teacher"  # the preset's own model
 
 
 @pytest.mark.parametrize("teacher,student,passed", [(98.8, 97.4, True), (98.8, 97.0, False), (None, 97.0, None)])
 def test_gap_gate(teacher, student, passed):
     """98.8 - 97.4 = 1.4 <= 1.5 passes; 1.8 fails; no BLEU (speed-only preset), no gate."""
-    gate = distill.gap_gate(teacher, student, 1.5, 200, "ci")
+    gate = gates.bleu_gap_gate(teacher, student, 1.5, 200, "ci")
     if passed is None:
         assert gate is None
     else:
         assert gate["name"] == "bleu_gap" and gate["passed"] is passed
         expected = f"{teacher - student:.2f} BLEU on 200 test sentences (target <= 1.5 for preset ci)"
         assert expected in gate["detail"]
+
+
+def _kd_gain(run):
+    return gates.kd_gain_gate(run["history"][0]["dev_bleu"], run["final_dev_bleu"], run["steps"], run["dev_sentences"])
 
 
 def run_meta(before, after, steps=30):
@@ -265,12 +274,12 @@ def run_meta(before, after, steps=30):
 
 
 def test_training_gate_fails_a_student_that_training_made_worse():
-    assert distill.training_gate(run_meta(65.0, 96.0))["passed"]
-    assert distill.training_gate(run_meta(65.0, 65.0))["passed"]
-    worse = distill.training_gate(run_meta(65.0, 40.0))
+    assert _kd_gain(run_meta(65.0, 96.0))["passed"]
+    assert _kd_gain(run_meta(65.0, 65.0))["passed"]
+    worse = _kd_gain(run_meta(65.0, 40.0))
     assert not worse["passed"] and worse["detail"].startswith("dev BLEU 65.00 at step 0 -> 40.00 after 30 steps")
-    assert distill.training_gate(run_meta(None, None)) is None
-    assert distill.training_gate(run_meta(65.0, 65.0, steps=0)) is None
+    assert _kd_gain(run_meta(None, None)) is None
+    assert _kd_gain(run_meta(65.0, 65.0, steps=0)) is None
 
 
 def test_comparison_table_and_records_mark_a_student_over_the_gap_failed(tiny_bundle, tmp_path):
@@ -278,8 +287,8 @@ def test_comparison_table_and_records_mark_a_student_over_the_gap_failed(tiny_bu
 
     Latency p50s 10, 8, 6 ms -> ratios 1, 0.8, 0.6; 3 of 4 outputs identical -> agreement 0.75.
     """
-    from labkit.bench import Measurement
-    from labkit.evaluate import Scores
+    from labkit.measure.quality import Scores
+    from labkit.measure.timing import Measurement
 
     students = {}
     for name in ("student-near", "student-far"):
@@ -292,14 +301,14 @@ def test_comparison_table_and_records_mark_a_student_over_the_gap_failed(tiny_bu
             "student-far": ["x", "b", "y", "z"]}
     latency = {"teacher": Measurement((10.0, 10.0, 12.0), 1), "student-near": Measurement((7.0, 8.0, 9.0), 1),
                "student-far": Measurement((6.0, 6.0, 6.0), 1)}
-    table = distill.comparison_table(bundles, latency, scores, hyps)
+    table = nb03_distillation.comparison_table(bundles, latency, scores, hyps)
     assert table.loc["student-near", "BLEU gap"] == pytest.approx(1.0)
     assert table.loc["student-near", "same output as teacher"] == 0.75
     assert list(table["latency ratio"]) == pytest.approx([1.0, 0.8, 0.6])
     assert list(table["decoder layers"]) == [2, 1, 1] and list(table["encoder layers"]) == [2, 2, 2]
 
     budget = dataclasses.replace(TINY_BUDGET, bleu_gap_target=1.5)
-    records = distill.ledger_records(tiny_bundle, students, table, latency, scores, preset="ci", budget=budget,
+    records = nb03_distillation.distillation_records(tiny_bundle, students, table, latency, scores, preset="ci", budget=budget,
                                      sentences=200)
     for record in records:  # valid under the ledger schema
         ledger.append(tmp_path / "ledger.jsonl", record)
@@ -312,12 +321,12 @@ def test_comparison_table_and_records_mark_a_student_over_the_gap_failed(tiny_bu
     assert far["status"] == "failed" and far["reason"] == far["gate"]["detail"] and "3.00 BLEU" in far["reason"]
 
     students["student-near"].meta["distillation"].update(run_meta(60.0, 50.0))  # training made it worse
-    worse = distill.ledger_records(tiny_bundle, students, table, latency, scores, preset="ci", budget=budget,
+    worse = nb03_distillation.distillation_records(tiny_bundle, students, table, latency, scores, preset="ci", budget=budget,
                                    sentences=200)[1]
     assert worse["status"] == "failed" and worse["gate"]["passed"]
     assert "60.00 at step 0 -> 50.00" in worse["reason"]
 
-    bare = distill.comparison_table(bundles, latency)  # a speed-only preset: no BLEU, no gap gate
-    speed = distill.ledger_records(tiny_bundle, students, bare, latency, None, preset="ci", budget=budget,
+    bare = nb03_distillation.comparison_table(bundles, latency)  # a speed-only preset: no BLEU, no gap gate
+    speed = nb03_distillation.distillation_records(tiny_bundle, students, bare, latency, None, preset="ci", budget=budget,
                                    sentences=0)
     assert bare["BLEU"].isna().all() and all(r["gate"] is None for r in speed[1:])

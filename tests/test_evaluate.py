@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from labkit import evaluate
 from labkit.config import Preset
+from labkit.measure import quality
 
 HYPS = ["The cat is on the table.", "He went to Beijing yesterday.", "Where is she?", "They like apples."]
 REFS = ["The cat is on the table.", "He went to Shanghai yesterday.", "Where is he?", "They like red apples."]
@@ -20,37 +20,37 @@ def test_score_matches_the_sacrebleu_cli(tmp_path):
     out = subprocess.run([sys.executable, "-m", "sacrebleu", str(tmp_path / "ref.txt"), "-i",
                           str(tmp_path / "hyp.txt"), "-m", "bleu", "chrf", "-b", "-f", "text", "-w", "4"],
                          capture_output=True, text=True, check=True).stdout.split()
-    ours = evaluate.score(HYPS, REFS)
+    ours = quality.score(HYPS, REFS)
     assert ours.bleu == pytest.approx(float(out[0]), abs=0.01)
     assert ours.chrf == pytest.approx(float(out[1]), abs=0.01)
     assert ours.signature.startswith("nrefs:1|case:mixed|eff:no|tok:13a")
 
 
 def test_perfect_and_mismatched_lengths():
-    assert evaluate.score(["a b c d"], ["a b c d"]).bleu == pytest.approx(100.0)
+    assert quality.score(["a b c d"], ["a b c d"]).bleu == pytest.approx(100.0)
     with pytest.raises(ValueError, match="2 hypotheses for 1 references"):
-        evaluate.score(["a", "b"], ["a"])
+        quality.score(["a", "b"], ["a"])
 
 
 def test_agreement():
-    assert evaluate.agreement([[1, 2], [3]], [[1, 2], [4]]) == 0.5
+    assert quality.agreement([[1, 2], [3]], [[1, 2], [4]]) == 0.5
     with pytest.raises(ValueError):
-        evaluate.agreement([[1]], [])
+        quality.agreement([[1]], [])
 
 
 def test_latency_cycles_sentences_with_preset_repeats():
     calls = []
     fake = type("T", (), {"translate": lambda self, texts: calls.append(texts[0]) or ["x"]})()
     preset = Preset.from_name("ci").with_(bench_warmup=1, bench_repeats=2)
-    m = evaluate.latency(fake, ["a", "b", "c"], preset)
+    m = quality.latency(fake, ["a", "b", "c"], preset)
     assert m.n == 6 and calls == ["a", "b", "c", "a", "b", "c", "a"]
     assert m.threads == preset.threads
 
 
 def test_evaluate_on_tiny_bundle(tiny_bundle):
-    from labkit.data import load_split
-    from labkit.pipeline import Translator
+    from labkit.core.data import load_split
+    from labkit.core.translator import Translator
 
     pairs = load_split("test", limit=8)
-    scores, hyps = evaluate.evaluate(Translator(tiny_bundle), pairs, batch_size=4)
+    scores, hyps = quality.evaluate(Translator(tiny_bundle), pairs, batch_size=4)
     assert len(hyps) == 8 and scores.n == 8 and 0.0 <= scores.bleu <= 100.0

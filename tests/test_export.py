@@ -16,16 +16,18 @@ import shutil
 import pytest
 import torch
 
-from labkit import data, export
-from labkit.decode import DecodeConfig, TorchStepper, decode
-from labkit.runtime import OrtStepper, load_sessions
+from labkit.core import data
+from labkit.core.decode import DecodeConfig, TorchStepper, decode
+from labkit.engines import onnx_export
+from labkit.engines.onnx_graphs import FILES, GRAPHS, OPSET, SIDECAR, io_names, read_sidecar
+from labkit.engines.ort import OrtStepper, load_sessions
 
 FAST = ("torchscript",)  # the legacy exporter takes ~1 s on the tiny model; dynamo ~20 s
 
 
 @pytest.fixture(scope="module")
 def sources(tiny_bundle_dir):
-    from labkit.models import load_bundle
+    from labkit.core.bundle import load_bundle
 
     bundle = load_bundle(tiny_bundle_dir)
     return bundle.tokenizer([p.zh for p in data.load_split("test", limit=16)], return_tensors="pt", padding=True)
@@ -34,9 +36,9 @@ def sources(tiny_bundle_dir):
 @pytest.fixture(scope="module")
 def dynamo_dir(tiny_bundle_dir, tmp_path_factory):
     """The default export (dynamo exporter first) of the tiny teacher."""
-    from labkit.models import load_bundle
+    from labkit.core.bundle import load_bundle
 
-    return export.export(load_bundle(tiny_bundle_dir), tmp_path_factory.mktemp("onnx") / "onnx-tiny")
+    return onnx_export.export(load_bundle(tiny_bundle_dir), tmp_path_factory.mktemp("onnx") / "onnx-tiny")
 
 
 def greedy_agrees(model, directory, enc, beams: int = 1) -> bool:
@@ -46,25 +48,25 @@ def greedy_agrees(model, directory, enc, beams: int = 1) -> bool:
 
 
 def test_default_export_uses_dynamo_and_passes_parity(dynamo_dir):
-    meta = export.read_sidecar(dynamo_dir)
-    assert meta["exporter"] == dict.fromkeys(export.GRAPHS, "dynamo")
-    assert meta["opset"] == export.OPSET and meta["precision"] == "fp32"
-    assert set(meta["file_bytes"]) == set(export.FILES.values())
+    meta = read_sidecar(dynamo_dir)
+    assert meta["exporter"] == dict.fromkeys(GRAPHS, "dynamo")
+    assert meta["opset"] == OPSET and meta["precision"] == "fp32"
+    assert set(meta["file_bytes"]) == set(FILES.values())
     assert meta["parity"]["passed"], meta["parity"]["worst"]
 
 
 def test_parity_covers_every_output_of_every_graph(dynamo_dir):
     """2 decoder layers: decoder has logits + 4 present + 4 cross outputs, with-past logits + 4 present."""
-    graphs = export.read_sidecar(dynamo_dir)["parity"]["graphs"]
+    graphs = read_sidecar(dynamo_dir)["parity"]["graphs"]
     assert {g: len(v) for g, v in graphs.items()} == {"encoder": 1, "decoder": 9, "decoder_with_past": 5}
     assert max(d for g in graphs.values() for d in g.values()) < 1e-5  # fp32 reorderings: ~1e-6
 
 
 def test_graph_names_match_the_sidecar(dynamo_dir):
-    meta = export.read_sidecar(dynamo_dir)
+    meta = read_sidecar(dynamo_dir)
     sessions = load_sessions(dynamo_dir)
     for graph, session in sessions.items():
-        assert [i.name for i in session.get_inputs()] == meta["inputs"][graph] == export.io_names(graph, 2)[0]
+        assert [i.name for i in session.get_inputs()] == meta["inputs"][graph] == io_names(graph, 2)[0]
         assert [o.name for o in session.get_outputs()] == meta["outputs"][graph]
 
 
@@ -77,16 +79,16 @@ def test_ort_decode_matches_torch(tiny_bundle, dynamo_dir, sources, beams):
 def test_every_marian_variant_exports(tiny_bundle, sources, tmp_path, variant):
     """Uneven heads per layer (self and cross differ) and a 1-decoder-layer student."""
     if variant == "pruned":
-        from labkit.prune import prune_bundle
+        from labkit.compress.prune import prune_bundle
 
         bundle = prune_bundle(tiny_bundle, {"encoder_self": {1: [2]}, "decoder_self": {0: [3], 1: [0, 1]},
                                             "cross": {1: [1, 2, 3]}})
     else:
-        from labkit.distill import make_student
+        from labkit.compress.distill import make_student
 
         bundle = make_student(tiny_bundle, [1])
-    out = export.export(bundle, tmp_path / variant, exporters=FAST)
-    meta = export.read_sidecar(out)
+    out = onnx_export.export(bundle, tmp_path / variant, exporters=FAST)
+    meta = read_sidecar(out)
     assert meta["parity"]["passed"], meta["parity"]["worst"]
     heads = {"pruned": ([3, 2], [4, 1]), "student": ([4], [4])}[variant]
     assert (meta["model"]["heads"], meta["model"]["cross_heads"]) == heads
@@ -97,7 +99,7 @@ def test_parity_gate_can_fail(tiny_bundle, dynamo_dir):
     """A model that differs from the exported one by one weight must fail the gate."""
     with torch.no_grad():
         tiny_bundle.model.model.decoder.layers[1].fc2.bias[0] += 0.05  # one element: LayerNorm cannot undo it
-    result = export.parity(tiny_bundle.model, dynamo_dir)
+    result = onnx_export.parity(tiny_bundle.model, dynamo_dir)
     assert not result["passed"] and result["worst"]["graph"] in ("decoder", "decoder_with_past")
 
 
@@ -107,7 +109,7 @@ def test_parity_gate_catches_a_slightly_scaled_weight(tiny_bundle, dynamo_dir, s
     1e-4 + 1e-4 * max|ref| gate; real fp32 exports differ by ~1e-6, so even 1.0003 must fail now."""
     with torch.no_grad():
         tiny_bundle.model.model.encoder.layers[0].fc1.weight.mul_(scale)
-    result = export.parity(tiny_bundle.model, dynamo_dir)
+    result = onnx_export.parity(tiny_bundle.model, dynamo_dir)
     assert not result["passed"] and result["worst"]["graph"] == "encoder", result["worst"]
     assert result["worst"]["ratio"] > 2, result["worst"]  # fails clearly, not by a hair
 
@@ -115,7 +117,7 @@ def test_parity_gate_catches_a_slightly_scaled_weight(tiny_bundle, dynamo_dir, s
 def _broken_dynamo(real, how: str, tried: list):
     """export_graph whose dynamo exporter fails: it raises after a partial write, or writes other names."""
 
-    def export_graph(module, args, path, graph, n_layers, exporter, opset=export.OPSET):
+    def export_graph(module, args, path, graph, n_layers, exporter, opset=OPSET):
         tried.append((graph, exporter))
         if exporter != "dynamo":
             return real(module, args, path, graph, n_layers, exporter, opset)
@@ -136,32 +138,32 @@ def _broken_dynamo(real, how: str, tried: list):
 def test_dynamo_failure_falls_back_to_torchscript(tiny_bundle, sources, tmp_path, monkeypatch, how):
     """The default export (dynamo first) with a failing dynamo exporter: TorchScript graphs, recorded, gated."""
     tried = []
-    monkeypatch.setattr(export, "export_graph", _broken_dynamo(export.export_graph, how, tried))
-    out = export.export(tiny_bundle, tmp_path / "fallback")
-    assert tried == [(g, e) for g in export.GRAPHS for e in ("dynamo", "torchscript")]
-    meta = export.read_sidecar(out)
-    assert meta["exporter"] == dict.fromkeys(export.GRAPHS, "torchscript")
-    assert meta["parity"]["passed"] and meta["parity"]["atol"] == export.PARITY_ATOL, meta["parity"]["worst"]
+    monkeypatch.setattr(onnx_export, "export_graph", _broken_dynamo(onnx_export.export_graph, how, tried))
+    out = onnx_export.export(tiny_bundle, tmp_path / "fallback")
+    assert tried == [(g, e) for g in GRAPHS for e in ("dynamo", "torchscript")]
+    meta = read_sidecar(out)
+    assert meta["exporter"] == dict.fromkeys(GRAPHS, "torchscript")
+    assert meta["parity"]["passed"] and meta["parity"]["atol"] == onnx_export.PARITY_ATOL, meta["parity"]["worst"]
     assert greedy_agrees(tiny_bundle.model, out, sources)
 
 
 def test_external_data_round_trip(tiny_bundle, sources, tmp_path):
-    out = export.export(tiny_bundle, tmp_path / "ext", exporters=FAST, external_data_mb=None)
-    names = set(export.read_sidecar(out)["file_bytes"])
-    assert {f"{name}.data" for name in export.FILES.values()} <= names
+    out = onnx_export.export(tiny_bundle, tmp_path / "ext", exporters=FAST, external_data_mb=None)
+    names = set(read_sidecar(out)["file_bytes"])
+    assert {f"{name}.data" for name in FILES.values()} <= names
     moved = out.rename(tmp_path / "moved")  # data files are found relative to the graph
     assert greedy_agrees(tiny_bundle.model, moved, sources)
 
 
 def test_failed_export_leaves_nothing_behind(tiny_bundle, tmp_path):
     with pytest.raises(RuntimeError, match="every exporter failed"):
-        export.export(tiny_bundle, tmp_path / "out", exporters=("no-such-exporter",))
+        onnx_export.export(tiny_bundle, tmp_path / "out", exporters=("no-such-exporter",))
     assert list(tmp_path.iterdir()) == []
 
 
 def test_missing_and_corrupt_files_fail_loudly(dynamo_dir, tmp_path):
     bad = shutil.copytree(dynamo_dir, tmp_path / "bad")
-    graph = bad / export.FILES["decoder"]
+    graph = bad / FILES["decoder"]
     size = graph.stat().st_size
     graph.write_bytes(graph.read_bytes()[: size // 2])
     with pytest.raises(ValueError, match="truncated"):
@@ -169,31 +171,31 @@ def test_missing_and_corrupt_files_fail_loudly(dynamo_dir, tmp_path):
     graph.write_bytes(b"\x00garbage" * (size // 8) + b"\x00" * (size % 8))  # same size, not a graph
     with pytest.raises(RuntimeError, match="corrupt"):
         OrtStepper.from_dir(bad)
-    (bad / export.SIDECAR).unlink()
+    (bad / SIDECAR).unlink()
     with pytest.raises(FileNotFoundError, match="onnx.json is missing"):
         OrtStepper.from_dir(bad)
 
 
 def test_derive_makes_a_runnable_copy(tiny_bundle, dynamo_dir, sources, tmp_path):
-    out = export.derive(dynamo_dir, tmp_path / "copy", shutil.copyfile, precision="fp32-copy")
-    meta = export.read_sidecar(out)
+    out = onnx_export.derive(dynamo_dir, tmp_path / "copy", shutil.copyfile, precision="fp32-copy")
+    meta = read_sidecar(out)
     assert meta["precision"] == "fp32-copy" and meta["derived_from"] == str(dynamo_dir)
     assert greedy_agrees(tiny_bundle.model, out, sources)
 
 
 def test_ensure_onnx_builds_once_and_again_when_the_bundle_changes(tiny_bundle, tmp_path, monkeypatch):
     monkeypatch.setenv("LABKIT_ARTIFACTS", str(tmp_path))
-    monkeypatch.setattr(export, "bundle_for", lambda preset, name: tiny_bundle)
-    out = export.ensure_onnx("ci", exporters=FAST)
+    monkeypatch.setattr(onnx_export, "bundle_for", lambda preset, name: tiny_bundle)
+    out = onnx_export.ensure_onnx("ci", exporters=FAST)
     assert out == tmp_path / "ci" / "onnx-teacher"
-    assert json.loads((out / export.SIDECAR).read_text())["source"]["name"] == tiny_bundle.name
-    real_export, calls = export.export, []
+    assert json.loads((out / SIDECAR).read_text())["source"]["name"] == tiny_bundle.name
+    real_export, calls = onnx_export.export, []
 
     def counting_export(*args, **kwargs):
         calls.append(1)
         return real_export(*args, **kwargs)
 
-    monkeypatch.setattr(export, "export", counting_export)
-    assert export.ensure_onnx("ci", exporters=FAST) == out and calls == []
+    monkeypatch.setattr(onnx_export, "export", counting_export)
+    assert onnx_export.ensure_onnx("ci", exporters=FAST) == out and calls == []
     tiny_bundle.meta["retrained"] = True  # a different source bundle: the old export is stale
-    assert export.ensure_onnx("ci", exporters=FAST) == out and calls == [1]
+    assert onnx_export.ensure_onnx("ci", exporters=FAST) == out and calls == [1]

@@ -7,8 +7,9 @@ import os
 import pandas as pd
 import pytest
 
-from labkit import artifacts, ledger
-from labkit.ledger import LedgerError, LedgerWarning
+from labkit.core import artifacts
+from labkit.measure import ledger
+from labkit.measure.ledger import LedgerError, LedgerWarning
 
 ENV = {"cpu": "test cpu", "cores": 2, "threads": 2, "gpu": None, "versions": {"python": "3"}, "git": None}
 

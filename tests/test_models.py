@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from labkit import models
+from labkit.core import bundle as bundles
 
 
 def logits(bundle, text="他去了北京。"):
@@ -23,7 +23,7 @@ def logits(bundle, text="他去了北京。"):
 def test_round_trip_fp32_is_exact(tiny_bundle, tmp_path):
     tiny_bundle.meta["name"] = "t"
     tiny_bundle.save(tmp_path / "b")
-    again = models.load_bundle(tmp_path / "b")
+    again = bundles.load_bundle(tmp_path / "b")
     assert torch.equal(logits(tiny_bundle), logits(again))
     assert again.meta["name"] == "t" and again.params == tiny_bundle.params
 
@@ -33,7 +33,7 @@ def test_fp16_storage_halves_the_file_and_stays_close(tiny_bundle, tmp_path):
     tiny_bundle.save(tmp_path / "fp16", dtype=torch.float16)
     size = lambda p: (p / "model.safetensors").stat().st_size  # noqa: E731
     assert size(tmp_path / "fp16") < 0.6 * size(tmp_path / "fp32")
-    again = models.load_bundle(tmp_path / "fp16")
+    again = bundles.load_bundle(tmp_path / "fp16")
     assert again.model.dtype == torch.float32
     torch.testing.assert_close(logits(again), logits(tiny_bundle), atol=5e-2, rtol=0)
 
@@ -46,17 +46,17 @@ def test_save_replaces_atomically_and_leaves_no_temp(tiny_bundle, tmp_path):
 
 def test_load_refuses_non_bundles(tmp_path):
     with pytest.raises(FileNotFoundError, match="bundle.json is missing"):
-        models.load_bundle(tmp_path)
+        bundles.load_bundle(tmp_path)
     (tmp_path / "bundle.json").write_text(json.dumps({"schema": "other/9"}))
     with pytest.raises(ValueError, match="expected 'labkit.bundle/1'"):
-        models.load_bundle(tmp_path)
+        bundles.load_bundle(tmp_path)
 
 
 def test_hub_model_offline_is_a_clear_error(tmp_path):
     # huggingface_hub reads HF_HUB_OFFLINE when it is imported, so the check runs in a fresh
     # process; in this one transformers is already loaded and would retry the network for minutes.
-    code = ("from labkit import models\n"
-            "try:\n    models.load_marian('Helsinki-NLP/opus-mt-zh-en')\n"
+    code = ("from labkit.core import bundle as bundles\n"
+            "try:\n    bundles.load_marian('Helsinki-NLP/opus-mt-zh-en')\n"
             "except ConnectionError as exc:\n    print('ConnectionError:', exc)\n")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
@@ -66,8 +66,8 @@ def test_hub_model_offline_is_a_clear_error(tmp_path):
 
 def test_unreachable_hub_fails_fast_without_offline_mode(tmp_path):
     """No HF_HUB_OFFLINE, the endpoint refuses connections: a clear error in seconds, not minutes of retries."""
-    code = ("import time\nfrom labkit import models\nt = time.perf_counter()\n"
-            "try:\n    models.load_marian('Helsinki-NLP/opus-mt-zh-en')\n"
+    code = ("import time\nfrom labkit.core import bundle as bundles\nt = time.perf_counter()\n"
+            "try:\n    bundles.load_marian('Helsinki-NLP/opus-mt-zh-en')\n"
             "except ConnectionError as exc:\n    print('ConnectionError:', exc)\n"
             "print(f'took {time.perf_counter() - t:.1f}')\n")
     env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
@@ -75,12 +75,12 @@ def test_unreachable_hub_fails_fast_without_offline_mode(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "ConnectionError:" in proc.stdout and "unreachable" in proc.stdout, proc.stdout
-    assert float(proc.stdout.split("took ")[-1]) < models.HUB_PROBE_TIMEOUT_S + 5, proc.stdout
+    assert float(proc.stdout.split("took ")[-1]) < bundles.HUB_PROBE_TIMEOUT_S + 5, proc.stdout
 
 
 def test_mistyped_local_path_is_not_a_network_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no model directory"):
-        models.load_marian(str(tmp_path / "no-such-model"))
+        bundles.load_marian(str(tmp_path / "no-such-model"))
 
 
 def test_save_over_an_old_bundle_keeps_a_whole_one_if_the_move_fails(tiny_bundle, tmp_path, monkeypatch):
@@ -97,7 +97,7 @@ def test_save_over_an_old_bundle_keeps_a_whole_one_if_the_move_fails(tiny_bundle
     with pytest.raises(OSError, match="disk full"):
         tiny_bundle.save(path)
     monkeypatch.undo()
-    assert models.load_bundle(path).params == tiny_bundle.params
+    assert bundles.load_bundle(path).params == tiny_bundle.params
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
 
 
@@ -105,7 +105,7 @@ def test_opus_mt_shape_has_the_real_parameter_count():
     """77,943,296 = 65001*512 shared embeddings + 2*512*512 sinusoidal positions
     + 6 encoder layers * 3,152,384 + 6 decoder layers * 4,204,032
     (attention 4*(512*512+512), FFN 512*2048+2048 + 2048*512+512, LayerNorms 1024 each)."""
-    bundle = models.build_opus_mt_shape()
+    bundle = bundles.build_opus_mt_shape()
     assert bundle.params == 77_943_296
     assert bundle.meta["random_weights"] is True
     cfg = bundle.model.config
@@ -114,6 +114,6 @@ def test_opus_mt_shape_has_the_real_parameter_count():
 
 
 def test_teacher_loads():
-    bundle = models.load_teacher()
+    bundle = bundles.load_teacher()
     assert bundle.model.config.encoder_layers == bundle.model.config.decoder_layers == 6
     assert bundle.model.config.encoder_attention_heads == 8

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from labkit import data, ledger
+from labkit.core import data
+from labkit.measure import ledger
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -117,12 +118,12 @@ def test_int8_variants_are_scored_and_gated(ci_run):
 
 
 def test_ctranslate2_is_measured_as_the_peer(ci_run):
-    from labkit import peer
+    from labkit.engines import ct2
 
     _, df = ci_run
     rows = records(df, technique="peer", backend="ctranslate2")
     assert {"fp32", "int8"} <= set(rows["precision"])
-    missing = peer.missing_reason()
+    missing = ct2.missing_reason()
     for record in rows["record"]:
         if missing:  # without the `peer` extra the notebook records a skip with the install hint
             assert record["status"] == "skipped" and record["reason"] == missing, record

@@ -14,10 +14,10 @@ import sys
 import pytest
 import torch
 
-from labkit import peer
-from labkit.data import load_split
-from labkit.decode import DecodeConfig, TorchStepper, greedy
-from labkit.models import Bundle
+from labkit.core.bundle import Bundle
+from labkit.core.data import load_split
+from labkit.core.decode import DecodeConfig, TorchStepper, greedy
+from labkit.engines import ct2
 
 requires_ct2 = pytest.mark.skipif(importlib.util.find_spec("ctranslate2") is None,
                                   reason="CTranslate2 is not installed (pip install 'labkit[peer]')")
@@ -26,11 +26,11 @@ SENTENCES = 60
 
 @pytest.fixture(scope="module")
 def fixture_ct2(tiny_bundle_dir, tmp_path_factory):
-    from labkit.models import load_bundle
+    from labkit.core.bundle import load_bundle
 
     out = tmp_path_factory.mktemp("ct2")
     bundle = load_bundle(tiny_bundle_dir)
-    return bundle, {q: peer.convert(bundle, out / q, q) for q in peer.COMPUTE_TYPES}
+    return bundle, {q: ct2.convert(bundle, out / q, q) for q in ct2.COMPUTE_TYPES}
 
 
 def torch_greedy(bundle, texts, cfg):
@@ -46,7 +46,7 @@ def source_ids(bundle, texts):
 @pytest.mark.parametrize("cfg", [DecodeConfig(max_new_tokens=64), DecodeConfig(max_new_tokens=8),
                                  DecodeConfig(forced_length=12)], ids=["max64", "max8", "forced12"])
 def test_float32_greedy_equals_labkit_greedy(fixture_ct2, cfg):
-    """The oracle: same ids as labkit.decode.greedy (= HF generate) on every test sentence.
+    """The oracle: same ids as labkit.core.decode.greedy (= HF generate) on every test sentence.
 
     max8 makes most outputs hit the limit (generate emits 7 tokens, then a forced </s>);
     forced12 bans </s>, so every row has exactly 12 tokens.
@@ -54,7 +54,7 @@ def test_float32_greedy_equals_labkit_greedy(fixture_ct2, cfg):
     bundle, dirs = fixture_ct2
     texts = [p.zh for p in load_split("test", limit=SENTENCES)]
     expected = torch_greedy(bundle, texts, cfg)
-    got = peer.Ct2Translator(dirs["float32"], decode=cfg).generate(source_ids(bundle, texts))
+    got = ct2.Ct2Translator(dirs["float32"], decode=cfg).generate(source_ids(bundle, texts))
     assert got == expected
     if cfg.forced_length:
         assert {len(ids) for ids in got} == {cfg.forced_length}
@@ -63,20 +63,20 @@ def test_float32_greedy_equals_labkit_greedy(fixture_ct2, cfg):
 @requires_ct2
 def test_int8_is_smaller_and_obeys_the_length_rules(fixture_ct2):
     bundle, dirs = fixture_ct2
-    assert peer.file_mb(dirs["int8"]) < 0.6 * peer.file_mb(dirs["float32"])
+    assert ct2.file_mb(dirs["int8"]) < 0.6 * ct2.file_mb(dirs["float32"])
     texts = [p.zh for p in load_split("test", limit=10)]
-    got = peer.Ct2Translator(dirs["int8"], decode=DecodeConfig(forced_length=5)).generate(source_ids(bundle, texts))
+    got = ct2.Ct2Translator(dirs["int8"], decode=DecodeConfig(forced_length=5)).generate(source_ids(bundle, texts))
     assert [len(ids) for ids in got] == [5] * 10
     pad = bundle.model.config.pad_token_id
     assert all(pad not in ids for ids in got)
 
 
 @requires_ct2
-@pytest.mark.parametrize("quantization", peer.COMPUTE_TYPES)
+@pytest.mark.parametrize("quantization", ct2.COMPUTE_TYPES)
 def test_convert_leaves_the_bundle_untouched(tiny_bundle, tmp_path, quantization):
     """CTranslate2's int8 pass rewrites the weight arrays it is given in place; convert copies first."""
     before = {k: v.clone() for k, v in tiny_bundle.model.state_dict().items()}
-    peer.convert(tiny_bundle, tmp_path / quantization, quantization)
+    ct2.convert(tiny_bundle, tmp_path / quantization, quantization)
     assert all(torch.equal(v, before[k]) for k, v in tiny_bundle.model.state_dict().items())
 
 
@@ -86,7 +86,7 @@ def test_stock_converter_needs_a_zero_pad_row(tiny_bundle_dir, tmp_path):
     starts from a zero vector instead, so its first decoder input differs from generate's."""
     from ctranslate2.converters import TransformersConverter
 
-    from labkit.models import load_bundle
+    from labkit.core.bundle import load_bundle
 
     bundle = load_bundle(tiny_bundle_dir)
     assert float(bundle.model.get_input_embeddings().weight.detach()[bundle.model.config.pad_token_id].abs().max()) > 0
@@ -114,7 +114,7 @@ def test_vocabulary_pads_missing_ids_and_moves_pad(tiny_bundle):
     cfg = MarianConfig(vocab_size=n + 3, d_model=16, encoder_layers=1, decoder_layers=1,
                        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=16,
                        decoder_ffn_dim=16, pad_token_id=n + 2, decoder_start_token_id=n + 2, eos_token_id=0)
-    tokens = peer.vocabulary(Bundle(MarianMTModel(cfg), tok, {"name": "wide"}))
+    tokens = ct2.vocabulary(Bundle(MarianMTModel(cfg), tok, {"name": "wide"}))
     assert len(tokens) == n + 3 and len(set(tokens)) == n + 3
     assert tokens[n + 2] == "<pad>"
     assert tokens[tok.pad_token_id] == f"<unused_{tok.pad_token_id}>"
@@ -136,35 +136,35 @@ def test_wide_vocabulary_round_trips_through_ct2(tiny_bundle, tmp_path):
     wide = Bundle(MarianMTModel(cfg).eval(), tok, {"name": "wide"})
     texts = [p.zh for p in load_split("test", limit=8)]
     dc = DecodeConfig(forced_length=10)
-    got = peer.Ct2Translator(peer.convert(wide, tmp_path / "wide"), decode=dc).generate(source_ids(wide, texts))
+    got = ct2.Ct2Translator(ct2.convert(wide, tmp_path / "wide"), decode=dc).generate(source_ids(wide, texts))
     assert got == torch_greedy(wide, texts, dc)
 
 
 @requires_ct2
 def test_run_keeps_order_notes_and_stage_timings(fixture_ct2):
     _, dirs = fixture_ct2
-    result = peer.Ct2Translator(dirs["float32"]).run(["我喜欢猫。", "  ", "我喜欢猫。"])
+    result = ct2.Ct2Translator(dirs["float32"]).run(["我喜欢猫。", "  ", "我喜欢猫。"])
     assert result.texts[1] == "" and result.texts[0] == result.texts[2] != ""
     assert result.notes[1] == ["empty input: nothing to translate"]
     assert set(result.timings_ms) >= {"normalize", "tokenize", "decode", "detokenize"}
     assert result.timings_ms["decode"] > 0
     with pytest.raises(TypeError):
-        peer.Ct2Translator(dirs["float32"]).run("我喜欢猫。")
+        ct2.Ct2Translator(dirs["float32"]).run("我喜欢猫。")
 
 
 def test_missing_ctranslate2_says_how_to_install(monkeypatch):
     """Runs with or without CTranslate2: a None entry in sys.modules makes the import fail."""
     monkeypatch.setitem(sys.modules, "ctranslate2", None)
     with pytest.raises(ImportError, match=r"labkit\[peer\]"):
-        peer.require_ctranslate2()
-    assert "labkit[peer]" in peer.missing_reason()
+        ct2.require_ctranslate2()
+    assert "labkit[peer]" in ct2.missing_reason()
     with pytest.raises(ImportError, match=r"labkit\[peer\]"):
-        peer.Ct2Translator("anywhere")
+        ct2.Ct2Translator("anywhere")
 
 
 @requires_ct2
 def test_missing_reason_is_none_when_installed():
-    assert peer.missing_reason() is None
+    assert ct2.missing_reason() is None
 
 
 @requires_ct2
@@ -173,12 +173,12 @@ def test_ensure_ct2_converts_again_for_a_changed_bundle(tiny_bundle_dir, tmp_pat
     and the swap leaves no old copy beside the new one."""
     monkeypatch.setenv("LABKIT_ARTIFACTS", str(tmp_path))
     shutil.copytree(tiny_bundle_dir, tmp_path / "ci" / "tiny")
-    out = peer.ensure_ct2("ci", "tiny", "float32")
-    made = (out / peer.SIDECAR).read_text()
-    assert peer.ensure_ct2("ci", "tiny", "float32") == out and (out / peer.SIDECAR).read_text() == made
+    out = ct2.ensure_ct2("ci", "tiny", "float32")
+    made = (out / ct2.SIDECAR).read_text()
+    assert ct2.ensure_ct2("ci", "tiny", "float32") == out and (out / ct2.SIDECAR).read_text() == made
     meta_path = tmp_path / "ci" / "tiny" / "bundle.json"
     meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "retrained": True}))
-    assert peer.ensure_ct2("ci", "tiny", "float32") == out
-    assert peer.read_sidecar(out)["source"]["meta"]["retrained"] is True
-    assert peer.Ct2Translator(out).translate(["我喜欢猫。"])[0]
+    assert ct2.ensure_ct2("ci", "tiny", "float32") == out
+    assert ct2.read_ct2_sidecar(out)["source"]["meta"]["retrained"] is True
+    assert ct2.Ct2Translator(out).translate(["我喜欢猫。"])[0]
     assert sorted(p.name for p in (tmp_path / "ci").iterdir()) == ["ct2-tiny-float32", "tiny"]

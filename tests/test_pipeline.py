@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from labkit import data
-from labkit.decode import DecodeConfig
-from labkit.pipeline import STAGES, Translator, normalize
+from labkit.core import data
+from labkit.core.decode import DecodeConfig
+from labkit.core.translator import STAGES, Translator, normalize
 
 BAD = ["", "   \t\n", "我喜欢猫。" * 1000, "Hello, how are you?", "我喜欢🐱\x07猫。", "\x00\x01\x02", "他去了北京。"]
 

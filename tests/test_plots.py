@@ -6,8 +6,8 @@ import pandas as pd
 import plotly.graph_objects as go
 import pytest
 
-from labkit import ledger, plots
-from labkit.pipeline import STAGES
+from labkit.core.translator import STAGES
+from labkit.measure import ledger, plots
 
 ENV = {"cpu": "test cpu", "cores": 2, "threads": 2, "gpu": None, "versions": {}, "git": None}
 
@@ -103,7 +103,7 @@ def test_pareto_of_an_empty_ledger_is_an_empty_figure():
 
 
 def test_latency_hist_marks_p50_and_p95():
-    from labkit.bench import Measurement
+    from labkit.measure.timing import Measurement
 
     m = Measurement(tuple(float(x) for x in range(1, 101)), threads=1)
     fig = plots.latency_hist({"teacher": m})

@@ -7,9 +7,11 @@ import os
 import pytest
 import torch
 
-from labkit import data, profiling
-from labkit.decode import DecodeConfig
-from labkit.pipeline import STAGES, Result, Translator
+from labkit.config import Preset
+from labkit.core import data
+from labkit.core.decode import DecodeConfig
+from labkit.core.translator import STAGES, Result, Translator
+from labkit.measure import profiling
 
 FIXED = {"normalize": 1.0, "tokenize": 2.0, "encode": 3.0, "decode": 10.0, "detokenize": 4.0}
 
@@ -92,7 +94,8 @@ def test_thread_effect_restores_threads_on_error():
 
 
 def test_budgets():
-    assert profiling.budget_for("ci") == profiling.PROFILE_BUDGETS[("ci", "ci")]
-    assert profiling.budget_for("ci", "opus-mt-shape").sentences <= profiling.budget_for("ci").sentences
-    derived = profiling.budget_for("workshop", "opus-mt-zh-en")  # not in the registry: from the preset
-    assert (derived.sentences, derived.repeats) == (32, 5)
+    ci = Preset.from_name("ci")
+    assert ci.profile_for("ci") == ci.profile
+    assert ci.profile_for("opus-mt-shape").sentences <= ci.profile.sentences  # the forced 40-token side is costly
+    with pytest.raises(KeyError, match="its own model or 'opus-mt-shape'"):
+        ci.profile_for("workshop")

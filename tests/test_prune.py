@@ -16,10 +16,37 @@ import pandas as pd
 import pytest
 import torch
 
-from labkit import data, ledger, prune
+from labkit.compress import prune
 from labkit.config import Preset
-from labkit.decode import DecodeConfig, TorchStepper, decode
-from labkit.models import load_bundle
+from labkit.core import data
+from labkit.core.bundle import load_bundle
+from labkit.core.decode import DecodeConfig, TorchStepper, decode
+from labkit.core.heads import (
+    ATTENTION_KINDS,
+    HeadGates,
+    gate_values,
+    gated,
+    head_counts,
+    merge_plans,
+    model_plan,
+    normalize_plan,
+    plan_json,
+    plan_size,
+    prune_heads,
+)
+from labkit.lab.nb02_pruning import (
+    compare_plans,
+    head_slider,
+    importance_figure,
+    largest_safe,
+    masked_parity,
+    pruning_records,
+    recovery,
+    sweep,
+    sweep_figure,
+    sweep_point,
+)
+from labkit.measure import ledger
 
 SOURCES = ["他去了北京。", "我喜欢猫。", "他们明天会去学校吗？", "我的朋友没有买三本书。"]
 # tiny fixture: 2 encoder + 2 decoder layers, 4 heads of head_dim 8 (d_model 32)
@@ -53,7 +80,7 @@ def test_pruning_zero_heads_changes_nothing(tiny_bundle):
     pruned = prune.prune_bundle(tiny_bundle, {"cross": {0: []}})
     assert torch.equal(logits(pruned.model, enc), before)
     assert pruned.params == params and pruned.meta["heads_removed"] == 0
-    with prune.gated(tiny_bundle.model, {}):
+    with gated(tiny_bundle.model, {}):
         assert torch.equal(logits(tiny_bundle.model, enc), before)
 
 
@@ -61,7 +88,7 @@ def test_pruning_zero_heads_changes_nothing(tiny_bundle):
 def test_pruned_model_equals_gated_model(tiny_bundle, name):
     plan, enc = PLANS[name], encoded(tiny_bundle)
     pruned = prune.prune_bundle(tiny_bundle, plan).model
-    with prune.gated(tiny_bundle.model, plan):
+    with gated(tiny_bundle.model, plan):
         masked_logits = logits(tiny_bundle.model, enc)
         masked = {(c, b): tokens(tiny_bundle.model, enc, c, b) for c in ("dynamic", "none") for b in (1, 3)}
     torch.testing.assert_close(logits(pruned, enc), masked_logits, atol=1e-5, rtol=0)
@@ -75,8 +102,8 @@ def test_parameter_count_and_head_counts_by_hand(tiny_bundle):
     4*32*8 + 3*8 = 1048 parameters; PLANS['mixed'] removes 5 heads -> 5240."""
     pruned = prune.prune_bundle(tiny_bundle, PLANS["mixed"])
     assert tiny_bundle.params - pruned.params == 5 * 1048
-    assert prune.head_counts(pruned.model) == {"encoder_self": [4, 3], "decoder_self": [3, 4], "cross": [4, 1]}
-    assert prune.model_plan(pruned.model) == prune.normalize_plan(PLANS["mixed"])
+    assert head_counts(pruned.model) == {"encoder_self": [4, 3], "decoder_self": [3, 4], "cross": [4, 1]}
+    assert model_plan(pruned.model) == normalize_plan(PLANS["mixed"])
 
 
 def test_save_and_reload_is_exact(tiny_bundle, tmp_path):
@@ -86,8 +113,8 @@ def test_save_and_reload_is_exact(tiny_bundle, tmp_path):
     again = load_bundle(tmp_path / "p")
     assert torch.equal(logits(again.model, enc), logits(pruned.model, enc))
     assert tokens(again.model, enc) == tokens(pruned.model, enc)
-    assert again.meta["head_plan"] == prune.plan_json(PLANS["mixed"]) and again.params == pruned.params
-    assert prune.model_plan(again.model) == prune.normalize_plan(PLANS["mixed"])
+    assert again.meta["head_plan"] == plan_json(PLANS["mixed"]) and again.params == pruned.params
+    assert model_plan(again.model) == normalize_plan(PLANS["mixed"])
 
 
 def test_plans_compose_and_reapplying_is_a_no_op(tiny_bundle):
@@ -97,7 +124,7 @@ def test_plans_compose_and_reapplying_is_a_no_op(tiny_bundle):
     twice = prune.prune_bundle(first, PLANS["mixed"])  # adds encoder 1/2 and cross 1/2 only
     assert torch.equal(logits(twice.model, enc), logits(once.model, enc))
     assert twice.meta["head_plan"] == once.meta["head_plan"]
-    prune.prune_heads(twice.model, PLANS["mixed"])
+    prune_heads(twice.model, PLANS["mixed"])
     assert twice.model.num_parameters() == once.model.num_parameters()
 
 
@@ -109,13 +136,13 @@ def test_plans_compose_and_reapplying_is_a_no_op(tiny_bundle):
 ])
 def test_bad_plans_are_refused(tiny_bundle, plan, match):
     with pytest.raises(ValueError, match=match):
-        prune.prune_heads(tiny_bundle.model, plan)
+        prune_heads(tiny_bundle.model, plan)
 
 
 def test_importance_shape_sign_and_layer_norm(tiny_bundle):
     pairs = data.load_split("train", limit=32)
     scores = prune.head_importance(tiny_bundle.model, tiny_bundle.tokenizer, pairs, batch_size=8)
-    assert {k: tuple(v.shape) for k, v in scores.items()} == {k: (2, 4) for k in prune.ATTENTION_KINDS}
+    assert {k: tuple(v.shape) for k, v in scores.items()} == {k: (2, 4) for k in ATTENTION_KINDS}
     for s in scores.values():
         assert bool((s >= 0).all()) and torch.isfinite(s).all()
         torch.testing.assert_close(s.norm(dim=-1), torch.ones(2))
@@ -127,14 +154,14 @@ def test_masked_importance_equals_importance_of_the_pruned_model(tiny_bundle):
     masked = prune.head_importance(tiny_bundle.model, tiny_bundle.tokenizer, pairs, mask=plan, normalize=False)
     pruned = prune.prune_bundle(tiny_bundle, plan).model
     direct = prune.head_importance(pruned, tiny_bundle.tokenizer, pairs, normalize=False)
-    for kind in prune.ATTENTION_KINDS:
+    for kind in ATTENTION_KINDS:
         torch.testing.assert_close(direct[kind], masked[kind], atol=1e-6, rtol=1e-4)
     assert float(masked["cross"][1, 1:].abs().sum()) == 0.0  # removed heads score zero
 
 
 def test_gate_gradient_matches_a_finite_difference(tiny_bundle):
     """|dL/dxi| from autograd vs |L(xi + e) - L(xi - e)| / 2e with the other gates at 1 (float64)."""
-    from labkit.train import collate, encode_pairs, label_smoothed_ce
+    from labkit.compress.training import collate, encode_pairs, label_smoothed_ce
 
     model, tok = tiny_bundle.model.double(), tiny_bundle.tokenizer
     pairs = data.load_split("train", limit=6)
@@ -142,9 +169,9 @@ def test_gate_gradient_matches_a_finite_difference(tiny_bundle):
     batch = collate(encode_pairs(tok, pairs), tok.pad_token_id)
 
     def loss_at(kind, layer, head, value):
-        values = {k: v.double() for k, v in prune.gate_values(model).items()}  # 1 + eps exactly
+        values = {k: v.double() for k, v in gate_values(model).items()}  # 1 + eps exactly
         values[kind][layer, head] = value
-        with prune.HeadGates(model, values), torch.no_grad():
+        with HeadGates(model, values), torch.no_grad():
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
         return float(label_smoothed_ce(out.logits, batch["labels"], 0.0))
 
@@ -156,7 +183,7 @@ def test_gate_gradient_matches_a_finite_difference(tiny_bundle):
 
 def test_choose_heads_takes_the_least_important_and_keeps_one_per_module():
     """encoder layer 0 scores [.1, .2, .3, .9]: three heads go before any other, the 4th never."""
-    scores = {k: torch.full((1, 4), 0.5) for k in prune.ATTENTION_KINDS}
+    scores = {k: torch.full((1, 4), 0.5) for k in ATTENTION_KINDS}
     scores["encoder_self"] = torch.tensor([[0.1, 0.2, 0.3, 0.05]])
     scores["cross"] = torch.tensor([[0.4, 0.6, 0.7, 0.8]])
     assert prune.choose_heads(scores, 2) == {"encoder_self": {0: [0, 3]}}
@@ -168,10 +195,10 @@ def test_choose_heads_takes_the_least_important_and_keeps_one_per_module():
 
 def test_plan_json_round_trip():
     plan = {"cross": {"1": [3, 1, 1]}, "encoder_self": {0: []}}
-    as_json = prune.plan_json(plan)
+    as_json = plan_json(plan)
     assert as_json == {"encoder_self": {}, "decoder_self": {}, "cross": {"1": [1, 3]}}
-    assert prune.normalize_plan(json.loads(json.dumps(as_json))) == {"cross": {1: [1, 3]}}
-    assert prune.plan_size(prune.merge_plans(plan, {"cross": {1: [2]}})) == 3
+    assert normalize_plan(json.loads(json.dumps(as_json))) == {"cross": {1: [1, 3]}}
+    assert plan_size(merge_plans(plan, {"cross": {1: [2]}})) == 3
 
 
 @pytest.mark.parametrize("iterative", [True, False])
@@ -180,24 +207,24 @@ def test_schedule_is_nested_and_hits_the_fractions(tiny_bundle, iterative):
     plans = prune.prune_schedule(tiny_bundle.model, tiny_bundle.tokenizer, pairs, (0.5, 0.0, 0.25),
                                  ("decoder_self", "cross"), iterative=iterative)
     assert list(plans) == [0.0, 0.25, 0.5]
-    assert [prune.plan_size(p) for p in plans.values()] == [0, 4, 8]  # of 16 decoder-side heads
-    assert prune.merge_plans(plans[0.25], plans[0.5]) == plans[0.5]
+    assert [plan_size(p) for p in plans.values()] == [0, 4, 8]  # of 16 decoder-side heads
+    assert merge_plans(plans[0.25], plans[0.5]) == plans[0.5]
     assert "encoder_self" not in plans[0.5]
 
 
 # Sweep-level tests share one small sweep of the tiny fixture (24 heads: 2 layers x 4 heads x 3 kinds).
 TINY_PRESET = Preset.from_name("ci").with_(bench_warmup=0, threads=1)  # 2 threads crawl on a busy 2-core box
 TINY_BUDGET = dataclasses.replace(
-    prune.budget_for("ci"), calibration_sentences=16, fractions=(0.0, 0.25), type_fractions=(0.5,),
+    Preset.from_name("ci").prune, calibration_sentences=16, fractions=(0.0, 0.25), type_fractions=(0.5,),
     eval_sentences=6, bench_sentences=2, bench_repeats=1, finetune_steps=3, finetune_frac=0.25,
     finetune_batch=8, slider_sentences=3, slider_bench_sentences=2)
-GROUPS = {"overall": prune.ATTENTION_KINDS, "cross": ("cross",)}
+GROUPS = {"overall": ATTENTION_KINDS, "cross": ("cross",)}
 
 
 @pytest.fixture(scope="module")
 def swept(tiny_bundle_dir):
     teacher = load_bundle(tiny_bundle_dir)
-    return teacher, prune.sweep(teacher, TINY_PRESET, TINY_BUDGET, groups=GROUPS, progress=False)
+    return teacher, sweep(teacher, TINY_PRESET, TINY_BUDGET, groups=GROUPS, progress=False)
 
 
 def recovered_row(results, bleu=None):
@@ -213,7 +240,7 @@ def test_sweep_fractions_are_of_all_heads_and_its_records_are_valid(swept, tmp_p
     _, results = swept
     assert len(results) == 4 and results["bleu"].notna().all() and results["chrf"].notna().all()
     path = tmp_path / "ledger.jsonl"
-    for record in prune.ledger_records(results, notebook="02_head_pruning"):
+    for record in pruning_records(results, notebook="02_head_pruning"):
         ledger.append(path, record)
     df = ledger.read(path)
     assert list(df["variant"]) == ["pruned-0pct", "pruned-25pct", "pruned-17pct-cross"]
@@ -224,7 +251,7 @@ def test_sweep_fractions_are_of_all_heads_and_its_records_are_valid(swept, tmp_p
     gates = [r["gate"] for r in df["record"] if r["gate"]]
     assert len(gates) == 2 and all(g["passed"] and "tolerance 1e-05" in g["detail"] for g in gates)
     assert (df["metrics.params"].iloc[1:] < df["metrics.params"].iloc[0]).all()
-    best = prune.largest_safe(results, max_drop=1000.0)
+    best = largest_safe(results, max_drop=1000.0)
     assert best["variant"] == "pruned-25pct" and best["heads_removed_frac"] == 0.25 and not best["finetuned"]
 
 
@@ -233,11 +260,11 @@ def test_a_failed_gate_is_recorded_failed_and_never_offered_as_the_answer(swept)
     broken = results.copy()
     row = broken.index[broken["variant"] == "pruned-25pct"][0]
     broken.at[row, "gate"] = {**broken.at[row, "gate"], "passed": False, "detail": "max |logit diff| 3.0e-02"}
-    records = {r["variant"]: r for r in prune.ledger_records(broken, notebook="02_head_pruning")}
+    records = {r["variant"]: r for r in pruning_records(broken, notebook="02_head_pruning")}
     assert records["pruned-25pct"]["status"] == "failed"
     assert records["pruned-25pct"]["reason"] == "max |logit diff| 3.0e-02"
     assert records["pruned-17pct-cross"]["status"] == "ok" and records["pruned-0pct"]["status"] == "ok"
-    assert prune.largest_safe(broken, max_drop=1000.0)["variant"] == "pruned-0pct"  # only the teacher is left
+    assert largest_safe(broken, max_drop=1000.0)["variant"] == "pruned-0pct"  # only the teacher is left
 
 
 def test_largest_safe_counts_a_recovered_point_and_prefers_no_fine_tune_on_a_tie(swept):
@@ -245,21 +272,21 @@ def test_largest_safe_counts_a_recovered_point_and_prefers_no_fine_tune_on_a_tie
     teacher_bleu = float(results.loc[results["heads_removed"] == 0, "bleu"].iloc[0])
     lossy = results.assign(bleu=results["bleu"].where(results["variant"] != "pruned-25pct", teacher_bleu - 5))
     both = pd.concat([lossy, recovered_row(results, teacher_bleu - 0.5)], ignore_index=True)
-    best = prune.largest_safe(both, 1.0)
+    best = largest_safe(both, 1.0)
     assert best["variant"] == "pruned-25pct-ft" and best["finetuned"] and best["method"] == "iterative+finetune"
     assert best["bleu_drop"] == pytest.approx(0.5) and best["heads_removed_frac"] == 0.25
     assert best["speedup"] == pytest.approx(1 / best["latency_ratio"])
-    assert prune.largest_safe(both, 1.0, methods=("iterative",))["variant"] == "pruned-0pct"
+    assert largest_safe(both, 1.0, methods=("iterative",))["variant"] == "pruned-0pct"
     tie = pd.concat([results, recovered_row(results)], ignore_index=True)
-    assert prune.largest_safe(tie, 1000.0)["variant"] == "pruned-25pct"  # the same heads without fine-tuning
+    assert largest_safe(tie, 1000.0)["variant"] == "pruned-25pct"  # the same heads without fine-tuning
 
 
 def test_recovery_fine_tunes_the_cached_point_and_names_its_parent(swept, tmp_path, monkeypatch):
-    import labkit.artifacts
+    import labkit.core.artifacts
 
-    monkeypatch.setenv(labkit.artifacts.ARTIFACTS_ENV, str(tmp_path))
+    monkeypatch.setenv(labkit.core.artifacts.ARTIFACTS_ENV, str(tmp_path))
     teacher, results = swept
-    recovered = prune.recovery(teacher, results, TINY_PRESET, TINY_BUDGET)
+    recovered = recovery(teacher, results, TINY_PRESET, TINY_BUDGET)
     assert len(recovered) == 1
     row = recovered.iloc[0]
     assert row["variant"] == "pruned-25pct-ft" and row["parent"] == "pruned-25pct"
@@ -270,16 +297,16 @@ def test_recovery_fine_tunes_the_cached_point_and_names_its_parent(swept, tmp_pa
     assert row["gate"]["name"] == "recovery-not-worse"
     cached = load_bundle(tmp_path / "ci" / "pruned-25pct-ft")  # what later notebooks load is what was measured
     assert cached.meta["recovery_finetune"]["steps"] == 3
-    point = prune.sweep_point(results, 0.25)
-    assert prune.normalize_plan(cached.meta["head_plan"]) == prune.normalize_plan(point["plan"])
+    point = sweep_point(results, 0.25)
+    assert normalize_plan(cached.meta["head_plan"]) == normalize_plan(point["plan"])
     enc = encoded(teacher)
     assert not torch.equal(logits(cached.model, enc), logits(prune.prune_bundle(teacher, row["plan"]).model, enc))
-    records = {r["variant"]: r for r in prune.ledger_records(pd.concat([results, recovered], ignore_index=True),
+    records = {r["variant"]: r for r in pruning_records(pd.concat([results, recovered], ignore_index=True),
                                                             notebook="02_head_pruning")}
     tuned = records["pruned-25pct-ft"]
     assert tuned["parent"] == "pruned-25pct" and records["pruned-25pct"]["parent"] == "teacher"
     assert tuned["finetune_steps"] == 3 and tuned["status"] == ("ok" if tuned["gate"]["passed"] else "failed")
-    assert prune.recovery(teacher, results, TINY_PRESET, dataclasses.replace(TINY_BUDGET, finetune_steps=0)).empty
+    assert recovery(teacher, results, TINY_PRESET, dataclasses.replace(TINY_BUDGET, finetune_steps=0)).empty
 
 
 def test_recover_trains_in_place_and_saves_what_it_trained(tiny_bundle, tmp_path):
@@ -293,7 +320,7 @@ def test_recover_trains_in_place_and_saves_what_it_trained(tiny_bundle, tmp_path
     run = pruned.meta["recovery_finetune"]
     assert run["steps"] == 2 and run["lr"] == 2e-3 and run["wall_time_s"] >= 0
     assert any(not torch.equal(before[k], v) for k, v in pruned.model.state_dict().items())
-    assert prune.model_plan(pruned.model) == prune.normalize_plan(PLANS["mixed"])  # shapes untouched
+    assert model_plan(pruned.model) == normalize_plan(PLANS["mixed"])  # shapes untouched
     pruned.save(tmp_path / "ft")
     enc = encoded(tiny_bundle)
     assert torch.equal(logits(load_bundle(tmp_path / "ft").model, enc), logits(pruned.model, enc))
@@ -302,9 +329,9 @@ def test_recover_trains_in_place_and_saves_what_it_trained(tiny_bundle, tmp_path
 def test_compare_plans_names_the_group_and_both_fractions(tiny_bundle):
     """2 decoder self-attention heads: 2/8 of that kind, 2/24 of all; PLANS['mixed'] (5 heads) is 'overall'."""
     scores = {k: torch.rand(2, 4, generator=torch.Generator().manual_seed(i))
-              for i, k in enumerate(prune.ATTENTION_KINDS)}
+              for i, k in enumerate(ATTENTION_KINDS)}
     plans = {"pruned-dec-handpicked": {"decoder_self": {1: [2, 3]}}, "pruned-mixed": PLANS["mixed"]}
-    rows = prune.compare_plans(tiny_bundle, TINY_PRESET, TINY_BUDGET, plans, scores).set_index("variant")
+    rows = compare_plans(tiny_bundle, TINY_PRESET, TINY_BUDGET, plans, scores).set_index("variant")
     dec, mixed = rows.loc["pruned-dec-handpicked"], rows.loc["pruned-mixed"]
     assert dec["group"] == "decoder_self" and dec["heads_removed"] == 2
     assert dec["heads_removed_frac"] == pytest.approx(2 / 24) and dec["group_frac"] == pytest.approx(2 / 8)
@@ -319,7 +346,7 @@ def test_compare_plans_names_the_group_and_both_fractions(tiny_bundle):
 def test_head_slider_scores_and_times_the_chosen_k(tiny_bundle, capsys):
     """24 heads in 6 modules, each keeping one: the slider goes 0..18 and starts at a quarter (6)."""
     scores = prune.head_importance(tiny_bundle.model, tiny_bundle.tokenizer, data.load_split("train", limit=16))
-    box = prune.head_slider(tiny_bundle, TINY_PRESET, TINY_BUDGET, scores)
+    box = head_slider(tiny_bundle, TINY_PRESET, TINY_BUDGET, scores)
     slider = box.children[0]
     assert (slider.value, slider.min, slider.max) == (6, 0, 18)
     shown = capsys.readouterr().out
@@ -331,8 +358,8 @@ def test_head_slider_scores_and_times_the_chosen_k(tiny_bundle, capsys):
 
 
 def test_importance_figure_has_one_heat_map_per_kind():
-    scores = {k: torch.rand(2, 4) for k in prune.ATTENTION_KINDS}
-    fig = prune.importance_figure(scores)
+    scores = {k: torch.rand(2, 4) for k in ATTENTION_KINDS}
+    fig = importance_figure(scores)
     assert [t.type for t in fig.data] == ["heatmap"] * 3
     assert [a.text for a in fig.layout.annotations] == ["encoder self", "decoder self", "cross"]
     assert list(fig.data[2].y) == ["L1", "L2"] and list(fig.data[2].x) == ["h1", "h2", "h3", "h4"]
@@ -341,7 +368,7 @@ def test_importance_figure_has_one_heat_map_per_kind():
 
 def test_sweep_figure_plots_bleu_chrf_and_latency_vs_the_share_of_all_heads(swept):
     _, results = swept
-    fig = prune.sweep_figure(pd.concat([results, recovered_row(results)], ignore_index=True))
+    fig = sweep_figure(pd.concat([results, recovered_row(results)], ignore_index=True))
     assert [a.text for a in fig.layout.annotations][:3] == ["BLEU", "chrF", "latency p50 (ms, batch 1)"]
     assert fig.layout.xaxis.title.text == fig.layout.xaxis3.title.text == "% of all heads removed"
     panels = {axis: {t.name: t for t in fig.data if t.xaxis == axis} for axis in ("x", "x2", "x3")}
@@ -358,11 +385,11 @@ def test_parity_gate_tolerance_is_the_oracles_1e5(tiny_bundle):
     """A uniform 5e-5 logit shift keeps every greedy token but must fail the gate (it passed at 1e-4)."""
     plan = PLANS["mixed"]
     pruned = prune.prune_bundle(tiny_bundle, plan)
-    gate = prune.parity_gate(tiny_bundle, pruned, plan, SOURCES)
+    gate = masked_parity(tiny_bundle, pruned, plan, SOURCES)
     assert gate["passed"] and "tolerance 1e-05" in gate["detail"] and "identical" in gate["detail"]
     with torch.no_grad():
         pruned.model.final_logits_bias += 5e-5
-    shifted = prune.parity_gate(tiny_bundle, pruned, plan, SOURCES)
+    shifted = masked_parity(tiny_bundle, pruned, plan, SOURCES)
     assert not shifted["passed"] and "identical" in shifted["detail"]
 
 
@@ -378,9 +405,9 @@ def test_ensure_pruned_reuses_only_the_same_recipe_and_names_a_fine_tuned_bundle
                                                                                       monkeypatch):
     import copy
 
-    import labkit.artifacts
+    import labkit.core.artifacts
 
-    monkeypatch.setenv(labkit.artifacts.ARTIFACTS_ENV, str(tmp_path))
+    monkeypatch.setenv(labkit.core.artifacts.ARTIFACTS_ENV, str(tmp_path))
     budget = dataclasses.replace(TINY_BUDGET, fractions=(0.0, 0.1, 0.25), finetune_steps=0)
     path = prune.ensure_pruned("ci", 0.25, teacher=tiny_bundle, budget=budget)
     assert path == tmp_path / "ci" / "pruned-25pct"
@@ -389,7 +416,7 @@ def test_ensure_pruned_reuses_only_the_same_recipe_and_names_a_fine_tuned_bundle
     assert again.meta["heads_removed"] == 6 and again.meta["heads_removed_frac"] == 0.25
     expected = prune.prune_schedule(tiny_bundle.model, tiny_bundle.tokenizer, prune.calibration_pairs(budget),
                                     (0.0, 0.1, 0.25))[0.25]
-    assert prune.normalize_plan(again.meta["head_plan"]) == expected
+    assert normalize_plan(again.meta["head_plan"]) == expected
     assert again.meta["pruning"]["recipe"] == prune.pruning_recipe(tiny_bundle, budget, 0.25)
 
     tuned = prune.ensure_pruned("ci", 0.25, teacher=tiny_bundle,

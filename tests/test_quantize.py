@@ -11,18 +11,21 @@ import pytest
 import torch
 from onnx import helper
 
-from labkit import quantize as Q
 from labkit.config import Preset
-from labkit.data import load_split
-from labkit.decode import DecodeConfig
-from labkit.export import FILES, export, read_sidecar
-from labkit.export import size_mb as export_size_mb
+from labkit.core.data import load_split
+from labkit.core.decode import DecodeConfig
+from labkit.engines import onnx_blocks as B
+from labkit.engines import ort_int8 as Q
+from labkit.engines.onnx_export import export
+from labkit.engines.onnx_graphs import FILES, read_sidecar
+from labkit.engines.onnx_graphs import size_mb as export_size_mb
+from labkit.measure import gates
 
 
 @pytest.fixture(scope="module")
 def onnx_dir(tiny_bundle_dir, tmp_path_factory):
     """The tiny fixture exported with the TorchScript exporter (seconds; dynamo takes a minute)."""
-    from labkit.models import load_bundle
+    from labkit.core.bundle import load_bundle
 
     torch.set_num_threads(1)
     return export(load_bundle(tiny_bundle_dir), tmp_path_factory.mktemp("onnx") / "fp32", exporters=("torchscript",))
@@ -30,7 +33,7 @@ def onnx_dir(tiny_bundle_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def feeds(onnx_dir, tiny_bundle_dir):
-    from labkit.models import load_bundle
+    from labkit.core.bundle import load_bundle
 
     texts = [p.zh for p in load_split("train", limit=12)]
     return Q.calibration_feeds(onnx_dir, load_bundle(tiny_bundle_dir).tokenizer, texts,
@@ -39,7 +42,7 @@ def feeds(onnx_dir, tiny_bundle_dir):
 
 def _scoped(op, inputs, scope):
     node = helper.make_node(op, inputs, ["y"], name="node_x")
-    node.metadata_props.add(key=Q.SCOPE_KEY, value=scope)
+    node.metadata_props.add(key=B.SCOPE_KEY, value=scope)
     return node
 
 
@@ -53,7 +56,7 @@ def _scoped(op, inputs, scope):
     ("['', 'matmul_3']", None),  # attention scores: two activations, no weight
 ])
 def test_block_of_dynamo_scopes(scope, block):
-    assert Q.block_of(Q.metadata_scope(_scoped("MatMul", ["a", "b"], scope))) == block
+    assert B.block_of(B.metadata_scope(_scoped("MatMul", ["a", "b"], scope))) == block
 
 
 def test_torchscript_names_are_resolved_through_the_bias():
@@ -65,13 +68,13 @@ def test_torchscript_names_are_resolved_through_the_bias():
          helper.make_node("Add", ["h", b.name], ["y"], name="/q_proj/Add")], "g",
         [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 2])],
         [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 2])], [w, b])
-    assert Q.node_blocks(helper.make_model(graph)) == {"/q_proj/MatMul": "cross-attn"}
+    assert B.node_blocks(helper.make_model(graph)) == {"/q_proj/MatMul": "cross-attn"}
 
 
 def test_every_linear_of_the_model_is_found_once_per_graph(onnx_dir, tiny_bundle):
     """2+2 layers: encoder 2x(4 attn + 2 ffn); decoder 2x(4 self + 4 cross + 2 ffn) + head;
     decoder_with_past has no cross K/V projections (they come in as inputs): 2x(4 + 2 + 2) + head."""
-    counts = {g: Q.block_counts(Q.untie_lm_head(onnx.load(str(onnx_dir / f)))) for g, f in FILES.items()}
+    counts = {g: B.block_counts(B.untie_lm_head(onnx.load(str(onnx_dir / f)))) for g, f in FILES.items()}
     assert counts["encoder"] == {"encoder-self-attn": 8, "decoder-self-attn": 0, "cross-attn": 0, "ffn": 4,
                                  "lm-head": 0, "embeddings": 1}
     assert counts["decoder"] == {"encoder-self-attn": 0, "decoder-self-attn": 8, "cross-attn": 8, "ffn": 4,
@@ -89,7 +92,7 @@ def _logits(path, feed):
 def test_untie_lm_head_keeps_the_logits(onnx_dir, feeds, tmp_path):
     src = onnx_dir / FILES["decoder_with_past"]
     model = onnx.load(str(src))
-    untied = Q.untie_lm_head(model)
+    untied = B.untie_lm_head(model)
     assert not [n for n in untied.graph.node if n.op_type == "Gemm"]
     onnx.save(untied, str(tmp_path / "untied.onnx"))
     feed = feeds["decoder_with_past"][0]
@@ -115,11 +118,11 @@ def _ops(directory):
     return ops
 
 
-@pytest.mark.parametrize("blocks", [("ffn",), Q.BODY_BLOCKS, Q.BLOCKS], ids=["ffn-only", "body", "all"])
+@pytest.mark.parametrize("blocks", [("ffn",), B.BODY_BLOCKS, B.BLOCKS], ids=["ffn-only", "body", "all"])
 def test_dynamic_quantizes_exactly_the_chosen_blocks(onnx_dir, tmp_path, blocks):
     """Weight MatMuls become MatMulInteger; the embedding Gather reads int8 rows (then DequantizeLinear)."""
     out = Q.quantize_dir(onnx_dir, tmp_path / "dyn", "dynamic", blocks)
-    counts = {g: Q.block_counts(Q.untie_lm_head(onnx.load(str(onnx_dir / f)))) for g, f in FILES.items()}
+    counts = {g: B.block_counts(B.untie_lm_head(onnx.load(str(onnx_dir / f)))) for g, f in FILES.items()}
     matmuls = {g: sum(c[b] for b in blocks if b != "embeddings") for g, c in counts.items()}
     gathers = {g: c["embeddings"] if "embeddings" in blocks else 0 for g, c in counts.items()}
     ops = _ops(out)
@@ -131,7 +134,7 @@ def test_dynamic_quantizes_exactly_the_chosen_blocks(onnx_dir, tmp_path, blocks)
 
 def test_dynamic_int8_logits_stay_close_to_fp32(onnx_dir, feeds, tmp_path):
     """Per-channel int8 weights perturb logits a little, not the ranking of the top candidates."""
-    out = Q.quantize_dir(onnx_dir, tmp_path / "dyn", "dynamic", Q.BLOCKS)
+    out = Q.quantize_dir(onnx_dir, tmp_path / "dyn", "dynamic", B.BLOCKS)
     assert export_size_mb(out) < export_size_mb(onnx_dir)
     for feed in feeds["decoder_with_past"][:3]:
         ref, got = _logits(onnx_dir / FILES["decoder_with_past"], feed), _logits(out / FILES["decoder_with_past"], feed)
@@ -145,8 +148,8 @@ def test_qdq_is_symmetric_int8_in_standard_ops(onnx_dir, feeds, tmp_path, method
     """What TensorRT needs: QuantizeLinear/DequantizeLinear pairs, int8, zero points 0, no contrib ops."""
     from onnx import numpy_helper
 
-    out = Q.quantize_dir(onnx_dir, tmp_path / method, "qdq", Q.BLOCKS, feeds=feeds, method=method)
-    for graph, name in FILES.items():
+    out = Q.quantize_dir(onnx_dir, tmp_path / method, "qdq", B.BLOCKS, feeds=feeds, method=method)
+    for name in FILES.values():
         model = onnx.load(str(out / name))
         assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}
         assert sum(n.op_type == "QuantizeLinear" for n in model.graph.node) > 0
@@ -162,8 +165,8 @@ def test_qdq_is_symmetric_int8_in_standard_ops(onnx_dir, feeds, tmp_path, method
 
 
 def test_quantized_dir_runs_in_the_translator(onnx_dir, tiny_bundle, tmp_path):
-    from labkit.pipeline import Translator
-    from labkit.runtime import OrtStepper
+    from labkit.core.translator import Translator
+    from labkit.engines.ort import OrtStepper
 
     out = Q.quantize_dir(onnx_dir, tmp_path / "dyn", "dynamic")
     result = Translator(tiny_bundle, OrtStepper.from_dir(out)).run(["我喜欢猫。", ""])
@@ -179,7 +182,7 @@ def test_qdq_needs_feeds(onnx_dir, tmp_path):
 @pytest.mark.parametrize("bleu, parent, passed", [(30.6, 31.5, True), (30.5, 31.5, True), (30.4, 31.5, False),
                                                   (32.0, 31.5, True)])
 def test_bleu_gate(bleu, parent, passed):
-    gate = Q.bleu_gate(bleu, parent)
+    gate = gates.bleu_drop_gate(bleu, parent)
     assert gate["passed"] is passed and gate["name"] == "bleu-drop<=1.0"
     assert f"{parent:.2f}" in gate["detail"]
 
@@ -211,14 +214,14 @@ def _result(ids, bleu=None):
     ("opus-mt-shape", "int8", _result([[7, 7]] * 8 + [[7, 8]] * 2), _result([[7, 7]] * 10), "agreement>=0.9", False),
 ])
 def test_variant_gate_rules(preset, precision, child, parent, name, passed):
-    gate = Q.variant_gate(child, parent, precision, Preset.from_name(preset))
+    gate = gates.variant_gate(child, parent, precision, Preset.from_name(preset))
     assert gate["name"] == name and gate["passed"] is passed and gate["detail"]
 
 
 def test_speed_only_gate_says_how_little_it_proves():
     """Random weights repeat a token: the detail names the preset's forced length and the parent's
     distinct tokens (1 here), so nobody reads 'agreement 1.0' as a quality result."""
-    gate = Q.variant_gate(_result([[7] * 40] * 8), _result([[7] * 40] * 8), "int8", Preset.from_name("opus-mt-shape"))
+    gate = gates.variant_gate(_result([[7] * 40] * 8), _result([[7] * 40] * 8), "int8", Preset.from_name("opus-mt-shape"))
     assert gate["passed"] and "8/8" in gate["detail"]
     assert "forced to 40 tokens" in gate["detail"] and "1 distinct token" in gate["detail"]
 
@@ -230,7 +233,7 @@ def test_speed_only_gate_says_how_little_it_proves():
 def root(tiny_bundle_dir, tmp_path, monkeypatch):
     """A fresh artifact root with the tiny fixture as bundle 'tiny' of preset ci, already exported
     with the TorchScript exporter (seconds), so ensure_onnx reuses it instead of exporting."""
-    from labkit.models import load_bundle
+    from labkit.core.bundle import load_bundle
 
     monkeypatch.setenv("LABKIT_ARTIFACTS", str(tmp_path))
     shutil.copytree(tiny_bundle_dir, tmp_path / "ci" / "tiny")
@@ -241,7 +244,7 @@ def root(tiny_bundle_dir, tmp_path, monkeypatch):
 
 def retrain(root):
     """What a retrained bundle and notebook 04 leave behind: new bundle metadata, a new export."""
-    from labkit.models import load_bundle
+    from labkit.core.bundle import load_bundle
 
     meta_path = root / "ci" / "tiny" / "bundle.json"
     meta = json.loads(meta_path.read_text())
@@ -254,7 +257,7 @@ def fake_sensitivity(calls, bleus):
     def sensitivity(onnx_dir, bundle, preset, pairs, work, **kwargs):
         calls.append(onnx_dir)
         return [{"block": "none", "nodes": 0, "bleu": 30.0}] + [
-            {"block": b, "nodes": 4, "bleu": bleus.get(b, 25.0)} for b in Q.BLOCKS]
+            {"block": b, "nodes": 4, "bleu": bleus.get(b, 25.0)} for b in B.BLOCKS]
     return sensitivity
 
 
@@ -278,7 +281,7 @@ def test_ensure_blocks_measures_once_per_export(root, monkeypatch):
 def test_speed_only_default_is_the_body_not_measured(monkeypatch):
     monkeypatch.setattr(Q, "sensitivity", lambda *a, **k: pytest.fail("nothing to measure on random weights"))
     choice = Q.ensure_blocks("opus-mt-shape")
-    assert tuple(choice["blocks"]) == Q.BODY_BLOCKS and choice["rows"] is None
+    assert tuple(choice["blocks"]) == B.BODY_BLOCKS and choice["rows"] is None
     assert "embeddings" not in choice["blocks"] and "lm-head" not in choice["blocks"]
 
 
@@ -313,11 +316,11 @@ def test_ensure_quantized_rebuilds_a_stale_copy(root):
 def test_the_all_blocks_copy_lives_beside_the_default_and_says_why(root, monkeypatch):
     """ort-int8-all quantizes every block into its own directory: building it never replaces the
     measured default recipe, and its recipe carries the reason it exists."""
-    from labkit import benchmark
+    from labkit.lab import bench
 
     monkeypatch.setattr(Q, "sensitivity", fake_sensitivity([], {"ffn": 29.5}))
     default = Q.ensure_quantized("ci", "dynamic", "tiny")
-    every = benchmark.artifact_for("ort-int8-all", "ci", "tiny")
+    every = bench.artifact_for("ort-int8-all", "ci", "tiny")
     assert every != default and every.name.endswith("-all")
-    assert Q.recipe_of(every)["blocks"] == list(Q.BLOCKS) and Q.recipe_of(every)["blocks_basis"] == Q.ALL_BLOCKS_BASIS
+    assert Q.recipe_of(every)["blocks"] == list(B.BLOCKS) and Q.recipe_of(every)["blocks_basis"] == Q.ALL_BLOCKS_BASIS
     assert Q.recipe_of(Q.ensure_quantized("ci", "dynamic", "tiny"))["blocks"] == ["ffn"]  # still the default

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from labkit import ledger, report
+from labkit.measure import ledger, report
 
 ENV = {"cpu": "test cpu", "cores": 2, "threads": 2, "gpu": None, "versions": {}, "git": None}
 
@@ -123,7 +123,7 @@ def test_environment_table_says_what_is_absent(gpu, trt, expect_gpu, expect_trt)
 def test_teacher_bleu_is_compared_on_the_subset_the_variants_use(tmp_path):
     """The teacher's full-split BLEU (1 200 sentences) would be compared with variants scored on 200;
     the table and the Pareto plot take its `subset` score instead."""
-    from labkit import plots
+    from labkit.measure import plots
 
     path = tmp_path / "ci" / "ledger.jsonl"
     write(path, variant="teacher", technique="baseline", metrics={"bleu": 98.9, "chrf": 99.5, "latency_ms": lat(40.0)},

@@ -9,8 +9,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from labkit import runner
-from labkit.runner import RunnerError
+from labkit.lab import runner
+from labkit.lab.runner import RunnerError
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -16,17 +16,18 @@ import numpy as np
 import pytest
 import torch
 
-from labkit import data, export, runtime
-from labkit.decode import DecodeConfig, TorchStepper, decode, strip
-from labkit.runtime import OrtStepper
+from labkit.core import data
+from labkit.core.decode import DecodeConfig, TorchStepper, decode, strip
+from labkit.engines import onnx_export, ort
+from labkit.engines.ort import OrtStepper
 
 
 @pytest.fixture(scope="module")
 def setup(tiny_bundle_dir, tmp_path_factory):
-    from labkit.models import load_bundle
+    from labkit.core.bundle import load_bundle
 
     bundle = load_bundle(tiny_bundle_dir)
-    out = export.export(bundle, tmp_path_factory.mktemp("rt") / "onnx", exporters=("torchscript",))
+    out = onnx_export.export(bundle, tmp_path_factory.mktemp("rt") / "onnx", exporters=("torchscript",))
     texts = [p.zh for p in data.load_split("test", limit=16)]
     return bundle, out, texts, bundle.tokenizer(texts, return_tensors="pt", padding=True)
 
@@ -36,7 +37,7 @@ def generate_ids(model, enc, **kwargs) -> list[list[int]]:
     return [strip(row[1:].tolist(), TorchStepper(model)) for row in out]
 
 
-@pytest.mark.parametrize("io", runtime.IO_MODES)
+@pytest.mark.parametrize("io", ort.IO_MODES)
 @pytest.mark.parametrize("beams,length_penalty,early_stopping", [(1, 1.0, False), (4, 1.0, False),
                                                                  (4, 0.6, False), (3, 1.0, True)])
 def test_matches_generate(setup, io, beams, length_penalty, early_stopping):
@@ -55,14 +56,14 @@ def test_io_modes_give_identical_tokens(setup, beams):
     _, out, _, enc = setup
     cfg = DecodeConfig(num_beams=beams, forced_length=40)
     ids = {io: decode(OrtStepper.from_dir(out, io=io), enc["input_ids"], enc["attention_mask"], cfg)
-           for io in runtime.IO_MODES}
+           for io in ort.IO_MODES}
     assert all(len(row) == 40 for row in ids["numpy"])
     assert ids["binding"] == ids["numpy"] and ids["ortvalue"] == ids["numpy"]
 
 
-@pytest.mark.parametrize("io", runtime.IO_MODES)
+@pytest.mark.parametrize("io", ort.IO_MODES)
 def test_translator_texts_equal_torch(setup, io):
-    from labkit.pipeline import Translator
+    from labkit.core.translator import Translator
 
     bundle, out, texts, _ = setup
     ort_texts = Translator(bundle, OrtStepper.from_dir(out, io=io)).translate(texts + ["", "  "])
@@ -70,7 +71,7 @@ def test_translator_texts_equal_torch(setup, io):
     assert len(set(ort_texts)) > 4
 
 
-@pytest.mark.parametrize("io", runtime.IO_MODES)
+@pytest.mark.parametrize("io", ort.IO_MODES)
 def test_select_reorders_every_cached_tensor(setup, io):
     bundle, out, _, enc = setup
     stepper = OrtStepper.from_dir(out, io=io)
@@ -82,7 +83,7 @@ def test_select_reorders_every_cached_tensor(setup, io):
     np.testing.assert_array_equal(picked.mask, state.mask[[2, 0, 0]])
 
 
-@pytest.mark.parametrize("io", runtime.IO_MODES)
+@pytest.mark.parametrize("io", ort.IO_MODES)
 def test_first_step_returns_cross_kv_once(setup, io):
     """After the first step the encoder states are dropped: cross K/V replace them."""
     bundle, out, _, enc = setup
@@ -144,10 +145,10 @@ def test_rows_of_one_source_have_bitwise_equal_cross_kv(setup):
 
 
 def test_session_options():
-    opts = runtime.session_options(threads=2, optimization="basic")
+    opts = ort.session_options(threads=2, optimization="basic")
     assert opts.intra_op_num_threads == 2 and opts.inter_op_num_threads == 1
     with pytest.raises(ValueError, match="optimization must be one of"):
-        runtime.session_options(optimization="max")
+        ort.session_options(optimization="max")
 
 
 def test_bad_io_mode_is_an_error(setup):
@@ -158,4 +159,4 @@ def test_bad_io_mode_is_an_error(setup):
 def test_missing_onnxruntime_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import now raises ImportError
     with pytest.raises(ImportError, match="pip install onnxruntime"):
-        runtime.session_options()
+        ort.session_options()

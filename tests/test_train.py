@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from labkit import train
-from labkit.models import TEACHER_DIR
+from labkit.compress import training
+from labkit.core.bundle import TEACHER_DIR
 
 
 def test_training_lowers_loss_and_raises_bleu(tiny_bundle):
@@ -38,18 +38,19 @@ def test_sidecar_records_how_it_was_trained(tiny_bundle):
 @pytest.mark.parametrize("step,expected", [(0, 0.1), (9, 1.0), (10, 1.0), (100, 0.1)])
 def test_lr_schedule(step, expected):
     """Warm-up 10 steps to 1.0, cosine to 10 % at step 100."""
-    assert train.lr_at(step, 1.0, 10, 100) == pytest.approx(expected)
+    assert training.lr_at(step, 1.0, 10, 100) == pytest.approx(expected)
 
 
 def test_unknown_config_name():
     with pytest.raises(KeyError, match="known: teacher, tiny"):
-        train.TeacherConfig.from_name("huge")
+        training.TeacherConfig.from_name("huge")
 
 
 def test_committed_teacher_has_its_provenance():
     meta = json.loads((TEACHER_DIR / "bundle.json").read_text())
     training = meta["training"]
-    assert training["command"].startswith("python -m labkit.train teacher")
+    # recorded before labkit's layered layout, when the module was labkit.train
+    assert training["command"].startswith(("python -m labkit.compress.training teacher", "python -m labkit.train teacher"))
     assert training["config"]["encoder_layers"] == training["config"]["decoder_layers"] == 6
     assert training["config"]["heads"] == 8
     assert training["final_dev_bleu"] >= 60
@@ -58,27 +59,27 @@ def test_committed_teacher_has_its_provenance():
 
 
 def test_command_line_trains_and_records_its_command(tmp_path):
-    """`python -m labkit.train teacher …` (the README's re-creation command) runs end to end."""
+    """`python -m labkit.compress.training teacher …` (the README's re-creation command) runs end to end."""
     import subprocess
     import sys
 
     out = tmp_path / "teacher"
-    proc = subprocess.run([sys.executable, "-m", "labkit.train", "teacher", "--config", "tiny", "--steps", "10",
+    proc = subprocess.run([sys.executable, "-m", "labkit.compress.training", "teacher", "--config", "tiny", "--steps", "10",
                            "--threads", "1", "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     meta = json.loads((out / "bundle.json").read_text())
-    assert meta["training"]["command"].startswith("python -m labkit.train teacher --config tiny --steps 10")
+    assert meta["training"]["command"].startswith("python -m labkit.compress.training teacher --config tiny --steps 10")
     assert meta["training"]["config"]["steps"] == 10 and "dev_bleu" in json.loads(proc.stdout.splitlines()[-1])
 
 
 def test_fit_leaves_the_unsaved_position_tables_alone(tiny_bundle):
     """transformers does not save Marian's sinusoidal tables: training them would make the saved
     model differ from the measured one."""
-    from labkit import data
+    from labkit.core import data
 
     model = tiny_bundle.model
     before = [s.embed_positions.weight.detach().clone() for s in (model.model.encoder, model.model.decoder)]
-    train.fit(model, tiny_bundle.tokenizer, data.load_split("train", limit=64), data.load_split("dev", limit=2), steps=3, batch_size=16,
+    training.fit(model, tiny_bundle.tokenizer, data.load_split("train", limit=64), data.load_split("dev", limit=2), steps=3, batch_size=16,
               lr=1e-2, warmup=1, eval_every=10, progress=False)
     after = [s.embed_positions.weight for s in (model.model.encoder, model.model.decoder)]
     assert all(torch.equal(a, b) for a, b in zip(before, after))

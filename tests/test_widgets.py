@@ -6,9 +6,9 @@ import html
 
 import pytest
 
-from labkit import widgets
-from labkit.decode import DecodeConfig
-from labkit.pipeline import STAGES, Translator
+from labkit.core.decode import DecodeConfig
+from labkit.core.translator import STAGES, Translator
+from labkit.lab import widgets
 
 
 @pytest.fixture()

@@ -1,145 +1,26 @@
-"""KV-cache decoding modes for the PyTorch backend, and what each costs per generated token.
+"""Notebook 07's study: the cost of every decoding step per KV-cache mode, the exactness checks, records, plots.
 
-Three ways to produce token t+1 (`MODES`, all exact: same tokens as `generate`):
+    rows = position_costs(model, tokenizer, texts, preset.kv)   # ms per step, per mode and setting
+    summary = summarize_positions(rows)                         # first/last/slope/growth per mode
+    kv_records(summary, gate, model="opus-mt-shape")            # one kv-cache record per mode
 
-    none     recompute the whole prefix every step (TorchStepper cache="none"):
-             step t runs every decoder layer over t tokens, so per-token cost grows O(t)
-    dynamic  Hugging Face's DynamicCache (TorchStepper cache="dynamic"): keeps K/V and
-             appends with torch.cat, which re-allocates and copies the whole cache each step
-    static   PreallocatedCache below: K/V buffers of a fixed capacity allocated once,
-             the new position written in place; attention reads a view of the filled prefix
-
-In every cached mode cross-attention K/V are computed once per source (the cross
-half of the EncoderDecoderCache) and reused at every step. `position_costs` times
-every step of a forced-length decode, so the notebook can plot time per step
-against position for each mode, greedy vs beam, batch 1 vs 8.
-
-    stepper = StaticStepper(model, capacity=129)
-    decode(stepper, ids, mask, DecodeConfig(forced_length=128))
-
-Left out: paged / block caches (serving many requests of different lengths),
-quantized caches, and torch.compile of the fixed-shape variant.
+The cache modes themselves live in labkit.engines.torch_cache. Left out: the ONNX Runtime cache
+(notebook 04) and device-resident caches (notebook 06).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from labkit.decode import DecodeConfig, TorchStepper, decode, strip
-
-try:
-    from transformers.cache_utils import Cache, CacheLayerMixin
-except ImportError:  # transformers < 5 has no layer classes; labkit needs 5.x anyway
-    Cache, CacheLayerMixin = object, object
-
-# --------------------------------------------------------------------------- the preallocated cache
-
-
-class PreallocatedLayer(CacheLayerMixin):
-    """One layer's self-attention K/V in buffers of `capacity` positions, filled in place.
-
-    update() copies the new positions into the buffer and returns views of the
-    filled prefix [0, length): nothing is re-allocated while decoding, and
-    attention only reads positions that exist.
-    """
-
-    is_compileable = False
-    is_sliding = False
-
-    def __init__(self, capacity: int):
-        super().__init__()
-        self.capacity = capacity
-        self.length = 0
-        self.k_buf = self.v_buf = None
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        b, h, _, d = key_states.shape
-        # empty, not zeros: positions >= length are never read
-        self.k_buf = key_states.new_empty(b, h, self.capacity, d)
-        self.v_buf = value_states.new_empty(b, h, self.capacity, value_states.shape[-1])
-        self.is_initialized = True
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        start, end = self.length, self.length + key_states.shape[2]
-        if end > self.capacity:
-            raise ValueError(f"KV cache capacity {self.capacity} exceeded at position {end}; "
-                             "create the stepper with capacity >= tokens to generate + 1")
-        self.k_buf[:, :, start:end] = key_states
-        self.v_buf[:, :, start:end] = value_states
-        self.length = end
-        self.keys, self.values = self.k_buf[:, :, :end], self.v_buf[:, :, :end]
-        return self.keys, self.values
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.length + query_length, 0  # as a dynamic cache: the mask covers the filled prefix only
-
-    def get_seq_length(self) -> int:
-        return self.length
-
-    def get_max_length(self) -> int:
-        return self.capacity
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Beam reorder of the filled prefix, back into the same buffers (a new pair if the row count changes)."""
-        if not self.length:
-            return
-        n = self.length
-        keys, values = self.k_buf[:, :, :n].index_select(0, beam_idx), self.v_buf[:, :, :n].index_select(0, beam_idx)
-        if keys.shape[0] != self.k_buf.shape[0]:
-            self.lazy_initialization(keys, values)
-        self.k_buf[:, :, :n], self.v_buf[:, :, :n] = keys, values
-        self.keys, self.values = self.k_buf[:, :, :n], self.v_buf[:, :, :n]
-
-    def reset(self) -> None:
-        self.length = 0
-
-
-class PreallocatedCache(Cache):
-    """A self-attention cache of `n_layers` PreallocatedLayers; pair it with a DynamicCache for cross K/V."""
-
-    def __init__(self, n_layers: int, capacity: int):
-        super().__init__(layers=[PreallocatedLayer(capacity) for _ in range(n_layers)])
-
-
-# --------------------------------------------------------------------------- steppers
-
-
-class StaticStepper(TorchStepper):
-    """TorchStepper whose self-attention cache is preallocated (capacity positions) and written in place.
-
-    capacity defaults to the model's position limit, which no decode can exceed;
-    pass forced_length + 1 (the start token takes a position) to allocate less.
-    """
-
-    def __init__(self, model, capacity: int | None = None):
-        super().__init__(model, cache="dynamic")
-        self.cache_mode = "static"
-        self.capacity = capacity or model.config.max_position_embeddings
-
-    def _new_cache(self):
-        from transformers import DynamicCache, EncoderDecoderCache
-
-        n = len(self.model.model.decoder.layers)
-        return EncoderDecoderCache(PreallocatedCache(n, self.capacity), DynamicCache())
-
-
-def make_stepper(model, mode: str, capacity: int | None = None):
-    """The stepper for one cache mode: make_stepper(model, "static", capacity=129)."""
-    if mode == "static":
-        return StaticStepper(model, capacity)
-    if mode in ("none", "dynamic"):
-        return TorchStepper(model, cache=mode)
-    raise ValueError(f"unknown cache mode {mode!r}; known: {MODES}")
-
-
-MODES = ("none", "dynamic", "static")
+from labkit.config import KvBudget, Setting
+from labkit.core.decode import DecodeConfig, TorchStepper, decode, strip
+from labkit.engines.torch_cache import MODES, make_stepper
+from labkit.measure.gates import same_tokens_gate
+from labkit.measure.ledger import make_record
 
 
 class TimedStepper:
@@ -168,42 +49,6 @@ class TimedStepper:
 
 
 # --------------------------------------------------------------------------- measurement
-
-
-@dataclass(frozen=True)
-class Setting:
-    """One decoding shape to time: beams and batch rows."""
-
-    num_beams: int = 1
-    batch: int = 1
-
-    @property
-    def label(self) -> str:
-        return f"{'greedy' if self.num_beams == 1 else f'beam {self.num_beams}'}, batch {self.batch}"
-
-
-@dataclass(frozen=True)
-class KvBudget:
-    tokens: int = 128  # forced decode length: positions 1..tokens are timed
-    repeats: int = 3  # timed decodes per (mode, setting); the per-position median is plotted
-    warmup: int = 1  # untimed decodes first
-    settings: tuple[Setting, ...] = (Setting(1, 1), Setting(4, 1), Setting(1, 8))
-    none_settings: tuple[Setting, ...] = (Setting(1, 1), Setting(4, 1), Setting(1, 8))  # O(n^2) mode: trim here
-    model: str = "opus-mt-shape"  # ModelSpec kind of the model timed (realistic shape)
-
-
-KV_BUDGETS = {
-    # ci: ~60 s on 2 cores; the no-cache mode only greedy batch 1 (it is the O(n^2) one)
-    "ci": KvBudget(tokens=128, repeats=1, warmup=0, settings=(Setting(1, 1), Setting(4, 1), Setting(1, 8)),
-                   none_settings=(Setting(1, 1),)),
-    "workshop": KvBudget(tokens=192, repeats=3),
-    "opus-mt-zh-en": KvBudget(tokens=128, repeats=3),
-    "opus-mt-shape": KvBudget(tokens=128, repeats=3),
-}
-
-
-def budget_for(preset_name: str) -> KvBudget:
-    return KV_BUDGETS.get(preset_name, KvBudget())
 
 
 def source_batch(tokenizer, texts: list[str], batch: int) -> dict[str, torch.Tensor]:
@@ -275,7 +120,7 @@ def slope(positions, ms) -> float:
     return float(np.median((y[j] - y[i])[keep] / (x[j] - x[i])[keep])) if keep.any() else 0.0
 
 
-def summarize(rows: list[dict]) -> "pd.DataFrame":  # noqa: F821
+def summarize_positions(rows: list[dict]) -> pd.DataFrame:  # noqa: F821
     """Per (mode, setting): median step ms over the first and last eighth of positions, their ratio
     (`growth`: ~1 flat, ~n/8 for O(n)), the Theil–Sen slope, and whole-decode ms p50/p95."""
     import pandas as pd
@@ -336,7 +181,7 @@ def agree_with_generate(model, enc: dict, cfg: DecodeConfig, modes: tuple[str, .
     return out
 
 
-def ledger_records(summary, gate: dict[str, bool], *, model: str, notebook: str = "07_kv_cache_decoding",
+def kv_records(summary, gate: dict[str, bool], *, model: str, notebook: str = "07_kv_cache_decoding",
                    setting: str = "greedy, batch 1") -> list[dict]:
     """One `kv-cache` record per mode (variant kv-<mode>): latency of a whole forced-length decode
     in `setting`, tokens/s, the per-token slope, and every setting's numbers under `settings`.
@@ -344,7 +189,6 @@ def ledger_records(summary, gate: dict[str, bool], *, model: str, notebook: str 
     gate: {"<mode>, beams <k>": same tokens as the dynamic cache, "<mode>, generate beams <k>": same
     tokens as Hugging Face generate}; a mode's gate passes when all of its entries do.
     """
-    from labkit.ledger import make_record
 
     records = []
     for mode, g in summary.groupby("mode", sort=False):
@@ -359,8 +203,7 @@ def ledger_records(summary, gate: dict[str, bool], *, model: str, notebook: str 
             metrics={"latency_ms": {"p50": float(main.decode_ms_p50), "p95": float(main.decode_ms_p95),
                                     "n": int(main.n)},
                      "tokens_per_s": round(float(main.tokens) / (main.decode_ms_p50 / 1e3), 2)},
-            gate={"name": "same-tokens-as-generate-and-across-modes", "passed": bool(checks) and all(checks.values()),
-                  "detail": ", ".join(f"{k}: {'same' if v else 'DIFFERENT'}" for k, v in checks.items())},
+            gate=same_tokens_gate(checks),
             per_token_slope_ms=round(float(main.slope_ms_per_position), 5), growth=round(float(main.growth), 3),
             forced_length=int(main.tokens), setting=setting, settings=settings))
     return records
@@ -373,8 +216,8 @@ def plot_position_costs(rows: list[dict]) -> Any:
     """Time per step vs position: one panel per setting, one line per mode (median over repeats,
     error bars q1..q3 when there are several)."""
     import pandas as pd
-    from plotly.subplots import make_subplots
     import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
 
     df = pd.DataFrame(rows)
     settings = list(dict.fromkeys(df["setting"]))

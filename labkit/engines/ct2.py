@@ -2,8 +2,8 @@
 
     out = ensure_ct2("ci", "teacher", "int8")       # artifacts/ci/ct2-teacher-int8
     peer = Ct2Translator(out, threads=2)
-    peer.translate(["我喜欢猫。"])                   # same shape as labkit.pipeline.Translator
-    peer.generate([[ids...]])                        # token ids, for agreement with labkit.decode
+    peer.translate(["我喜欢猫。"])                   # same shape as labkit.core.translator.Translator
+    peer.generate([[ids...]])                        # token ids, for agreement with labkit.core.decode
 
 Conversion reuses CTranslate2's Marian loader with one change. The stock loader
 drops <pad> from the vocabulary and starts the decoder from a zero vector; that
@@ -13,7 +13,7 @@ tied embeddings the LM head's gradient trains that row, so the embedded teacher
 conversion decodes something else from the first token on (0 % greedy agreement
 on the test fixture). `PadStartMarianLoader` keeps <pad> and starts from its
 embedding, as `generate` does; <pad> is then suppressed during search, as
-labkit.decode does.
+labkit.core.decode does.
 
 Models whose vocabulary is larger than their tokenizer's (opus-mt-shape: 65 001
 rows, the teacher's ~1 700 pieces) get placeholder tokens for the missing ids,
@@ -34,9 +34,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from labkit.artifacts import commit_dir
-from labkit.decode import DecodeConfig
-from labkit.pipeline import STAGES, Result, normalize
+from labkit.config import Preset
+from labkit.core.artifacts import commit_dir, preset_dir
+from labkit.core.bundle import bundle_for
+from labkit.core.decode import DecodeConfig
+from labkit.core.translator import STAGES, Result, decode_config, normalize
+from labkit.engines.onnx_export import same_source
 
 SCHEMA = "labkit.ct2/1"
 SIDECAR = "ct2.json"
@@ -170,11 +173,11 @@ def convert(bundle, out: Path | str, quantization: str = "float32") -> Path:
     return out
 
 
-def read_sidecar(directory: Path | str) -> dict:
+def read_ct2_sidecar(directory: Path | str) -> dict:
     path = Path(directory) / SIDECAR
     if not path.exists():
         raise FileNotFoundError(f"{directory} is not a labkit CTranslate2 directory ({SIDECAR} is missing); "
-                                "create it with labkit.peer.convert or ensure_ct2")
+                                "create it with labkit.engines.ct2.convert or ensure_ct2")
     meta = json.loads(path.read_text())
     if meta.get("schema") != SCHEMA:
         raise ValueError(f"{path}: schema {meta.get('schema')!r}, expected {SCHEMA!r}")
@@ -185,7 +188,7 @@ def read_sidecar(directory: Path | str) -> dict:
 
 
 def search_options(cfg: DecodeConfig, pad_token: str) -> dict:
-    """labkit.decode's stopping rules as CTranslate2 options.
+    """labkit.core.decode's stopping rules as CTranslate2 options.
 
     generate forces </s> at step max_new_tokens, so at most max_new_tokens - 1 real tokens;
     forced_length=40 -> exactly 40 tokens (</s> banned until then).
@@ -210,7 +213,7 @@ class Ct2Translator:
         from transformers import MarianTokenizer
 
         self.directory = Path(directory)
-        self.meta = read_sidecar(self.directory)
+        self.meta = read_ct2_sidecar(self.directory)
         self.compute_type = compute_type or self.meta["quantization"]
         self.threads = threads
         self.engine = ctranslate2.Translator(str(self.directory), device="cpu", compute_type=self.compute_type,
@@ -272,7 +275,6 @@ def _lap(start: float) -> float:
 
 def ct2_dir(preset: str, bundle_name: str = "teacher", compute_type: str = "int8") -> Path:
     """Where ensure_ct2 keeps a conversion: <artifacts>/<preset>/ct2-<bundle_name>-<compute_type>."""
-    from labkit.artifacts import preset_dir
 
     return preset_dir(preset) / f"ct2-{bundle_name}-{compute_type}"
 
@@ -281,18 +283,16 @@ def ensure_ct2(preset, bundle_name: str = "teacher", compute_type: str = "int8",
     """The preset's CTranslate2 conversion of `bundle_name`, weights stored as `compute_type`.
 
     Reused while its sidecar says the same compute type and the same source bundle (name and
-    sidecar metadata, as `labkit.export.ensure_onnx` checks: a retrained teacher is converted
+    sidecar metadata, as `labkit.engines.onnx_export.ensure_onnx` checks: a retrained teacher is converted
     again); else converted (a second for the teacher, ~20 s for opus-mt-shape on 2 cores).
     Pass `bundle` when it is already loaded.
     """
-    from labkit.artifacts import bundle_for
-    from labkit.export import same_source
 
     preset_name = getattr(preset, "name", preset)
     out = ct2_dir(preset_name, bundle_name, compute_type)
     bundle = bundle if bundle is not None else bundle_for(preset_name, bundle_name)
     try:
-        meta = read_sidecar(out)
+        meta = read_ct2_sidecar(out)
         if meta["quantization"] == compute_type and (out / "model.bin").exists() and same_source(meta, bundle):
             return out
     except (FileNotFoundError, ValueError, KeyError):  # json.JSONDecodeError is a ValueError
@@ -300,11 +300,9 @@ def ensure_ct2(preset, bundle_name: str = "teacher", compute_type: str = "int8",
     return convert(bundle, out, quantization=compute_type)
 
 
-def translator_for(preset, bundle_name: str = "teacher", compute_type: str = "int8",
+def ct2_translator(preset, bundle_name: str = "teacher", compute_type: str = "int8",
                    threads: int | None = None) -> Ct2Translator:
     """A Ct2Translator decoding as the preset says (forced length on speed-only presets)."""
-    from labkit.config import Preset
-    from labkit.pipeline import decode_config
 
     preset = Preset.from_name(preset) if isinstance(preset, str) else preset
     return Ct2Translator(ensure_ct2(preset, bundle_name, compute_type), threads=threads or preset.threads,

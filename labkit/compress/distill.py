@@ -2,12 +2,12 @@
 
     teacher = load_teacher()
     student = make_student(teacher, select_layers("alternate", 6, 4))   # decoder layers 0, 2, 4, 5
-    result = distill(teacher, student, train, dev, budget_for("ci"))      # result.losses, result.history
+    result = distill(teacher, student, train, dev, Preset.from_name("ci").distill)      # result.losses, result.history
     path = ensure_student("ci", "alternate")   # the same, cached under artifacts/ci/student-alternate
-    ensure_student("ci", teacher=artifacts.bundle_for("ci", "pruned-25pct"), encoder_layers=4)  # pruned, both stacks cut
-    records = ledger_records(teacher, students, comparison_table(...), ...)   # gap gate -> status
+    ensure_student("ci", teacher=bundle_for("ci", "pruned-25pct"), encoder_layers=4)  # pruned, both stacks cut
+    # comparing and recording students: labkit.lab.nb03_distillation
 
-The loss, per target token, plugs into `labkit.train.fit(..., loss_fn=KDLoss(...))`:
+The loss, per target token, plugs into `labkit.compress.training.fit(..., loss_fn=KDLoss(...))`:
 
     alpha * T^2 * KL(p_teacher(T) || p_student(T))       soft targets (Hinton et al. 2015)
   + beta  * MSE(student layer i, teacher layer map[i])   hidden states of the copied layers
@@ -32,17 +32,28 @@ from __future__ import annotations
 import copy
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from labkit import data as corpus
-from labkit.artifacts import write_json_atomic
-from labkit.ledger import json_number
-from labkit.models import SIDECAR, Bundle, cached_recipe, fingerprint, jsonable, load_bundle
+from labkit.compress.training import fit, greedy_bleu, label_smoothed_ce
+from labkit.config import DistillBudget, Preset
+from labkit.core import artifacts, data
+from labkit.core.artifacts import preset_dir, write_json_atomic
+from labkit.core.bundle import (
+    Bundle,
+    cached_recipe,
+    fingerprint,
+    jsonable,
+    teacher_for,
+)
+from labkit.core.decode import DecodeConfig
+from labkit.core.heads import model_plan, plan_json
+from labkit.core.translator import Translator
+from labkit.measure.quality import translate_all
 
 STRATEGIES = ("alternate", "ends", "bottom")
 
@@ -60,50 +71,6 @@ class KDConfig:
     t_start: float = 4.0  # temperature at the first step
     t_end: float = 1.0  # temperature at the last step
     label_smoothing: float = 0.1  # on the CE term, as the teacher was trained
-
-
-@dataclass(frozen=True)
-class DistillBudget:
-    """How long one student trains, and on what; one entry per preset in DISTILL_BUDGETS."""
-
-    steps: int  # optimizer steps; 0 builds the student without training (speed-only presets)
-    batch_size: int
-    lr: float  # peak AdamW learning rate (the student starts from trained weights: lower than from scratch)
-    warmup: int
-    eval_every: int  # dev BLEU every this many steps: the recovery curve
-    train_sentences: int | None  # training pairs used (None: the whole train split)
-    dev_sentences: int  # dev pairs scored for the recovery curve
-    seq_kd_sentences: int  # source sentences the teacher translates for sequence-level KD
-    bleu_gap_target: float  # the aim for teacher BLEU - student BLEU: a ledger gate (over it: status "failed")
-
-
-DISTILL_BUDGETS: dict[str, DistillBudget] = {
-    # Fits the ~90 s notebook budget on 2 cores. The cut students start at ~65 dev BLEU and most
-    # of the recovery happens in the first few dozen steps, so a short run shows the curve.
-    "ci": DistillBudget(steps=30, batch_size=32, lr=5e-4, warmup=5, eval_every=10,
-                        train_sentences=1000, dev_sentences=40, seq_kd_sentences=960,
-                        bleu_gap_target=1.5),
-    "workshop": DistillBudget(steps=2000, batch_size=32, lr=5e-4, warmup=100, eval_every=250,
-                              train_sentences=None, dev_sentences=200, seq_kd_sentences=20000,
-                              bleu_gap_target=1.5),
-    # The real opus-mt model: a short fine-tune on the embedded corpus (77 M parameters on CPU).
-    "opus-mt-zh-en": DistillBudget(steps=300, batch_size=16, lr=5e-5, warmup=30, eval_every=100,
-                                   train_sentences=4800, dev_sentences=100, seq_kd_sentences=4800,
-                                   bleu_gap_target=3.0),
-    # Random weights: the student is a speed shape only, so it is built, not trained.
-    "opus-mt-shape": DistillBudget(steps=0, batch_size=16, lr=0.0, warmup=0, eval_every=1,
-                                   train_sentences=0, dev_sentences=0, seq_kd_sentences=0,
-                                   bleu_gap_target=float("inf")),
-}
-
-
-def budget_for(preset: str) -> DistillBudget:
-    if preset not in DISTILL_BUDGETS:
-        raise KeyError(f"no distillation budget for preset {preset!r}; known: {', '.join(DISTILL_BUDGETS)}")
-    return DISTILL_BUDGETS[preset]
-
-
-# --------------------------------------------------------------------------- primitives
 
 
 def select_layers(strategy: str | Sequence[int], n: int, k: int) -> tuple[int, ...]:
@@ -206,7 +173,6 @@ def make_student(teacher: Bundle, decoder_layers: Sequence[int],
                              "decoder_layer_map": list(decoder_layers),
                              "encoder_layer_map": list(encoder_layers) if encoder_layers is not None else None}}
     if teacher.meta.get("head_plan"):
-        from labkit.prune import model_plan, plan_json
 
         # Read off the kept modules themselves (renumbered layers), so load_bundle re-prunes exactly.
         meta["head_plan"] = plan_json(model_plan(model))
@@ -224,7 +190,7 @@ def layer_maps(student: Bundle) -> tuple[list[int], list[int] | None]:
 
 
 class KDLoss:
-    """`loss_fn` for `labkit.train.fit`: the KD loss, with one history row per call (= step).
+    """`loss_fn` for `labkit.compress.training.fit`: the KD loss, with one history row per call (= step).
 
     kd = KDLoss(teacher.model, [0, 2, 4, 5], cfg=KDConfig(), steps=300)
     fit(student.model, tok, train, dev, steps=300, ..., loss_fn=kd)
@@ -245,7 +211,6 @@ class KDLoss:
 
     def components(self, model, batch: dict, temperature: float) -> dict[str, torch.Tensor]:
         """kl, mse, ce and their weighted sum `loss` on one batch (teacher without gradients)."""
-        from labkit.train import label_smoothed_ce
 
         labels = batch["labels"]
         decoder_input_ids = model.prepare_decoder_input_ids_from_labels(labels=labels)
@@ -276,10 +241,10 @@ class KDLoss:
         return parts["loss"]
 
 
-def summarize(history: list[dict], max_points: int = 200) -> list[dict]:
+def thin_history(history: list[dict], max_points: int = 200) -> list[dict]:
     """Average consecutive rows so a curve has at most `max_points` points (step = last of window).
 
-    summarize([{'step': 1, 'kl': 2.0}, {'step': 2, 'kl': 4.0}], 1) -> [{'step': 2, 'kl': 3.0}]
+    thin_history([{'step': 1, 'kl': 2.0}, {'step': 2, 'kl': 4.0}], 1) -> [{'step': 2, 'kl': 3.0}]
     """
     if not history:
         return []
@@ -297,10 +262,7 @@ def summarize(history: list[dict], max_points: int = 200) -> list[dict]:
 
 def teacher_translations(teacher: Bundle, sources: list[str], *, batch_size: int = 64,
                          max_new_tokens: int = 64) -> list[str]:
-    """The teacher's greedy translations (labkit.decode's loop: the same tokens as `generate`)."""
-    from labkit.decode import DecodeConfig
-    from labkit.evaluate import translate_all
-    from labkit.pipeline import Translator
+    """The teacher's greedy translations (labkit.core.decode's loop: the same tokens as `generate`)."""
 
     # Similar lengths per batch: less padding, and fewer rows waiting for the longest one.
     order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
@@ -312,15 +274,14 @@ def teacher_translations(teacher: Bundle, sources: list[str], *, batch_size: int
     return out
 
 
-def seq_kd_pairs(teacher: Bundle, pairs: list[corpus.Pair], **kwargs) -> list[corpus.Pair]:
+def seq_kd_pairs(teacher: Bundle, pairs: list[data.Pair], **kwargs) -> list[data.Pair]:
     """Sources paired with the teacher's translations (empty translations dropped)."""
     hyps = teacher_translations(teacher, [p.zh for p in pairs], **kwargs)
-    return [corpus.Pair(p.zh, h) for p, h in zip(pairs, hyps) if h.strip()]
+    return [data.Pair(p.zh, h) for p, h in zip(pairs, hyps) if h.strip()]
 
 
 def ensure_seq_kd_data(preset: str, teacher: Bundle, n: int) -> Path:
     """Teacher translations of the first `n` training sources, cached as TSV + JSON sidecar."""
-    from labkit.artifacts import preset_dir
 
     path = preset_dir(preset) / f"seqkd-{teacher.name}.tsv"
     sidecar = path.with_suffix(".json")
@@ -328,7 +289,7 @@ def ensure_seq_kd_data(preset: str, teacher: Bundle, n: int) -> Path:
             "decoding": "greedy"}
     if path.exists() and sidecar.exists() and json.loads(sidecar.read_text()) == want:
         return path
-    corpus.write_tsv(seq_kd_pairs(teacher, corpus.load_split("train", limit=n)), path)
+    data.write_tsv(seq_kd_pairs(teacher, data.load_split("train", limit=n)), path)
     write_json_atomic(sidecar, want)
     return path
 
@@ -343,11 +304,10 @@ class DistillResult:
     losses: list[dict] = field(default_factory=list)  # KDLoss.history: one row per step
 
 
-def distill(teacher: Bundle, student: Bundle, train: list[corpus.Pair], dev: list[corpus.Pair],
+def distill(teacher: Bundle, student: Bundle, train: list[data.Pair], dev: list[data.Pair],
             budget: DistillBudget, kd: KDConfig = KDConfig(), *, seed: int = 0,
             progress: bool = True) -> DistillResult:
     """Train `student` (in place) against `teacher` with the KD loss for budget.steps steps."""
-    from labkit.train import fit, greedy_bleu
 
     decoder_map, encoder_map = layer_maps(student)
     loss = KDLoss(teacher.model, decoder_map, encoder_map, kd, steps=budget.steps)
@@ -380,10 +340,9 @@ def ensure_student(preset: str, strategy: str | Sequence[int] = "alternate", *, 
     weights, budget); a cached student is reused only when the recipe is the same.
     ensure_student("ci", "ends") -> artifacts/ci/student-ends
     """
-    from labkit import artifacts
 
-    teacher = teacher if teacher is not None else artifacts.teacher_for(preset)
-    budget = budget or budget_for(preset)
+    teacher = teacher if teacher is not None else teacher_for(preset)
+    budget = budget or Preset.from_name(preset).distill
     cfg = teacher.model.config
     decoder_map = select_layers(strategy, cfg.decoder_layers, decoder_layers)
     encoder_map = (select_layers(strategy, cfg.encoder_layers, encoder_layers)
@@ -405,15 +364,14 @@ def train_student(preset: str, teacher: Bundle, decoder_map: Sequence[int], enco
                   budget: DistillBudget, kd: KDConfig, *, seq_kd: bool = False, name: str = "student",
                   progress: bool = True) -> DistillResult:
     """make_student + distill on the preset's data, with the run recorded in the student's meta."""
-    from labkit.train import greedy_bleu
 
     start = time.perf_counter()
     student = make_student(teacher, decoder_map, encoder_map, name=name)
     if seq_kd and budget.steps:
-        train = corpus.read_tsv(ensure_seq_kd_data(preset, teacher, budget.seq_kd_sentences))
+        train = data.read_tsv(ensure_seq_kd_data(preset, teacher, budget.seq_kd_sentences))
     else:
-        train = corpus.load_split("train", limit=budget.train_sentences) if budget.steps else []
-    dev = corpus.load_split("dev", limit=budget.dev_sentences) if budget.dev_sentences else []
+        train = data.load_split("train", limit=budget.train_sentences) if budget.steps else []
+    dev = data.load_split("dev", limit=budget.dev_sentences) if budget.dev_sentences else []
     result = distill(teacher, student, train, dev, budget, kd, progress=progress)
     result.student.meta["distillation"].update(
         loss_weights={"alpha": kd.alpha, "beta": kd.beta, "gamma": kd.gamma},
@@ -422,146 +380,10 @@ def train_student(preset: str, teacher: Bundle, decoder_map: Sequence[int], enco
         dev_sentences=len(dev), final_dev_bleu=_round(result.history[-1]["dev_bleu"]),
         teacher_dev_bleu=_round(greedy_bleu(teacher.model, teacher.tokenizer, dev)) if dev else None,
         history=[{k: _round(v) for k, v in row.items()} for row in result.history],
-        loss_curve=summarize(result.losses), wall_time_s=round(time.perf_counter() - start, 1),
+        loss_curve=thin_history(result.losses), wall_time_s=round(time.perf_counter() - start, 1),
         threads=torch.get_num_threads(), torch=torch.__version__)
     return result
 
 
 def _round(x, digits: int = 3):
     return round(x, digits) if isinstance(x, float) else x
-
-
-# --------------------------------------------------------------------------- comparing and recording
-
-
-def gap_gate(teacher_bleu: float | None, student_bleu: float | None, target: float, sentences: int,
-             preset: str) -> dict | None:
-    """Ledger gate "bleu_gap": teacher BLEU - student BLEU <= target; None when BLEU is n/a.
-
-    gap_gate(98.8, 97.0, 1.5, 200, "ci")["passed"] -> False (a gap of 1.80 > 1.5)
-    """
-    if teacher_bleu is None or student_bleu is None:
-        return None
-    gap = teacher_bleu - student_bleu
-    return {"name": "bleu_gap", "passed": bool(gap <= target),
-            "detail": f"teacher - student = {gap:.2f} BLEU on {sentences} test sentences "
-                      f"(target <= {target:g} for preset {preset})"}
-
-
-def training_gate(run: dict) -> dict | None:
-    """Did distilling help? The student's dev BLEU after training must be >= its step-0 BLEU.
-
-    `run` is a student's meta["distillation"]. A cut student starts well below its teacher, so
-    a run that diverged (too high a learning rate, a broken loss) ends below where it began.
-    None without training or dev BLEU (speed-only presets).
-    """
-    before, after = run["history"][0]["dev_bleu"], run["final_dev_bleu"]
-    if not run["steps"] or before is None or after is None:
-        return None
-    return {"name": "kd-improves-dev-bleu", "passed": bool(after >= before),
-            "detail": f"dev BLEU {before:.2f} at step 0 -> {after:.2f} after {run['steps']} steps "
-                      f"({run['dev_sentences']} dev sentences)"}
-
-
-def comparison_table(bundles: dict[str, Bundle], latency: dict, scores: dict | None = None,
-                     hyps: dict | None = None, reference: str = "teacher"):
-    """Reference vs students, one row per bundle: layers, BLEU, chrF, BLEU gap, share of identical
-    outputs, latency p50 and ratio to the reference's (same run), parameters.
-
-    `latency` maps names to labkit.bench Measurements; `scores`/`hyps` (labkit.evaluate) are None
-    for speed-only presets, and the quality columns then are too.
-    """
-    import pandas as pd
-    from labkit.evaluate import agreement
-
-    ref = latency[reference].p50
-    return pd.DataFrame.from_dict({name: {
-        "decoder layers": bundle.model.config.decoder_layers,
-        "encoder layers": bundle.model.config.encoder_layers,
-        "BLEU": scores[name].bleu if scores else None,
-        "chrF": scores[name].chrf if scores else None,
-        "BLEU gap": scores[reference].bleu - scores[name].bleu if scores else None,
-        "same output as teacher": agreement(hyps[name], hyps[reference]) if hyps else None,
-        "latency p50 ms": latency[name].p50,
-        "latency ratio": latency[name].p50 / ref,
-        "params": bundle.params,
-    } for name, bundle in bundles.items()}, orient="index")
-
-
-def _status(gates: list[dict | None]) -> dict:
-    """status/reason ledger fields: any failed gate makes the record "failed", never "ok"."""
-    failed = [g["detail"] for g in gates if g is not None and not g["passed"]]
-    return {"status": "failed", "reason": "; ".join(failed)} if failed else {"status": "ok", "reason": None}
-
-
-def ledger_records(teacher: Bundle, students: dict[str, Bundle], table, latency: dict, scores: dict | None,
-                   *, preset: str, budget: DistillBudget, sentences: int,
-                   notebook: str = "03_distillation") -> list[dict]:
-    """The reference (distill-ref-<teacher>) measured in this run, then one `distillation` record per student.
-
-    A student's gate is `gap_gate` against budget.bleu_gap_target; `training_check` is
-    `training_gate`. Either failing makes the record status "failed" with the detail as reason.
-    Parent: the bundle it was distilled from. Latency ratios are to the reference timed here.
-    """
-    from labkit import ledger
-    from labkit.bench import as_latency
-
-    quality = lambda name: scores[name].as_metrics() if scores else {}  # noqa: E731
-    # A pruned reference is a pruning variant re-measured here; pruning records carry their fraction.
-    pruned = ({k: teacher.meta[k] for k in ("heads_removed_frac", "head_plan")}
-              if teacher.meta.get("head_plan") else {})
-    ref = ledger.make_record(
-        notebook=notebook, variant=f"distill-ref-{teacher.name}", model=teacher.name, backend="torch",
-        precision="fp32", technique="pruning" if pruned else "baseline", reference_for="distillation",
-        metrics={**quality(teacher.name), "latency_ms": as_latency(latency[teacher.name]),
-                 "params": teacher.params, "size_mb": round(teacher.size_mb, 3)}, **pruned)
-    records = [ref]
-    for name, bundle in students.items():
-        run, row = bundle.meta["distillation"], table.loc[name]
-        gate = gap_gate(scores[teacher.name].bleu if scores else None, scores[name].bleu if scores else None,
-                        budget.bleu_gap_target, sentences, preset)
-        check = training_gate(run)
-        records.append(ledger.make_record(
-            notebook=notebook, variant=name, technique="distillation", parent=teacher.name, model=name,
-            backend="torch", precision="fp32", gate=gate, **_status([gate, check]),
-            metrics={**quality(name), "latency_ms": as_latency(latency[name]), "params": bundle.params,
-                     "size_mb": round(bundle.size_mb, 3), "agreement": row["same output as teacher"]},
-            decoder_layers=bundle.model.config.decoder_layers, encoder_layers=bundle.model.config.encoder_layers,
-            layer_map=run["decoder_layer_map"], encoder_layer_map=run["encoder_layer_map"],
-            strategy=run.get("strategy"), steps=run["steps"], seq_kd=run["seq_kd"],
-            loss_weights=run["loss_weights"],
-            step0_dev_bleu=run["history"][0]["dev_bleu"], final_dev_bleu=run["final_dev_bleu"],
-            training_check=check, bleu_gap=json_number(row["BLEU gap"]),
-            latency_ratio=round(float(row["latency ratio"]), 4),
-            teacher_latency_ms=as_latency(latency[teacher.name])))
-    return records
-
-
-# --------------------------------------------------------------------------- figures
-
-
-def loss_figure(curves: dict[str, list[dict]]):
-    """Per-component loss curves (one panel per component, one line per student)."""
-    import pandas as pd
-    import plotly.express as px
-
-    rows = [{"student": name, "step": r["step"], "component": comp, "value": r[comp]}
-            for name, curve in curves.items() for r in curve for comp in ("loss", "kl", "mse", "ce")]
-    fig = px.line(pd.DataFrame(rows), x="step", y="value", color="student", facet_col="component",
-                  facet_col_wrap=4, title="Distillation loss by component (KL includes T², T anneals 4 → 1)")
-    fig.update_yaxes(matches=None, showticklabels=True)
-    return fig
-
-
-def recovery_figure(histories: dict[str, list[dict]], teacher_bleu: float | None = None):
-    """Dev BLEU vs training step per student, with the teacher's dev BLEU as a line."""
-    import pandas as pd
-    import plotly.express as px
-
-    rows = [{"student": name, "step": r["step"], "dev BLEU": r["dev_bleu"]}
-            for name, history in histories.items() for r in history if r["dev_bleu"] is not None]
-    fig = px.line(pd.DataFrame(rows), x="step", y="dev BLEU", color="student", markers=True,
-                  title="Recovery: dev BLEU of the 4-layer students while distilling")
-    if teacher_bleu is not None:
-        fig.add_hline(y=teacher_bleu, line_dash="dash", annotation_text="teacher")
-    return fig

@@ -1,6 +1,6 @@
 """Plotly figures from results: functions from tables (or the ledger) to a `go.Figure`.
 
-    fig = plots.stage_bar({"teacher": table})   # table from labkit.profiling.stage_breakdown
+    fig = plots.stage_bar({"teacher": table})   # table from labkit.measure.profiling.stage_breakdown
     fig.show()
 
 Every figure with repeated timings shows their spread: error bars span the interquartile
@@ -11,13 +11,18 @@ Left out: styling themes, saving images (needs kaleido), dashboards.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Mapping
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from labkit.measure import ledger
+from labkit.measure.profiling import by_category
+from labkit.measure.report import comparable_scores
 
 if TYPE_CHECKING:
     import pandas as pd
     import plotly.graph_objects as go
 
-    from labkit import bench
+    from labkit.measure import timing
 
 # One color per stage/technique, stable across figures so a reader learns them once.
 STAGE_COLORS = {"normalize": "#8c8c8c", "tokenize": "#1f77b4", "encode": "#ff7f0e", "decode": "#d62728",
@@ -51,7 +56,6 @@ def stage_bar(tables: Mapping[str, pd.DataFrame] | pd.DataFrame, by: str = "stag
     very different speed compare (the ms stay in the labels and hover).
     `tables`: {model name: stage_breakdown table}; a bare table is named "model".
     """
-    from labkit.profiling import by_category
 
     go = _go()
     tables = {"model": tables} if not isinstance(tables, Mapping) else tables
@@ -123,7 +127,7 @@ def operator_bar(table: pd.DataFrame, title: str = "Top operators by self CPU ti
     return fig
 
 
-def latency_hist(measurements: Mapping[str, bench.Measurement],
+def latency_hist(measurements: Mapping[str, timing.Measurement],
                  title: str = "Per-sentence latency (batch 1)") -> go.Figure:
     """Histogram of every timed call, one trace per measurement; dashed lines mark p50 and p95."""
     go = _go()
@@ -157,9 +161,7 @@ def pareto_frontier(latency: list[float], quality: list[float]) -> list[int]:
 
 def pareto_points(df: pd.DataFrame) -> pd.DataFrame:
     """The ledger's latest ok record per variant that has both latency p50 and BLEU; `metrics.bleu`
-    is the score on the shared test subset (`labkit.report.comparable_scores`)."""
-    from labkit import ledger
-    from labkit.report import comparable_scores
+    is the score on the shared test subset (`labkit.measure.report.comparable_scores`)."""
 
     if df.empty:
         return df
@@ -170,7 +172,7 @@ def pareto_points(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def pareto(df: pd.DataFrame, title: str = "Latency vs BLEU (latest record per variant)") -> go.Figure:
-    """Scatter of variants from a ledger DataFrame (`labkit.ledger.read`), one trace per technique.
+    """Scatter of variants from a ledger DataFrame (`labkit.measure.ledger.read`), one trace per technique.
 
     x: latency p50 with an error bar up to p95; y: BLEU. The dashed line joins the Pareto
     frontier (faster and better: lower-left is fast, top is good). Records without both

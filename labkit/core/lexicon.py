@@ -1,7 +1,7 @@
 """The Chinese↔English lexicon behind the embedded corpus.
 
 Each table is a block of `|`-separated lines so that a reader can audit the
-vocabulary at a glance; `labkit.data` parses them once at import. English
+vocabulary at a glance; `labkit.core.data` parses them once at import. English
 inflection (plurals, verb forms, comparatives) is derived by rule, with the
 irregular forms written out in the rows that need them.
 

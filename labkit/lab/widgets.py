@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import pandas as pd
 
-    from labkit.pipeline import Result
+    from labkit.core.translator import Result
 
 
 def split_lines(text: str) -> list[str]:

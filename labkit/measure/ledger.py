@@ -23,10 +23,13 @@ import math
 import os
 import secrets
 import warnings
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
-from labkit.artifacts import ARTIFACTS_ENV  # set by the runner when artifacts go elsewhere
+from labkit.core.artifacts import root as artifacts_root
+from labkit.measure.gates import status_of
+from labkit.measure.timing import environment
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -75,17 +78,16 @@ class LedgerWarning(UserWarning):
 def ledger_path(preset: str, root: str | Path | None = None) -> Path:
     """Where `preset` keeps its ledger: `<root>/<preset>/ledger.jsonl`.
 
-    `root` defaults to labkit.artifacts.root() ($LABKIT_ARTIFACTS, else artifacts/ at the
+    `root` defaults to labkit.core.artifacts.root() ($LABKIT_ARTIFACTS, else artifacts/ at the
     repository root): ledger_path("ci") -> <root>/ci/ledger.jsonl
     """
-    from labkit.artifacts import root as artifacts_root
 
     return Path(root if root is not None else artifacts_root()) / preset / "ledger.jsonl"
 
 
 def new_run_id() -> str:
     """A fresh, sortable run id, e.g. '20250101T120000Z-3fa2c1'."""
-    return f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+    return f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
 
 
 _PROCESS_RUN_ID = new_run_id()
@@ -98,7 +100,7 @@ def run_id() -> str:
 
 def utc_now() -> str:
     """ISO 8601 UTC time with milliseconds, e.g. '2025-01-01T12:00:00.123+00:00'."""
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
 
 
 # ---------------------------------------------------------------- validation
@@ -282,12 +284,11 @@ def make_record(
     'skipped'
     """
     if env is None:
-        from labkit.bench import environment
 
         env = environment()
     if status is None:
-        failed = gate is not None and gate.get("passed") is False
-        status, reason = ("failed", reason or gate.get("detail") or gate.get("name")) if failed else ("ok", reason)
+        status, why = status_of([gate])
+        reason = reason or why
     record = {
         "schema": SCHEMA,
         "run_id": run_id(),
@@ -345,9 +346,9 @@ def append(path: str | Path, record: Mapping[str, Any]) -> Mapping[str, Any]:
 
 def _legacy(record: dict[str, Any]) -> dict[str, Any]:
     """An older record as today's rules read it: a failed gate makes it "failed" (with the gate's detail)."""
-    gate = record.get("gate")
-    if isinstance(gate, Mapping) and gate.get("passed") is False and record.get("status", "ok") == "ok":
-        return {**record, "status": "failed", "reason": gate.get("detail") or gate.get("name")}
+    status, why = status_of([record.get("gate")] if isinstance(record.get("gate"), Mapping) else [])
+    if status == "failed" and record.get("status", "ok") == "ok":
+        return {**record, "status": "failed", "reason": why}
     return record
 
 

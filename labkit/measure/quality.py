@@ -13,8 +13,8 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
-from labkit import bench
-from labkit.data import Pair, iter_batches
+from labkit.core.data import Pair, iter_batches, load_split
+from labkit.measure import timing
 
 
 @dataclass(frozen=True)
@@ -65,36 +65,34 @@ def agreement(ids_a: list[list[int]], ids_b: list[list[int]]) -> float:
     return sum(a == b for a, b in zip(ids_a, ids_b)) / max(1, len(ids_a))
 
 
-def latency(translator, texts: list[str], preset, label: str = "") -> bench.Measurement:
+def latency(translator, texts: list[str], preset, label: str = "") -> timing.Measurement:
     """Batch-1 end-to-end latency: each call translates the next sentence of `texts`.
 
     Sentences cycle, so p50/p95 cover the input-length mix; warm-up, repeats
     (passes over `texts`) and threads come from the preset.
     """
-    bench.pin_threads(preset.threads)
+    timing.pin_threads(preset.threads)
     cycle = itertools.cycle(texts)
-    return bench.measure(lambda: translator.translate([next(cycle)]), warmup=preset.bench_warmup,
+    return timing.measure(lambda: translator.translate([next(cycle)]), warmup=preset.bench_warmup,
                          repeats=len(texts) * preset.bench_repeats, label=label)
 
 
 def throughput(translator, texts: list[str], preset, batch_size: int = 16) -> float:
     """Sentences per second translating `texts` in batches of `batch_size` (median pass)."""
-    bench.pin_threads(preset.threads)
+    timing.pin_threads(preset.threads)
     batches = list(iter_batches(texts, batch_size))
-    m = bench.measure(lambda: [translator.translate(b) for b in batches], warmup=1,
+    m = timing.measure(lambda: [translator.translate(b) for b in batches], warmup=1,
                       repeats=max(1, preset.bench_repeats))
     return len(texts) / (m.p50 / 1e3)
 
 
 def bench_texts(preset, split: str = "test") -> list[str]:
     """The fixed sentences every latency measurement of a preset uses (first N of the split)."""
-    from labkit.data import load_split
 
     return [p.zh for p in load_split(split, limit=preset.bench_sentences)]
 
 
 def eval_pairs(preset, split: str = "test") -> list[Pair]:
     """The preset's evaluation subset of the test split (all of it when eval_sentences is None)."""
-    from labkit.data import load_split
 
     return load_split(split, limit=preset.eval_sentences)

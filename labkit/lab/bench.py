@@ -5,7 +5,7 @@
 
 First every variant is built and checked against its parent (`check_variants`),
 before any timing: ort-fp32 by the export's parity gate, int8 and CTranslate2
-variants by `labkit.quantize.variant_gate` on the preset's gate sentences (BLEU
+variants by `labkit.measure.gates.variant_gate` on the preset's gate sentences (BLEU
 drop on quality presets, token agreement at the forced length on speed-only
 ones; float32 conversions must reproduce their parent's tokens). A variant that
 fails its gate is recorded as failed and not timed, so it never shows a speedup
@@ -13,7 +13,7 @@ fails its gate is recorded as failed and not timed, so it never shows a speedup
 variant whose engine is not installed (CTranslate2) is recorded as skipped with
 the reason. Gates a caller already measured (notebook 05) can be passed in.
 
-Every gated variant then runs in a fresh `python -m labkit.benchmark --worker
+Every gated variant then runs in a fresh `python -m labkit.lab.bench --worker
 VARIANT --artifact PATH` process (two engines in one process distort each
 other's thread pools and allocators), on exactly the artifact that passed, on
 the same sentences with the same intra-op thread count. A worker first
@@ -33,10 +33,32 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
-from labkit.ledger import json_number
+from labkit.config import PRESETS, Preset
+from labkit.core.artifacts import REPO_ROOT
+from labkit.core.bundle import bundle_for
+from labkit.core.data import load_split
+from labkit.core.translator import decode_config, translator_for
+from labkit.engines.ct2 import COMPUTE_TYPES_SHORT, Ct2Translator, ensure_ct2, missing_reason
+from labkit.engines.onnx_export import ensure_onnx
+from labkit.engines.onnx_graphs import read_sidecar
+from labkit.engines.ort import OrtStepper
+from labkit.engines.ort_int8 import (
+    ALL_BLOCKS_BASIS,
+    BLOCKS,
+    ensure_quantized,
+    evaluate_translator,
+    gate_pairs,
+    recipe_of,
+)
+from labkit.measure import ledger, timing
+from labkit.measure.gates import onnx_parity_gate, variant_gate
+from labkit.measure.ledger import json_number
+from labkit.measure.quality import agreement, bench_texts, latency, throughput
+from labkit.measure.timing import CommandError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -55,11 +77,11 @@ VARIANTS: dict[str, Variant] = {
     "torch": Variant("torch", "baseline", "fp32", None, "PyTorch eager, Hugging Face KV cache"),
     "ort-fp32": Variant("onnxruntime", "onnx", "fp32", "torch", "ONNX Runtime, exported graphs"),
     "ort-int8": Variant("onnxruntime", "quantization", "int8", "ort-fp32",
-                        "ONNX Runtime, optimized + dynamic int8 (labkit.quantize 'dynamic')"),
+                        "ONNX Runtime, optimized + dynamic int8 (labkit.engines.ort_int8 'dynamic')"),
     "ort-int8-all": Variant("onnxruntime", "quantization", "int8", "ort-fp32",
                             "ONNX Runtime, dynamic int8 of every block, LM head and embeddings included"),
     "ort-int8-qdq": Variant("onnxruntime", "quantization", "int8", "ort-fp32",
-                            "ONNX Runtime, static symmetric QDQ int8 (labkit.quantize 'qdq')"),
+                            "ONNX Runtime, static symmetric QDQ int8 (labkit.engines.ort_int8 'qdq')"),
     "ct2-fp32": Variant("ctranslate2", "peer", "fp32", "torch", "CTranslate2 float32"),
     "ct2-int8": Variant("ctranslate2", "peer", "int8", "torch", "CTranslate2 int8"),
 }
@@ -72,7 +94,6 @@ SPEED_ONLY_EXTRA = ("ort-int8-all",)
 
 def default_variants(preset) -> tuple[str, ...]:
     """DEFAULT_VARIANTS, plus SPEED_ONLY_EXTRA on speed-only presets (opus-mt-shape)."""
-    from labkit.config import Preset
 
     preset = Preset.from_name(preset) if isinstance(preset, str) else preset
     return DEFAULT_VARIANTS + (() if preset.quality else SPEED_ONLY_EXTRA)
@@ -120,21 +141,17 @@ def artifact_for(variant: str, preset, bundle_name: str = "teacher", bundle=None
     if variant == "torch":
         return None
     if variant == "ort-fp32":
-        from labkit.export import ensure_onnx
 
         return ensure_onnx(preset, bundle_name, bundle=bundle)
     if variant == "ort-int8-all":
-        from labkit.quantize import ALL_BLOCKS_BASIS, BLOCKS, ensure_quantized
 
         # The LM head is the largest matrix of a 65k-vocabulary model: where int8 pays most, and
         # what the default recipe keeps in float until it is measured safe. Its own gate still applies.
         return ensure_quantized(preset, "dynamic", bundle_name, blocks=BLOCKS, bundle=bundle, tag="all",
                                 basis=ALL_BLOCKS_BASIS)
     if variant.startswith("ort-int8"):
-        from labkit.quantize import ensure_quantized
 
         return ensure_quantized(preset, "qdq" if variant.endswith("qdq") else "dynamic", bundle_name, bundle=bundle)
-    from labkit.peer import COMPUTE_TYPES_SHORT, ensure_ct2
 
     compute_type = {short: full for full, short in COMPUTE_TYPES_SHORT.items()}[VARIANTS[variant].precision]
     return ensure_ct2(preset, bundle_name, compute_type, bundle=bundle)
@@ -145,21 +162,16 @@ def build_translator(variant: str, preset, threads: int, bundle_name: str = "tea
 
     `artifact` is the directory to run (default: `artifact_for`, which builds it if missing).
     """
-    from labkit.pipeline import translator_for
 
     if variant != "torch" and artifact is None:
         artifact = artifact_for(variant, preset, bundle_name, bundle)
     if VARIANTS[variant].backend == "ctranslate2":
-        from labkit.peer import Ct2Translator
-        from labkit.pipeline import decode_config
 
         return Ct2Translator(artifact, threads=threads, decode=decode_config(preset))
-    from labkit.artifacts import bundle_for
 
     bundle = bundle if bundle is not None else bundle_for(preset.name, bundle_name)
     stepper = None
     if variant != "torch":
-        from labkit.runtime import OrtStepper
 
         stepper = OrtStepper.from_dir(artifact, threads=threads)
     # opus-mt-shape emits ids past the teacher tokenizer's pieces; the Translator drops them with a note.
@@ -168,24 +180,11 @@ def build_translator(variant: str, preset, threads: int, bundle_name: str = "tea
 
 def bench_inputs(preset) -> tuple[list[str], list[str]]:
     """(latency sentences, throughput sentences): the first N of the test split, for every variant."""
-    from labkit.data import load_split
-    from labkit.evaluate import bench_texts
 
     return bench_texts(preset), [p.zh for p in load_split("test", limit=SPEC.throughput_sentences)]
 
 
 # --------------------------------------------------------------------------- gates (parent, before timing)
-
-
-def parity_gate(onnx_dir) -> dict:
-    """The export's parity gate as recorded in its sidecar (labkit.export.parity), as a ledger gate."""
-    from labkit.export import read_sidecar
-
-    parity = read_sidecar(onnx_dir)["parity"]
-    worst = parity["worst"]
-    return {"name": "onnx-parity", "passed": bool(parity["passed"]),
-            "detail": f"worst max|Δ| {worst['max_abs']:.2e} ({worst['graph']}.{worst['output']}) vs PyTorch on "
-                      f"{len(parity['cases'])} unseen shapes (atol {parity['atol']}, rtol {parity['rtol']})"}
 
 
 def _depth(variant: str) -> int:
@@ -198,13 +197,11 @@ class _Evaluations:
     """Each engine translates the gate sentences once, with one thread (a parent serves several children)."""
 
     def __init__(self, preset, bundle_name: str, bundle):
-        from labkit.quantize import gate_pairs
 
         self.preset, self.bundle_name, self.bundle = preset, bundle_name, bundle
         self.pairs, self.results = gate_pairs(preset), {}
 
     def __call__(self, variant: str, artifact=None) -> dict:
-        from labkit.quantize import evaluate_translator
 
         if variant not in self.results:
             translator = build_translator(variant, self.preset, 1, self.bundle_name, artifact, self.bundle)
@@ -219,7 +216,6 @@ def check_variant(variant: str, preset, bundle_name: str, evaluations, parent: C
     `parent` is the parent's own Check when it is benched too (a failed parent fails its children
     without building them); `gate` is one the caller already measured on the same artifact.
     """
-    from labkit.quantize import recipe_of, variant_gate
 
     spec = VARIANTS[variant]
     if spec.parent is None:
@@ -229,7 +225,6 @@ def check_variant(variant: str, preset, bundle_name: str, evaluations, parent: C
         return Check(parent.status, {"name": "parent", "passed": False, "detail": why} if parent.status == "failed"
                      else None, why)
     if spec.backend == "ctranslate2":
-        from labkit.peer import missing_reason
 
         reason = missing_reason()
         if reason:
@@ -241,7 +236,7 @@ def check_variant(variant: str, preset, bundle_name: str, evaluations, parent: C
         return Check("failed", {"name": name, "passed": False, "detail": str(exc)}, str(exc))
     info = {"recipe": recipe_of(artifact)} if spec.technique == "quantization" else {}
     if variant == "ort-fp32":
-        gate = parity_gate(artifact)
+        gate = onnx_parity_gate(read_sidecar(artifact)["parity"])
     elif gate is None:
         result, base = evaluations(variant, artifact), evaluations(spec.parent, parent and parent.artifact)
         gate = variant_gate(result, base, spec.precision, preset, parent_name=spec.parent)
@@ -254,7 +249,6 @@ def check_variant(variant: str, preset, bundle_name: str, evaluations, parent: C
 def check_variants(preset, variants, bundle_name: str = "teacher", bundle=None,
                    gates: Mapping[str, dict] | None = None) -> dict[str, Check]:
     """Build and gate every variant, parents first, before any timing; {variant: Check} in `variants` order."""
-    from labkit.artifacts import bundle_for
 
     bundle = bundle if bundle is not None else bundle_for(preset.name, bundle_name)
     evaluations = _Evaluations(preset, bundle_name, bundle)
@@ -271,11 +265,8 @@ def check_variants(preset, variants, bundle_name: str = "teacher", bundle=None,
 def worker(variant: str, preset_name: str, threads: int, bundle_name: str = "teacher",
            artifact: str | None = None) -> dict[str, Any]:
     """Load one variant (the gated `artifact`), translate, time; the dict is the child's one JSON line."""
-    from labkit import bench
-    from labkit.config import Preset
-    from labkit.evaluate import latency, throughput
 
-    bench.pin_threads(threads)
+    timing.pin_threads(threads)
     preset = Preset.from_name(preset_name).with_(threads=threads)
     start = time.perf_counter()
     translator = build_translator(variant, preset, threads, bundle_name, artifact)
@@ -286,7 +277,7 @@ def worker(variant: str, preset_name: str, threads: int, bundle_name: str = "tea
     sps = throughput(translator, batch_texts, preset, batch_size=SPEC.batch_size)
     return {"variant": variant, "threads": threads, "load_s": load_s, "p50": m.p50, "p95": m.p95,
             "iqr": m.iqr, "n": m.n, "noisy": m.noisy, "sentences_per_s": sps,
-            "peak_rss_mb": bench.peak_rss_mb(), "ids": ids,
+            "peak_rss_mb": timing.peak_rss_mb(), "ids": ids,
             "tokens": sum(len(i) for i in ids) / max(1, len(ids))}
 
 
@@ -295,25 +286,22 @@ def worker(variant: str, preset_name: str, threads: int, bundle_name: str = "tea
 
 def run_variant(variant: str, preset_name: str, threads: int, bundle_name: str = "teacher",
                 artifact: str | None = None) -> dict[str, Any]:
-    """One worker process: `python -m labkit.benchmark --worker VARIANT ...` -> its JSON result."""
+    """One worker process: `python -m labkit.lab.bench --worker VARIANT ...` -> its JSON result."""
     import os
 
-    from labkit import bench
-    from labkit.artifacts import REPO_ROOT
 
     env = dict(os.environ)
-    env.update({var: str(threads) for var in bench.THREAD_ENV_VARS})
+    env.update({var: str(threads) for var in timing.THREAD_ENV_VARS})
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    argv = [sys.executable, "-m", "labkit.benchmark", "--worker", variant, "--preset", preset_name,
+    argv = [sys.executable, "-m", "labkit.lab.bench", "--worker", variant, "--preset", preset_name,
             "--threads", threads, "--bundle", bundle_name, *(["--artifact", artifact] if artifact else [])]
-    return bench.time_command(argv, timeout=SPEC.timeout_s, env=env)
+    return timing.time_command(argv, timeout=SPEC.timeout_s, env=env)
 
 
 def agreement_with(result: dict, baseline: dict | None) -> float | None:
     """Fraction of bench sentences whose ids equal the baseline's ([[1,2],[3]] vs [[1,2],[4]] -> 0.5)."""
     if baseline is None:
         return None
-    from labkit.evaluate import agreement
 
     return agreement(result["ids"], baseline["ids"])
 
@@ -330,8 +318,6 @@ def run_bench(preset, variants=None, threads: int | None = None, bundle_name: st
     `gates` ({variant: gate}) are gates the caller measured on the same artifacts (notebook 05).
     `variants` default to `default_variants(preset)`; pass `bundle` when it is already loaded.
     """
-    from labkit.config import Preset
-    from labkit.artifacts import bundle_for
 
     preset = Preset.from_name(preset) if isinstance(preset, str) else preset
     threads = threads or preset.threads
@@ -405,7 +391,6 @@ def write_records(df: pd.DataFrame, preset, notebook: str = "labkit-bench", bund
 
     `model` is the row's model column (the bundle's own name, e.g. 'opus-mt-shape'), else bundle_name.
     """
-    from labkit import ledger
 
     records = []
     for row in df.itertuples(index=False):
@@ -433,7 +418,7 @@ def _absent(x) -> bool:
     return x is None or (isinstance(x, float) and x != x)
 
 
-def format_table(df: pd.DataFrame) -> str:
+def bench_table(df: pd.DataFrame) -> str:
     """The printed table: one line per variant, ratios against torch eager, then each gate.
 
     Failed and skipped variants show FAILED / skipped and no numbers; the closing line names
@@ -474,12 +459,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-ledger", action="store_true", help="print only; write no ledger records")
 
 
-def main(args: argparse.Namespace) -> int:
+def bench_command(args: argparse.Namespace) -> int:
     """Handler of `labkit bench`: 0 when every variant was gated and the passing ones timed (failed
     and skipped variants are in the table and the ledger), 2 on bad input, 1 when a worker or a
     required import failed."""
-    from labkit.bench import CommandError
-    from labkit.config import PRESETS
 
     if args.preset not in PRESETS:
         print(f"labkit bench: unknown preset {args.preset!r}; known: {', '.join(PRESETS)}", file=sys.stderr)
@@ -495,12 +478,12 @@ def main(args: argparse.Namespace) -> int:
     except (CommandError, FileNotFoundError, ConnectionError, ImportError) as exc:
         print(f"labkit bench: {exc}", file=sys.stderr)
         return 1
-    print(format_table(df))
+    print(bench_table(df))
     return 0
 
 
 def _worker_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m labkit.benchmark")
+    parser = argparse.ArgumentParser(prog="python -m labkit.lab.bench")
     parser.add_argument("--worker", required=True, choices=list(VARIANTS))
     parser.add_argument("--preset", required=True)
     parser.add_argument("--threads", type=int, required=True)

@@ -4,8 +4,8 @@
     translator.translate(["我喜欢猫。"])          # -> ['I like cats.']
     result = translator.run(["", "我喜欢猫。"])   # result.texts, result.timings_ms, result.notes
 
-Any backend plugs in as a `labkit.decode.Stepper` (PyTorch by default; ONNX
-Runtime in labkit.runtime). Bad input never raises: empty or whitespace-only
+Any backend plugs in as a `labkit.core.decode.Stepper` (PyTorch by default; ONNX
+Runtime in labkit.engines.ort). Bad input never raises: empty or whitespace-only
 text (or an item that is not a string at all) gives an empty translation, control characters are dropped, over-long
 input is truncated to the model's limit, text without Chinese is translated as
 is; each of these is said in `notes`, one list per input, in order.
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from labkit.decode import DecodeConfig, Stepper, TorchStepper, decode
+from labkit.core.decode import DecodeConfig, Stepper, TorchStepper, decode
 
 STAGES = ("normalize", "tokenize", "encode", "decode", "detokenize")
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\ufeff]")

@@ -1,10 +1,10 @@
 """Train the embedded teacher: sentencepiece tokenizers + a Marian model from scratch.
 
-    python -m labkit.train corpus            # (re)write data/{train,dev,test}.tsv
-    python -m labkit.train teacher           # train data/teacher from the committed corpus
-    python -m labkit.train teacher --config tiny --steps 200 --out /tmp/t   # a quick look
+    python -m labkit.compress.training corpus            # (re)write data/{train,dev,test}.tsv
+    python -m labkit.compress.training teacher           # train data/teacher from the committed corpus
+    python -m labkit.compress.training teacher --config tiny --steps 200 --out /tmp/t   # a quick look
 
-The same `fit` loop is used by distillation (labkit.distill) through its `loss_fn`
+The same `fit` loop is used by distillation (labkit.compress.distill) through its `loss_fn`
 argument. Left out: multi-GPU, mixed precision and checkpoint averaging; the
 teacher is small enough to train on two CPU cores.
 """
@@ -18,15 +18,16 @@ import random
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from labkit import data as corpus
-from labkit.models import TEACHER_DIR, Bundle
+from labkit.core import data
+from labkit.core.bundle import TEACHER_DIR, Bundle
+from labkit.core.corpus import generate_corpus
 
 SPECIALS = ("</s>", "<unk>")  # ids 0 and 1, as in opus-mt; <pad> is appended last
 
@@ -52,7 +53,7 @@ class TeacherConfig:
     seed: int = 0
 
     @classmethod
-    def from_name(cls, name: str) -> "TeacherConfig":
+    def from_name(cls, name: str) -> TeacherConfig:
         if name not in TEACHER_CONFIGS:
             raise KeyError(f"unknown teacher config {name!r}; known: {', '.join(TEACHER_CONFIGS)}")
         return TEACHER_CONFIGS[name]
@@ -104,7 +105,7 @@ def _joint_vocab(*spm_paths: Path) -> dict[str, int]:
     return {p: i for i, p in enumerate(pieces)}
 
 
-def build_tokenizer(pairs: list[corpus.Pair], out_dir: Path, src_vocab: int = 1000,
+def build_tokenizer(pairs: list[data.Pair], out_dir: Path, src_vocab: int = 1000,
                     tgt_vocab: int = 800):
     """Train source/target sentencepiece models and wrap them in a MarianTokenizer."""
     from transformers import MarianTokenizer
@@ -143,7 +144,7 @@ def build_model(cfg: TeacherConfig, tokenizer):
 # --------------------------------------------------------------------------- training
 
 
-def encode_pairs(tokenizer, pairs: list[corpus.Pair], max_len: int = 128) -> list[tuple[list[int], list[int]]]:
+def encode_pairs(tokenizer, pairs: list[data.Pair], max_len: int = 128) -> list[tuple[list[int], list[int]]]:
     """Token ids of each pair (both sides end with </s>)."""
     src = tokenizer([p.zh for p in pairs], truncation=True, max_length=max_len)["input_ids"]
     tgt = tokenizer(text_target=[p.en for p in pairs], truncation=True, max_length=max_len)["input_ids"]
@@ -187,14 +188,14 @@ def lr_at(step: int, base: float, warmup: int, total: int) -> float:
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def greedy_bleu(model, tokenizer, pairs: list[corpus.Pair], batch_size: int = 50) -> float:
+def greedy_bleu(model, tokenizer, pairs: list[data.Pair], batch_size: int = 50) -> float:
     """Corpus BLEU of HF greedy generate on `pairs` (a training-time check, not the lab's metric)."""
     import sacrebleu
 
     model.eval()
     hyps = []
     with torch.inference_mode():
-        for batch in corpus.iter_batches(pairs, batch_size):
+        for batch in data.iter_batches(pairs, batch_size):
             enc = tokenizer([p.zh for p in batch], return_tensors="pt", padding=True)
             out = model.generate(**enc, num_beams=1, do_sample=False, max_new_tokens=96, max_length=None)
             hyps += tokenizer.batch_decode(out, skip_special_tokens=True)
@@ -212,7 +213,7 @@ def freeze_positions(model) -> None:
         stack.embed_positions.weight.requires_grad_(False)
 
 
-def fit(model, tokenizer, train: list[corpus.Pair], dev: list[corpus.Pair], *, steps: int,
+def fit(model, tokenizer, train: list[data.Pair], dev: list[data.Pair], *, steps: int,
         batch_size: int, lr: float, warmup: int, eval_every: int, seed: int = 0,
         loss_fn: Callable | None = None, label_smoothing: float = 0.1,
         progress: bool = True) -> list[dict]:
@@ -263,12 +264,12 @@ def fit(model, tokenizer, train: list[corpus.Pair], dev: list[corpus.Pair], *, s
     return history
 
 
-def train_teacher(cfg: TeacherConfig, out: Path, *, train: list[corpus.Pair] | None = None,
-                  dev: list[corpus.Pair] | None = None, command: str = "", progress: bool = True,
+def train_teacher(cfg: TeacherConfig, out: Path, *, train: list[data.Pair] | None = None,
+                  dev: list[data.Pair] | None = None, command: str = "", progress: bool = True,
                   storage_dtype: torch.dtype = torch.float16) -> Bundle:
     """Tokenizers + model + training; writes a bundle with a sidecar that says how."""
-    train = train if train is not None else corpus.load_split("train")
-    dev = (dev if dev is not None else corpus.load_split("dev"))[: cfg.eval_sentences]
+    train = train if train is not None else data.load_split("train")
+    dev = (dev if dev is not None else data.load_split("dev"))[: cfg.eval_sentences]
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = build_tokenizer(train, Path(tmp), cfg.src_vocab, cfg.tgt_vocab)
@@ -288,19 +289,19 @@ def train_teacher(cfg: TeacherConfig, out: Path, *, train: list[corpus.Pair] | N
     return bundle
 
 
-def write_corpus(seed: int = 0, out_dir: Path = corpus.DATA_DIR) -> dict[str, int]:
-    splits = corpus.generate_corpus(seed)
+def write_corpus(seed: int = 0, out_dir: Path = data.DATA_DIR) -> dict[str, int]:
+    splits = generate_corpus(seed)
     for name, pairs in splits.items():
-        corpus.write_tsv(pairs, Path(out_dir) / f"{name}.tsv")
+        data.write_tsv(pairs, Path(out_dir) / f"{name}.tsv")
     return {name: len(p) for name, p in splits.items()}
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m labkit.train", description=__doc__.split("\n")[0])
+def train_command(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m labkit.compress.training", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="what", required=True)
     c = sub.add_parser("corpus", help="write the embedded corpus splits")
     c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--out", type=Path, default=corpus.DATA_DIR)
+    c.add_argument("--out", type=Path, default=data.DATA_DIR)
     t = sub.add_parser("teacher", help="train a teacher on the committed corpus")
     t.add_argument("--config", default="teacher", choices=list(TEACHER_CONFIGS))
     t.add_argument("--steps", type=int)
@@ -315,11 +316,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps:
         from dataclasses import replace
         cfg = replace(cfg, steps=args.steps, eval_every=min(cfg.eval_every, args.steps))
-    command = "python -m labkit.train " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m labkit.compress.training " + " ".join(sys.argv[1:] if argv is None else argv)
     bundle = train_teacher(cfg, args.out, command=command)
     print(json.dumps(bundle.meta["training"]["history"][-1]))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(train_command())

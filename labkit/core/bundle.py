@@ -22,10 +22,11 @@ from pathlib import Path
 
 import torch
 
-from labkit.artifacts import commit_dir
-from labkit.config import ModelSpec
+from labkit.config import ModelSpec, Preset
+from labkit.core.artifacts import commit_dir, preset_dir
+from labkit.core.data import DATA_DIR
+from labkit.core.heads import load_pruned
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 TEACHER_DIR = DATA_DIR / "teacher"
 SIDECAR = "bundle.json"
 BUNDLE_SCHEMA = "labkit.bundle/1"
@@ -45,8 +46,8 @@ OPUS_MT_ZH_EN_CONFIG = dict(
 class Bundle:
     """A model, its tokenizer and its sidecar metadata (name, parent, how it was derived)."""
 
-    model: "transformers.MarianMTModel"  # noqa: F821
-    tokenizer: "transformers.MarianTokenizer"  # noqa: F821
+    model: transformers.MarianMTModel  # noqa: F821
+    tokenizer: transformers.MarianTokenizer  # noqa: F821
     meta: dict = field(default_factory=dict)
 
     @property
@@ -105,7 +106,7 @@ def cached_recipe(path: Path, section: str = "distillation") -> dict | None:
     """The recipe a cached bundle was built from (`meta[section]["recipe"]`), None when there is none.
 
     Builders compare it with the recipe they would use now and rebuild on any difference
-    (labkit.prune.ensure_pruned uses section "pruning").
+    (labkit.compress.prune.ensure_pruned uses section "pruning").
     """
     sidecar = path / SIDECAR
     if not sidecar.exists():
@@ -134,7 +135,6 @@ def load_bundle(path: Path | str) -> Bundle:
     if meta.get("schema") != BUNDLE_SCHEMA:
         raise ValueError(f"{sidecar}: schema {meta.get('schema')!r}, expected {BUNDLE_SCHEMA!r}")
     if meta.get("head_plan"):
-        from labkit.prune import load_pruned  # lazily: only pruned bundles need it
 
         model = load_pruned(path, meta["head_plan"])
     else:
@@ -152,7 +152,7 @@ def load_teacher(path: Path | str = TEACHER_DIR) -> Bundle:
     if not (path / SIDECAR).exists():
         raise FileNotFoundError(
             f"the embedded teacher is missing at {path}; re-create it with "
-            "`python -m labkit.train teacher` (see README)")
+            "`python -m labkit.compress.training teacher` (see README)")
     return load_bundle(path)
 
 
@@ -245,3 +245,39 @@ def load_model(spec: ModelSpec) -> Bundle:
     if spec.kind == "marian":
         return load_marian(spec.name_or_path)
     raise ValueError(f"unknown model kind {spec.kind!r}")
+
+
+def teacher_for(preset):
+    """The preset's parent model as a Bundle (the embedded teacher, a hub model, or opus-mt-shape)."""
+    preset = Preset.from_name(preset) if isinstance(preset, str) else preset
+    bundle = load_model(preset.model)
+    bundle.meta.setdefault("name", "teacher")
+    return bundle
+
+
+def bundle_for(preset, name: str = "teacher"):
+    """A bundle by name: "teacher" is the preset's model, anything else a bundle directory under
+    artifacts/<preset> that an earlier notebook cached (what distillation, export and bench start from).
+
+    bundle_for("ci", "pruned-25pct") loads the head-pruned teacher notebook 02 caches; a missing
+    one is an error that lists what is there and says how to make it.
+    """
+    if name == "teacher":
+        return teacher_for(preset)
+    preset_name = preset if isinstance(preset, str) else preset.name
+    path = preset_dir(preset_name) / name
+    if not (path / SIDECAR).exists():
+        there = sorted(p.parent.name for p in path.parent.glob(f"*/{SIDECAR}"))
+        raise FileNotFoundError(
+            f"no bundle {name!r} under {path.parent} (there: {', '.join(there) or 'none'}); build it first: "
+            f"notebook 02 / labkit.compress.prune.ensure_pruned caches pruned-<pct>pct (pruned-<pct>pct-ft when its budget "
+            "fine-tunes), notebook 03 / labkit.compress.distill.ensure_student caches student-<strategy>")
+    return load_bundle(path)
+
+
+def ensure_teacher() -> Path:
+    """The committed teacher; it is not rebuilt on the fly (that takes ~40 min on 2 cores)."""
+    if not (TEACHER_DIR / SIDECAR).exists():
+        raise FileNotFoundError(f"{TEACHER_DIR} is missing: restore it from git or run "
+                                "`python -m labkit.compress.training teacher`")
+    return TEACHER_DIR

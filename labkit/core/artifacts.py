@@ -4,7 +4,7 @@ Everything a run produces goes under `<root>/<preset>/` where root is
 $LABKIT_ARTIFACTS (the runner sets it) or `artifacts/` at the repository root,
 so a notebook opened interactively from notebooks/ writes to the same place as
 a headless run. Each `ensure_*` builds its artifact if missing and returns its
-path; builders live next to their technique (labkit.prune, labkit.distill, ...).
+path; builders live next to their technique (labkit.compress.prune, labkit.compress.distill, ...).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]  # labkit/core/artifacts.py -> the repository
 ARTIFACTS_ENV = "LABKIT_ARTIFACTS"
 
 
@@ -64,46 +64,3 @@ def commit_dir(tmp: Path | str, out: Path | str) -> None:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def teacher_for(preset):
-    """The preset's parent model as a Bundle (the embedded teacher, a hub model, or opus-mt-shape)."""
-    from labkit.config import Preset
-    from labkit.models import load_model
-
-    preset = Preset.from_name(preset) if isinstance(preset, str) else preset
-    bundle = load_model(preset.model)
-    bundle.meta.setdefault("name", "teacher")
-    return bundle
-
-
-def bundle_for(preset, name: str = "teacher"):
-    """A bundle by name: "teacher" is the preset's model, anything else a bundle directory under
-    artifacts/<preset> that an earlier notebook cached (what distillation, export and bench start from).
-
-    bundle_for("ci", "pruned-25pct") loads the head-pruned teacher notebook 02 caches; a missing
-    one is an error that lists what is there and says how to make it.
-    """
-    from labkit.models import SIDECAR, load_bundle
-
-    if name == "teacher":
-        return teacher_for(preset)
-    preset_name = preset if isinstance(preset, str) else preset.name
-    path = preset_dir(preset_name) / name
-    if not (path / SIDECAR).exists():
-        there = sorted(p.parent.name for p in path.parent.glob(f"*/{SIDECAR}"))
-        raise FileNotFoundError(
-            f"no bundle {name!r} under {path.parent} (there: {', '.join(there) or 'none'}); build it first: "
-            f"notebook 02 / labkit.prune.ensure_pruned caches pruned-<pct>pct (pruned-<pct>pct-ft when its budget "
-            "fine-tunes), notebook 03 / labkit.distill.ensure_student caches student-<strategy>")
-    return load_bundle(path)
-
-
-def ensure_teacher() -> Path:
-    """The committed teacher; it is not rebuilt on the fly (that takes ~40 min on 2 cores)."""
-    from labkit.models import SIDECAR, TEACHER_DIR
-
-    if not (TEACHER_DIR / SIDECAR).exists():
-        raise FileNotFoundError(f"{TEACHER_DIR} is missing: restore it from git or run "
-                                "`python -m labkit.train teacher`")
-    return TEACHER_DIR

@@ -16,12 +16,14 @@ import contextlib
 import os
 import re
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
-from labkit import artifacts, ledger
-from labkit.artifacts import ARTIFACTS_ENV, write_json_atomic
+from labkit.core import artifacts
+from labkit.core.artifacts import ARTIFACTS_ENV, write_json_atomic
+from labkit.measure import ledger
 
 NOTEBOOK_NAME = re.compile(r"^(\d{2})_\w[\w.-]*\.ipynb$")  # NN_name.ipynb
 RUNS_SCHEMA = "labkit.runs/1"
@@ -135,7 +137,7 @@ def cell_failure(exc: BaseException, notebook: Path) -> CellFailure:
     return CellFailure(type(exc).__name__, lines[0] if lines else "")
 
 
-def format_table(results: list[NotebookResult]) -> str:
+def status_table(results: list[NotebookResult]) -> str:
     """A status/duration table, one row per notebook that ran."""
     width = max([len("notebook"), *(len(r.name) for r in results)])
     lines = [f"{'notebook':<{width}}  status  duration"]
@@ -243,7 +245,7 @@ def run_notebooks(
             write_json_atomic(out_dir / "runs.json", runs_record(preset, run_id, started, selected, results))
             if not result.ok:
                 break
-    print(format_table(results), flush=True)
+    print(status_table(results), flush=True)
     if not results[-1].ok:
         print(results[-1].describe(), flush=True)
         if check:

@@ -1,10 +1,10 @@
-"""ONNX Runtime backend: the three exported graphs behind labkit.decode's Stepper interface.
+"""ONNX Runtime backend: the three exported graphs behind labkit.core.decode's Stepper interface.
 
     stepper = OrtStepper.from_dir(ensure_onnx("ci"), threads=2)
     Translator(bundle, stepper).translate(["我喜欢猫。"])
 
-Any directory with the `labkit.export` layout works (the fp32 export, quantized or
-optimized copies made with `labkit.export.derive`). The encoder runs once per
+Any directory with the `labkit.engines.onnx_export` layout works (the fp32 export, quantized or
+optimized copies made with `labkit.engines.onnx_export.derive`). The encoder runs once per
 batch; the first decoder step returns the self-attention K/V and the
 cross-attention K/V, which later steps feed back, so cross-attention keys and
 values are computed once per source. `io` chooses how the cache travels between
@@ -42,6 +42,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from labkit.core.data import iter_batches
+from labkit.core.translator import translator_for
+from labkit.engines.onnx_graphs import read_sidecar
+from labkit.measure.quality import latency
+
 OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 IO_MODES = ("numpy", "ortvalue", "binding")
 DEFAULT_IO = "numpy"  # OrtStepper, translator(), labkit bench: "binding" measured no faster on CPU (docstring)
@@ -52,7 +57,7 @@ def _ort():
     try:
         import onnxruntime
     except ImportError as exc:
-        raise ImportError("labkit.runtime needs ONNX Runtime: `pip install onnxruntime` "
+        raise ImportError("labkit.engines.ort needs ONNX Runtime: `pip install onnxruntime` "
                           "(or onnxruntime-gpu on a CUDA machine)") from exc
     return onnxruntime
 
@@ -85,18 +90,17 @@ def load_session(path: Path, threads: int = 1, optimization: str = "all",
     ort = _ort()
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing; re-export with labkit.export.export")
+        raise FileNotFoundError(f"{path} is missing; re-export with labkit.engines.onnx_export.export")
     try:
         return ort.InferenceSession(str(path), session_options(threads, optimization), providers=list(providers))
     except Exception as exc:  # ORT raises its own pybind exception types (InvalidProtobuf, Fail, ...)
         raise RuntimeError(f"ONNX Runtime cannot load {path}: {exc.__class__.__name__}: {str(exc)[:300]}. "
-                           "The file is corrupt or incomplete; re-export it (labkit.export.export)") from exc
+                           "The file is corrupt or incomplete; re-export it (labkit.engines.onnx_export.export)") from exc
 
 
 def load_sessions(directory: Path | str, threads: int = 1, optimization: str = "all",
                   providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> dict[str, Any]:
     """{graph: InferenceSession} for encoder, decoder, decoder_with_past of an export directory."""
-    from labkit.export import read_sidecar
 
     directory = Path(directory)
     meta = read_sidecar(directory)
@@ -153,9 +157,8 @@ class OrtStepper:
 
     @classmethod
     def from_dir(cls, directory: Path | str, threads: int = 1, optimization: str = "all", io: str = DEFAULT_IO,
-                 providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> "OrtStepper":
+                 providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> OrtStepper:
         """OrtStepper.from_dir(ensure_onnx("ci"), threads=2) — any labkit ONNX directory."""
-        from labkit.export import read_sidecar
 
         meta = read_sidecar(directory)
         return cls(load_sessions(directory, threads, optimization, providers), meta, io)
@@ -277,7 +280,6 @@ class OrtStepper:
 def translator(directory: Path | str, bundle, preset, *, threads: int | None = None, optimization: str = "all",
                io: str = DEFAULT_IO, num_beams: int = 1):
     """A Translator over an export directory, decoding as the preset says (tokenizer from `bundle`)."""
-    from labkit.pipeline import translator_for
 
     stepper = OrtStepper.from_dir(directory, threads=threads or preset.threads, optimization=optimization, io=io)
     return translator_for(bundle, preset, stepper, num_beams=num_beams)
@@ -285,7 +287,6 @@ def translator(directory: Path | str, bundle, preset, *, threads: int | None = N
 
 def translate_ids(translator, texts: list[str], batch_size: int = 16) -> tuple[list[list[int]], list[str]]:
     """Generated ids and texts for `texts`, in batches (the ids feed evaluate.agreement)."""
-    from labkit.data import iter_batches
 
     ids, out = [], []
     for batch in iter_batches(texts, batch_size):
@@ -313,8 +314,7 @@ SESSION_CONFIGS = (SessionConfig("disable", "numpy"), SessionConfig("basic", "nu
 
 def session_sweep(directory: Path | str, bundle, preset, texts: list[str],
                   configs: tuple[SessionConfig, ...] = SESSION_CONFIGS) -> dict[str, Any]:
-    """{label: Measurement} of batch-1 latency (labkit.evaluate.latency) per session setting."""
-    from labkit.evaluate import latency
+    """{label: Measurement} of batch-1 latency (labkit.measure.quality.latency) per session setting."""
 
     return {c.label: latency(translator(directory, bundle, preset, optimization=c.optimization, io=c.io),
                              texts, preset, label=c.label) for c in configs}

@@ -1,13 +1,13 @@
 """Where the time of one translation goes: stages, operators, input length, threads.
 
-    budget = budget_for("ci")                        # how much profiling a ci run affords
+    budget = Preset.from_name("ci").profile          # how much profiling a ci run affords
     table = stage_breakdown(translator, texts, warmup=budget.warmup, repeats=budget.repeats)
     by_category(table)      # preprocessing / tokenizer / model inference / postprocessing
     operator_table(translator, texts[0])             # top torch ops by self CPU time
     length_curve(translator, texts, (4, 16, 32))     # latency vs source tokens
     thread_effect(translator, texts, (1, 2))         # latency per intra-op thread count
 
-Every timing goes through `labkit.bench.measure` (warm-up, repeats, p50/p95/IQR,
+Every timing goes through `labkit.measure.timing.measure` (warm-up, repeats, p50/p95/IQR,
 noise flag) at batch 1. Stage times come from the Translator's own timers
 (`Result.timings_ms`), so they add up to the end-to-end time; the small rest is
 Python glue around the stages. Left out: GPU kernel traces, per-operator memory,
@@ -17,11 +17,10 @@ flame graphs, and profiling batched or served traffic (labkit.serve).
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from labkit import bench
-from labkit.pipeline import STAGES
+from labkit.core.translator import STAGES
+from labkit.measure import timing
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -36,68 +35,28 @@ CATEGORIES = {
 }
 
 
-@dataclass(frozen=True)
-class ProfileBudget:
-    """How much profiling one model gets within a run; None fields fall back to the model's preset."""
-
-    sentences: int  # bench sentences timed one by one for the stage breakdown
-    warmup: int  # untimed calls before each measurement
-    repeats: int  # timed calls per sentence, per input length and per thread count
-    lengths: tuple[int, ...] | None = None  # source lengths in tokens; None = preset.profile_lengths
-    thread_counts: tuple[int, ...] | None = None  # None = preset.thread_counts
-    top_ops: int = 15  # rows of the operator table
-
-
-# Keyed (run preset, profiled preset): notebook 01 on ci also profiles opus-mt-shape, whose
-# forced 40-token decode costs ~1 s a call on 2 idle cores (several on busy ones), so ci keeps
-# that side to ~17 calls in all.
-PROFILE_BUDGETS: dict[tuple[str, str], ProfileBudget] = {
-    ("ci", "ci"): ProfileBudget(sentences=8, warmup=2, repeats=5),
-    ("ci", "opus-mt-shape"): ProfileBudget(sentences=1, warmup=1, repeats=2, lengths=(8, 32)),
-    ("workshop", "workshop"): ProfileBudget(sentences=32, warmup=3, repeats=10),
-    ("workshop", "opus-mt-shape"): ProfileBudget(sentences=8, warmup=2, repeats=5),
-    ("opus-mt-shape", "opus-mt-shape"): ProfileBudget(sentences=8, warmup=2, repeats=5),
-    ("opus-mt-zh-en", "opus-mt-zh-en"): ProfileBudget(sentences=16, warmup=3, repeats=5),
-}
-
-
-def budget_for(run_preset: str, profiled: str | None = None) -> ProfileBudget:
-    """The budget for profiling preset `profiled`'s model (default: the run's own) in a run.
-
-    budget_for("ci") -> 8 sentences x 5 repeats; budget_for("ci", "opus-mt-shape") -> 1 x 2.
-    A pair not in PROFILE_BUDGETS is derived from the profiled preset's bench_* fields.
-    """
-    from labkit.config import Preset
-
-    profiled = profiled or run_preset
-    if (run_preset, profiled) in PROFILE_BUDGETS:
-        return PROFILE_BUDGETS[(run_preset, profiled)]
-    p = Preset.from_name(profiled)
-    return ProfileBudget(sentences=p.bench_sentences, warmup=p.bench_warmup, repeats=p.bench_repeats)
-
-
 # ---------------------------------------------------------------- primitives
 
 
 def _timed_runs(translator, text: str, warmup: int, repeats: int, label: str = ""):
     """Measure translator.run([text]); return (Measurement, the timed calls' Results in order)."""
     results = []
-    m = bench.measure(lambda: results.append(translator.run([text])), warmup=warmup,
+    m = timing.measure(lambda: results.append(translator.run([text])), warmup=warmup,
                       repeats=repeats, label=label)
     return m, results[-m.n:]  # the first `warmup` results were untimed
 
 
-def pooled(measurements: list[bench.Measurement], label: str = "") -> bench.Measurement:
+def pooled(measurements: list[timing.Measurement], label: str = "") -> timing.Measurement:
     """One Measurement holding every timed call of several (e.g. one per sentence)."""
     times = tuple(t for m in measurements for t in m.times_ms)
-    return bench.Measurement(times, threads=measurements[0].threads,
-                             peak_rss_mb=bench.peak_rss_mb(), label=label)
+    return timing.Measurement(times, threads=measurements[0].threads,
+                             peak_rss_mb=timing.peak_rss_mb(), label=label)
 
 
-def _stat_columns(m: bench.Measurement) -> dict:
+def _stat_columns(m: timing.Measurement) -> dict:
     """Row fields of a table: p50, p95, q1, q3, iqr, n, noisy (q1/q3 give error bars)."""
-    return {"p50_ms": m.p50, "p95_ms": m.p95, "q1_ms": bench.percentile(m.times_ms, 0.25),
-            "q3_ms": bench.percentile(m.times_ms, 0.75), "iqr_ms": m.iqr, "n": m.n, "noisy": m.noisy}
+    return {"p50_ms": m.p50, "p95_ms": m.p95, "q1_ms": timing.percentile(m.times_ms, 0.25),
+            "q3_ms": timing.percentile(m.times_ms, 0.75), "iqr_ms": m.iqr, "n": m.n, "noisy": m.noisy}
 
 
 def text_of_length(tokenizer, corpus: list[str], tokens: int) -> str:
@@ -145,11 +104,11 @@ def stage_breakdown(translator, texts: list[str], *, warmup: int, repeats: int) 
     ms = {s: statistics.fmean(row[s] for row in per_sentence) for s in STAGES}
     total = sum(ms.values())
     table = pd.DataFrame([{"stage": s, "category": CATEGORIES[s], "ms": ms[s],
-                           "p95_ms": bench.percentile(samples[s], 0.95),
+                           "p95_ms": timing.percentile(samples[s], 0.95),
                            "pct": 100 * ms[s] / total if total else 0.0} for s in STAGES])
     everything = pooled(measurements, "end to end")
     table.attrs = {"end_to_end_ms": statistics.fmean(m.p50 for m in measurements),
-                   "latency": bench.as_latency(everything), "noisy": everything.noisy,
+                   "latency": timing.as_latency(everything), "noisy": everything.noisy,
                    "sentences": len(texts), "repeats": repeats, "threads": everything.threads}
     return table
 
@@ -184,7 +143,7 @@ def operator_table(translator, text: str, top: int = 15) -> pd.DataFrame:
 
     translator.run([text])  # warm-up outside the profile
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        m = bench.measure(lambda: translator.run([text]), warmup=0, repeats=1, label="profiled call")
+        m = timing.measure(lambda: translator.run([text]), warmup=0, repeats=1, label="profiled call")
     events = list(prof.key_averages())
     total_self = sum(e.self_cpu_time_total for e in events) or 1.0
     rows = [{"op": e.key, "calls": e.count, "self_cpu_ms": e.self_cpu_time_total / 1e3,
@@ -224,18 +183,18 @@ def thread_effect(translator, texts: list[str], counts, *, warmup: int, repeats:
 
     import pandas as pd
 
-    saved_threads = bench.current_threads()
-    saved_env = {v: os.environ.get(v) for v in bench.THREAD_ENV_VARS}
+    saved_threads = timing.current_threads()
+    saved_env = {v: os.environ.get(v) for v in timing.THREAD_ENV_VARS}
     rows = []
     try:
         for n in counts:
-            bench.pin_threads(n)
+            timing.pin_threads(n)
             cycle = itertools.cycle(texts)
-            m = bench.measure(lambda: translator.translate([next(cycle)]), warmup=warmup,
+            m = timing.measure(lambda cycle=cycle: translator.translate([next(cycle)]), warmup=warmup,
                               repeats=repeats * len(texts), label=f"{n} threads")
-            rows.append({"threads": n, **_stat_columns(m), "cores": bench.usable_cores()})
+            rows.append({"threads": n, **_stat_columns(m), "cores": timing.usable_cores()})
     finally:
-        bench.pin_threads(saved_threads)
+        timing.pin_threads(saved_threads)
         for var, value in saved_env.items():
             if value is None:
                 os.environ.pop(var, None)

@@ -1,7 +1,7 @@
-"""The embedded Chinese→English corpus and loaders for real corpora.
+"""The embedded Chinese→English corpus: a seeded grammar over a 300-word lexicon, and what its test split holds out.
 
 `generate_corpus(seed)` writes sentences from a small grammar over the lexicon in
-`labkit.lexicon`: pronouns and names with verb agreement, numerals with measure
+`labkit.core.lexicon`: pronouns and names with verb agreement, numerals with measure
 words, tense and aspect (了/会/正在), negation (不/没), yes/no and wh-questions,
 locations, comparatives, possessives and two-clause sentences. Every Chinese
 sentence has exactly one English reference, so BLEU measures the model, not the
@@ -14,32 +14,22 @@ subjects or comparisons, so some held-out pairs reached training too;
 `unseen_pairs` measures on the text itself what the test split really holds that
 training lacks (22 % of the committed test sentences).
 
+    splits = generate_corpus(seed=0)      # {"train": [Pair, ...], "dev": [...], "test": [...]}
+
 Left out: a second reference per sentence, dialogue, and vocabulary beyond the
-lexicon. Real data comes in through `read_tsv`, `read_parallel` and
-`load_sacrebleu_testset`.
+lexicon. Real data comes in through labkit.core.data (`read_tsv`, `read_parallel`,
+`load_sacrebleu_testset`).
 """
 
 from __future__ import annotations
 
 import random
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Iterable, Iterator
 
-from labkit import lexicon as lx
-
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
-SPLITS = ("train", "dev", "test")
-
-
-@dataclass(frozen=True)
-class Pair:
-    """One source sentence and its reference translation."""
-
-    zh: str
-    en: str
-
+from labkit.core import lexicon as lx
+from labkit.core.data import SPLITS, Pair
 
 # --------------------------------------------------------------------------- lexicon
 
@@ -590,74 +580,3 @@ def unseen_pairs(test: list[Pair], train: list[Pair]) -> list[set[tuple[str, str
     vocabulary = english_content_words()
     seen = set().union(*(content_pairs(p.en, vocabulary) for p in train))
     return [content_pairs(p.en, vocabulary) - seen for p in test]
-
-
-# --------------------------------------------------------------------------- files
-
-
-def write_tsv(pairs: Iterable[Pair], path: Path) -> None:
-    """Write `zh<TAB>en` lines atomically (temp file + rename)."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("".join(f"{p.zh}\t{p.en}\n" for p in pairs), encoding="utf-8")
-    tmp.replace(path)
-
-
-def read_tsv(path: Path | str, limit: int | None = None) -> list[Pair]:
-    """Read `source<TAB>target` lines; a malformed line is an error naming the line."""
-    pairs = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if limit is not None and len(pairs) >= limit:
-                break
-            parts = line.rstrip("\n").split("\t")
-            if len(parts) != 2:
-                raise ValueError(f"{path}:{i}: expected 2 tab-separated columns, got {len(parts)}")
-            pairs.append(Pair(*parts))
-    return pairs
-
-
-def read_parallel(src_path: Path | str, tgt_path: Path | str, limit: int | None = None) -> list[Pair]:
-    """Read a line-aligned pair of plain-text files (one sentence per line)."""
-    src = Path(src_path).read_text(encoding="utf-8").splitlines()
-    tgt = Path(tgt_path).read_text(encoding="utf-8").splitlines()
-    if len(src) != len(tgt):
-        raise ValueError(f"{src_path} has {len(src)} lines but {tgt_path} has {len(tgt)}")
-    return [Pair(s, t) for s, t in zip(src, tgt)][:limit]
-
-
-def load_split(split: str, limit: int | None = None, data_dir: Path = DATA_DIR) -> list[Pair]:
-    """The embedded corpus split ('train', 'dev' or 'test')."""
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
-    path = Path(data_dir) / f"{split}.tsv"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing; recreate it with `python -m labkit.train corpus`")
-    return read_tsv(path, limit)
-
-
-def load_sacrebleu_testset(name: str = "wmt20", langpair: str = "zh-en",
-                           limit: int | None = None) -> list[Pair]:
-    """A named sacreBLEU test set (downloads on first use; needs internet once).
-
-    >>> load_sacrebleu_testset("wmt20", "zh-en")[:1]   # doctest: +SKIP
-    """
-    from sacrebleu.dataset import DATASETS
-
-    if name not in DATASETS:
-        raise ValueError(f"sacreBLEU has no test set {name!r}")
-    dataset = DATASETS[name]
-    try:
-        dataset.process_to_text(langpair)
-        src, ref = dataset.get_files(langpair)[:2]
-    except Exception as exc:  # network errors surface as many exception types
-        raise ConnectionError(
-            f"could not fetch sacreBLEU test set {name}/{langpair} ({exc}); it needs internet "
-            "the first time, or use read_tsv/read_parallel on local files") from exc
-    return read_parallel(src, ref, limit)
-
-
-def iter_batches(items: list, size: int) -> Iterator[list]:
-    """[1,2,3,4,5], 2 -> [1,2], [3,4], [5]."""
-    for i in range(0, len(items), size):
-        yield items[i:i + size]

@@ -17,6 +17,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from labkit.measure import ledger
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -49,7 +51,6 @@ def load(path: str | Path) -> pd.DataFrame:
     """`ledger.read(path)`, or an empty ledger DataFrame when the file does not exist yet."""
     import pandas as pd
 
-    from labkit import ledger
 
     if Path(path).exists():
         return ledger.read(path)
@@ -91,7 +92,6 @@ def _gate_text(passed, name) -> str:
 
 def _profile_stages(df: pd.DataFrame) -> pd.DataFrame:
     """Stage columns of the latest profiling record per parent variant, indexed by that parent."""
-    from labkit import ledger
 
     profiles = df[(_col(df, "technique") == "profiling") & _col(df, "parent").notna()]
     if profiles.empty:
@@ -113,7 +113,6 @@ def before_after(df: pd.DataFrame, baseline: str = BASELINE, include_profiling: 
     """
     import pandas as pd
 
-    from labkit import ledger
 
     columns = [*TEXT_COLUMNS, *(c for c, _ in METRIC_COLUMNS), "speedup_vs_teacher", "gate", "status", "reason"]
     if df.empty:
@@ -170,7 +169,7 @@ def save(table: pd.DataFrame, directory: str | Path) -> Path:
 
 
 def environment_table(env: dict) -> pd.DataFrame:
-    """`labkit.bench.environment()` as rows (item, value, meaning), saying plainly what is absent.
+    """`labkit.measure.timing.environment()` as rows (item, value, meaning), saying plainly what is absent.
 
     {"gpu": None, "versions": {"tensorrt": None, ...}} -> rows 'GPU: none (CUDA not available) ...'
     """
