@@ -21,14 +21,8 @@ TINY_STEPS = 600
 
 
 def hardware_missing() -> dict[str, str]:
-    """Why each hardware marker cannot run here: {"cuda": "no CUDA device", ...}; absent keys can run."""
-    missing = {}
-    if not timing.gpu_name():
-        missing["cuda"] = missing["tensorrt"] = "needs an NVIDIA GPU (none found)"
-    versions = timing.environment()["versions"]
-    if "tensorrt" not in missing and not versions.get("tensorrt"):
-        missing["tensorrt"] = "needs the tensorrt package (pip install -e '.[trt]' on a GPU machine)"
-    return missing
+    """Why each hardware marker cannot run here: {"cuda": "needs an NVIDIA GPU (none found)", ...}."""
+    return {m: why for m in ("cuda", "tensorrt") if (why := timing.unavailable(m))}
 
 
 def pytest_collection_modifyitems(config, items):

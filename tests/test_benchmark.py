@@ -9,6 +9,8 @@ import sys
 import pytest
 import torch
 
+from labkit.config import Preset
+from labkit.core.bundle import load_bundle
 from labkit.lab import bench
 from labkit.measure import ledger
 
@@ -97,7 +99,7 @@ def test_a_variant_failing_its_gate_is_recorded_failed_and_not_timed(tiny_bundle
     monkeypatch.setattr(ort_int8, "ensure_blocks", lambda *a, **k: {"blocks": ["ffn"], "basis": "test: ffn only"})
     failing = {"name": "bleu-drop<=1.0", "passed": False, "detail": "BLEU 20.00 vs fp32 parent 31.50: drop 11.50"}
     monkeypatch.setattr(bench, "variant_gate", lambda *a, **k: dict(failing))
-    df = bench.run_bench("ci", ["torch", "ort-fp32", "ort-int8"], threads=1, bundle_name="tiny",
+    df = bench.run_bench(Preset.from_name("ci"), load_bundle(tmp_path / "ci" / "tiny"), ["torch", "ort-fp32", "ort-int8"], threads=1,
                              progress=False).set_index("variant")
     assert fake_workers == ["torch", "ort-fp32"]
     assert list(df["status"]) == ["ok", "ok", "failed"]
@@ -139,7 +141,8 @@ def test_run_bench_in_own_processes(artifacts, monkeypatch):
     each row became a ledger record with its gate, and only passed variants carry latencies."""
     monkeypatch.setenv("LABKIT_ARTIFACTS", str(artifacts))
     variants = ["torch", "ort-int8", "ct2-fp32"]
-    df = bench.run_bench("ci", variants, threads=1, bundle_name="tiny", progress=False).set_index("variant")
+    df = bench.run_bench(Preset.from_name("ci"), load_bundle(artifacts / "ci" / "tiny"), variants, threads=1,
+                         progress=False).set_index("variant")
     assert list(df.index) == variants
     assert df.loc["torch", "speedup"] == 1.0 and df.loc["torch", "gate"] is None
     assert df.loc["ct2-fp32", "gate"] == "agreement>=0.95" and df.loc["ct2-fp32", "status"] == "ok"

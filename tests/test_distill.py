@@ -16,11 +16,14 @@ import torch
 
 from labkit.compress import distill
 from labkit.compress.training import collate, encode_pairs
+from labkit.config import Preset
 from labkit.core import data
 from labkit.core.bundle import bundle_for, load_bundle
 from labkit.core.decode import DecodeConfig, TorchStepper, decode
 from labkit.lab import nb03_distillation
 from labkit.measure import gates, ledger
+
+CI = Preset.from_name("ci")
 
 TINY_BUDGET = distill.DistillBudget(steps=40, batch_size=32, lr=2e-3, warmup=5, eval_every=40,
                                     train_sentences=2000, dev_sentences=8, seq_kd_sentences=16,
@@ -166,23 +169,22 @@ def test_seq_kd_data_is_the_teachers_greedy_output(tiny_bundle):
 def test_ensure_student_builds_once_and_records_its_recipe(tiny_bundle, tmp_path, monkeypatch):
     monkeypatch.setenv("LABKIT_ARTIFACTS", str(tmp_path))
     budget = dataclasses.replace(TINY_BUDGET, steps=4, eval_every=2)
-    path = distill.ensure_student("ci", "bottom", decoder_layers=1, teacher=tiny_bundle, budget=budget,
-                                  progress=False)
+    path = distill.ensure_student(CI, tiny_bundle, "bottom", decoder_layers=1, budget=budget, progress=False)
     assert path == tmp_path / "ci" / "student-bottom"
     meta = json.loads((path / "bundle.json").read_text())
     d = meta["distillation"]
     assert d["teacher"] == "teacher" and d["decoder_layer_map"] == [1] and d["steps"] == 4
     assert d["loss_weights"] == {"alpha": 0.7, "beta": 0.2, "gamma": 0.1}
     assert [r["step"] for r in d["history"]] == [0, 2, 4] and math.isfinite(d["final_dev_bleu"])
-    assert len(d["loss_curve"]) == 4 and d["recipe"]["budget"]["steps"] == 4
+    assert len(d["loss_curve"]) == 4 and meta["artifact"]["recipe"]["budget"]["steps"] == 4
 
     def no_training(*args, **kwargs):
         raise AssertionError("a cached student was rebuilt")
 
     monkeypatch.setattr(distill, "train_student", no_training)
-    assert distill.ensure_student("ci", "bottom", decoder_layers=1, teacher=tiny_bundle, budget=budget) == path
+    assert distill.ensure_student(CI, tiny_bundle, "bottom", decoder_layers=1, budget=budget) == path
     with pytest.raises(AssertionError, match="rebuilt"):  # a different recipe is a different student
-        distill.ensure_student("ci", "bottom", decoder_layers=1, teacher=tiny_bundle,
+        distill.ensure_student(CI, tiny_bundle, "bottom", decoder_layers=1,
                                budget=dataclasses.replace(budget, steps=5))
 
 
@@ -220,7 +222,7 @@ def test_a_pruned_teacher_distils_into_a_shrunk_seq_kd_student_that_reloads(tiny
     plan = {"encoder_self": {1: [1, 2]}, "decoder_self": {0: [3], 1: [0, 2]}, "cross": {1: [3]}}
     pruned = prune.prune_bundle(tiny_bundle, plan, "pruned-x")
     budget = dataclasses.replace(TINY_BUDGET, steps=4, eval_every=4, seq_kd_sentences=16)
-    path = distill.ensure_student("ci", "bottom", decoder_layers=1, encoder_layers=1, seq_kd=True, teacher=pruned,
+    path = distill.ensure_student(CI, pruned, "bottom", decoder_layers=1, encoder_layers=1, seq_kd=True,
                                   budget=budget, progress=False)
     assert path == tmp_path / "ci" / "student-bottom-enc1-seqkd-from-pruned-x"
     student = load_bundle(path)
@@ -231,7 +233,7 @@ def test_a_pruned_teacher_distils_into_a_shrunk_seq_kd_student_that_reloads(tiny
     d = student.meta["distillation"]
     assert d["teacher"] == "pruned-x" and d["seq_kd"] and d["steps"] == 4
     assert d["encoder_layer_map"] == [1] and d["decoder_layer_map"] == [1]
-    assert 0 < d["train_pairs"] <= 16 and (tmp_path / "ci" / "seqkd-pruned-x.tsv").exists()
+    assert 0 < d["train_pairs"] <= 16 and (tmp_path / "ci" / "seqkd-pruned-x" / "pairs.tsv").exists()
     dev = data.load_split("dev", limit=budget.dev_sentences)
     assert round(greedy_bleu(student.model, student.tokenizer, dev), 3) == d["final_dev_bleu"]
     assert student.params < pruned.params

@@ -49,8 +49,8 @@ def test_latency_cycles_sentences_with_preset_repeats():
 
 def test_evaluate_on_tiny_bundle(tiny_bundle):
     from labkit.core.data import load_split
-    from labkit.core.translator import Translator
+    from labkit.core.translator import StepperTranslator
 
     pairs = load_split("test", limit=8)
-    scores, hyps = quality.evaluate(Translator(tiny_bundle), pairs, batch_size=4)
+    scores, hyps = quality.evaluate(StepperTranslator(tiny_bundle), pairs, batch_size=4)
     assert len(hyps) == 8 and scores.n == 8 and 0.0 <= scores.bleu <= 100.0

@@ -16,6 +16,7 @@ import shutil
 import pytest
 import torch
 
+from labkit.config import Preset
 from labkit.core import data
 from labkit.core.decode import DecodeConfig, TorchStepper, decode
 from labkit.engines import onnx_export
@@ -185,17 +186,18 @@ def test_derive_makes_a_runnable_copy(tiny_bundle, dynamo_dir, sources, tmp_path
 
 def test_ensure_onnx_builds_once_and_again_when_the_bundle_changes(tiny_bundle, tmp_path, monkeypatch):
     monkeypatch.setenv("LABKIT_ARTIFACTS", str(tmp_path))
-    monkeypatch.setattr(onnx_export, "bundle_for", lambda preset, name: tiny_bundle)
-    out = onnx_export.ensure_onnx("ci", exporters=FAST)
+    ci = Preset.from_name("ci")
+    out = onnx_export.ensure_onnx(ci, tiny_bundle, exporters=FAST)
     assert out == tmp_path / "ci" / "onnx-teacher"
     assert json.loads((out / SIDECAR).read_text())["source"]["name"] == tiny_bundle.name
-    real_export, calls = onnx_export.export, []
+    real_export, calls = onnx_export.write_export, []
 
     def counting_export(*args, **kwargs):
         calls.append(1)
         return real_export(*args, **kwargs)
 
-    monkeypatch.setattr(onnx_export, "export", counting_export)
-    assert onnx_export.ensure_onnx("ci", exporters=FAST) == out and calls == []
-    tiny_bundle.meta["retrained"] = True  # a different source bundle: the old export is stale
-    assert onnx_export.ensure_onnx("ci", exporters=FAST) == out and calls == [1]
+    monkeypatch.setattr(onnx_export, "write_export", counting_export)
+    assert onnx_export.ensure_onnx(ci, tiny_bundle, exporters=FAST) == out and calls == []
+    with torch.no_grad():  # other weights (a retrained teacher): the old export is stale
+        tiny_bundle.model.model.encoder.layers[0].fc1.bias[0] += 1e-3
+    assert onnx_export.ensure_onnx(ci, tiny_bundle, exporters=FAST) == out and calls == [1]

@@ -7,14 +7,14 @@ about its absence and about what no engine runs (vocabulary, install hint) alway
 from __future__ import annotations
 
 import importlib.util
-import json
 import shutil
 import sys
 
 import pytest
 import torch
 
-from labkit.core.bundle import Bundle
+from labkit.config import Preset
+from labkit.core.bundle import Bundle, load_bundle
 from labkit.core.data import load_split
 from labkit.core.decode import DecodeConfig, TorchStepper, greedy
 from labkit.engines import ct2
@@ -152,6 +152,25 @@ def test_run_keeps_order_notes_and_stage_timings(fixture_ct2):
         ct2.Ct2Translator(dirs["float32"]).run("我喜欢猫。")
 
 
+BAD_INPUTS = ["", "   ", None, 42, "我喜欢\x07猫。", "Hello, how are you?", "我们有三本书。" * 200]
+
+
+@requires_ct2
+def test_every_engine_treats_bad_input_the_same_way(fixture_ct2):
+    """The shared Translator base: CTranslate2 gives the same empty outputs and the same notes as the
+    PyTorch translator (truncation of over-long input included), input by input, in order."""
+    from labkit.core.translator import StepperTranslator
+
+    bundle, dirs = fixture_ct2
+    cfg = DecodeConfig(max_new_tokens=16)
+    torch_result = StepperTranslator(bundle, decode=cfg).run(BAD_INPUTS)
+    ct2_result = ct2.Ct2Translator(dirs["float32"], decode=cfg).run(BAD_INPUTS)
+    assert ct2_result.notes == torch_result.notes
+    assert any(n.startswith("truncated from") for n in ct2_result.notes[-1])
+    assert [t == "" for t in ct2_result.texts] == [t == "" for t in torch_result.texts] == [
+        True, True, True, True, False, False, False]
+
+
 def test_missing_ctranslate2_says_how_to_install(monkeypatch):
     """Runs with or without CTranslate2: a None entry in sys.modules makes the import fail."""
     monkeypatch.setitem(sys.modules, "ctranslate2", None)
@@ -173,12 +192,14 @@ def test_ensure_ct2_converts_again_for_a_changed_bundle(tiny_bundle_dir, tmp_pat
     and the swap leaves no old copy beside the new one."""
     monkeypatch.setenv("LABKIT_ARTIFACTS", str(tmp_path))
     shutil.copytree(tiny_bundle_dir, tmp_path / "ci" / "tiny")
-    out = ct2.ensure_ct2("ci", "tiny", "float32")
+    ci, tiny = Preset.from_name("ci"), load_bundle(tmp_path / "ci" / "tiny")
+    out = ct2.ensure_ct2(ci, tiny, "float32")
     made = (out / ct2.SIDECAR).read_text()
-    assert ct2.ensure_ct2("ci", "tiny", "float32") == out and (out / ct2.SIDECAR).read_text() == made
-    meta_path = tmp_path / "ci" / "tiny" / "bundle.json"
-    meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "retrained": True}))
-    assert ct2.ensure_ct2("ci", "tiny", "float32") == out
+    assert ct2.ensure_ct2(ci, tiny, "float32") == out and (out / ct2.SIDECAR).read_text() == made
+    with torch.no_grad():  # other weights: a retrained bundle
+        tiny.model.model.encoder.layers[0].fc1.bias[0] += 1e-3
+    tiny.meta["retrained"] = True
+    assert ct2.ensure_ct2(ci, tiny, "float32") == out
     assert ct2.read_ct2_sidecar(out)["source"]["meta"]["retrained"] is True
     assert ct2.Ct2Translator(out).translate(["我喜欢猫。"])[0]
     assert sorted(p.name for p in (tmp_path / "ci").iterdir()) == ["ct2-tiny-float32", "tiny"]

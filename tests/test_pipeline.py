@@ -6,14 +6,14 @@ import pytest
 
 from labkit.core import data
 from labkit.core.decode import DecodeConfig
-from labkit.core.translator import STAGES, Translator, normalize
+from labkit.core.translator import STAGES, StepperTranslator, normalize
 
 BAD = ["", "   \t\n", "我喜欢猫。" * 1000, "Hello, how are you?", "我喜欢🐱\x07猫。", "\x00\x01\x02", "他去了北京。"]
 
 
 @pytest.fixture()
 def translator(tiny_bundle):
-    return Translator(tiny_bundle, decode=DecodeConfig(max_new_tokens=12))
+    return StepperTranslator(tiny_bundle, decode=DecodeConfig(max_new_tokens=12))
 
 
 def test_bad_input_batch_gives_one_output_per_input_in_order(translator):
@@ -30,7 +30,7 @@ def test_bad_input_batch_gives_one_output_per_input_in_order(translator):
 
 
 def test_truncation_respects_the_limit(tiny_bundle):
-    translator = Translator(tiny_bundle, decode=DecodeConfig(max_new_tokens=4), max_input_tokens=16)
+    translator = StepperTranslator(tiny_bundle, decode=DecodeConfig(max_new_tokens=4), max_input_tokens=16)
     result = translator.run(["我喜欢猫。" * 50])
     assert result.notes[0] and result.notes[0][0].endswith("to 16 tokens")
 

@@ -10,7 +10,7 @@ import torch
 from labkit.config import Preset
 from labkit.core import data
 from labkit.core.decode import DecodeConfig
-from labkit.core.translator import STAGES, Result, Translator
+from labkit.core.translator import STAGES, Result, StepperTranslator
 from labkit.measure import profiling
 
 FIXED = {"normalize": 1.0, "tokenize": 2.0, "encode": 3.0, "decode": 10.0, "detokenize": 4.0}
@@ -25,7 +25,7 @@ class FixedTimings:
 
 @pytest.fixture()
 def translator(tiny_bundle):
-    return Translator(tiny_bundle, decode=DecodeConfig(max_new_tokens=12))
+    return StepperTranslator(tiny_bundle, decode=DecodeConfig(max_new_tokens=12))
 
 
 def test_stage_breakdown_reports_the_stage_timers_exactly():
@@ -66,7 +66,7 @@ def test_text_of_length_hits_the_token_count(tiny_bundle, tokens):
 
 
 def test_length_curve_with_forced_length(tiny_bundle):
-    translator = Translator(tiny_bundle, decode=DecodeConfig(forced_length=5))
+    translator = StepperTranslator(tiny_bundle, decode=DecodeConfig(forced_length=5))
     corpus = [p.zh for p in data.load_split("test", limit=5)]
     curve = profiling.length_curve(translator, corpus, (4, 16), warmup=0, repeats=2)
     assert curve["length"].tolist() == [4, 16] and (curve["output_tokens"] == 5).all()

@@ -48,6 +48,8 @@ from labkit.lab.nb02_pruning import (
 )
 from labkit.measure import ledger
 
+CI = Preset.from_name("ci")
+
 SOURCES = ["他去了北京。", "我喜欢猫。", "他们明天会去学校吗？", "我的朋友没有买三本书。"]
 # tiny fixture: 2 encoder + 2 decoder layers, 4 heads of head_dim 8 (d_model 32)
 PLANS = {
@@ -409,7 +411,7 @@ def test_ensure_pruned_reuses_only_the_same_recipe_and_names_a_fine_tuned_bundle
 
     monkeypatch.setenv(labkit.core.artifacts.ARTIFACTS_ENV, str(tmp_path))
     budget = dataclasses.replace(TINY_BUDGET, fractions=(0.0, 0.1, 0.25), finetune_steps=0)
-    path = prune.ensure_pruned("ci", 0.25, teacher=tiny_bundle, budget=budget)
+    path = prune.ensure_pruned(CI, tiny_bundle, 0.25, budget=budget)
     assert path == tmp_path / "ci" / "pruned-25pct"
     again = load_bundle(path)
     assert again.name == "pruned-25pct"
@@ -417,25 +419,25 @@ def test_ensure_pruned_reuses_only_the_same_recipe_and_names_a_fine_tuned_bundle
     expected = prune.prune_schedule(tiny_bundle.model, tiny_bundle.tokenizer, prune.calibration_pairs(budget),
                                     (0.0, 0.1, 0.25))[0.25]
     assert normalize_plan(again.meta["head_plan"]) == expected
-    assert again.meta["pruning"]["recipe"] == prune.pruning_recipe(tiny_bundle, budget, 0.25)
+    assert again.meta["artifact"]["recipe"] == prune.pruning_recipe(tiny_bundle, budget, 0.25)
 
-    tuned = prune.ensure_pruned("ci", 0.25, teacher=tiny_bundle,
+    tuned = prune.ensure_pruned(CI, tiny_bundle, 0.25,
                                 budget=dataclasses.replace(budget, finetune_steps=2))
     assert tuned == tmp_path / "ci" / "pruned-25pct-ft" and (path / "bundle.json").exists()  # both kept
     meta = load_bundle(tuned).meta
     assert meta["name"] == "pruned-25pct-ft" and meta["recovery_finetune"]["steps"] == 2
-    assert meta["pruning"]["recipe"]["finetune"]["steps"] == 2 and meta["head_plan"] == again.meta["head_plan"]
+    assert meta["artifact"]["recipe"]["finetune"]["steps"] == 2 and meta["head_plan"] == again.meta["head_plan"]
 
     def no_rebuild(*args, **kwargs):
         raise AssertionError("a cached pruned bundle was rebuilt")
 
     monkeypatch.setattr(prune, "prune_schedule", no_rebuild)
-    assert prune.ensure_pruned("ci", 0.25, teacher=tiny_bundle, budget=budget) == path
+    assert prune.ensure_pruned(CI, tiny_bundle, 0.25, budget=budget) == path
     with pytest.raises(AssertionError, match="rebuilt"):  # other calibration data: maybe another plan
-        prune.ensure_pruned("ci", 0.25, teacher=tiny_bundle,
+        prune.ensure_pruned(CI, tiny_bundle, 0.25,
                             budget=dataclasses.replace(budget, calibration_sentences=8))
     changed = copy.deepcopy(tiny_bundle)
     with torch.no_grad():
         changed.model.model.encoder.layers[0].fc1.bias[0] += 1.0
     with pytest.raises(AssertionError, match="rebuilt"):  # same name, other weights: a retrained teacher
-        prune.ensure_pruned("ci", 0.25, teacher=changed, budget=budget)
+        prune.ensure_pruned(CI, changed, 0.25, budget=budget)

@@ -16,10 +16,12 @@ from labkit.core.data import load_split
 from labkit.core.decode import DecodeConfig
 from labkit.engines import onnx_blocks as B
 from labkit.engines import ort_int8 as Q
-from labkit.engines.onnx_export import export
+from labkit.engines.onnx_export import ensure_onnx, export
 from labkit.engines.onnx_graphs import FILES, read_sidecar
 from labkit.engines.onnx_graphs import size_mb as export_size_mb
 from labkit.measure import gates
+
+CI = Preset.from_name("ci")
 
 
 @pytest.fixture(scope="module")
@@ -165,11 +167,11 @@ def test_qdq_is_symmetric_int8_in_standard_ops(onnx_dir, feeds, tmp_path, method
 
 
 def test_quantized_dir_runs_in_the_translator(onnx_dir, tiny_bundle, tmp_path):
-    from labkit.core.translator import Translator
+    from labkit.core.translator import StepperTranslator
     from labkit.engines.ort import OrtStepper
 
     out = Q.quantize_dir(onnx_dir, tmp_path / "dyn", "dynamic")
-    result = Translator(tiny_bundle, OrtStepper.from_dir(out)).run(["我喜欢猫。", ""])
+    result = StepperTranslator(tiny_bundle, OrtStepper.from_dir(out)).run(["我喜欢猫。", ""])
     assert result.texts[0] and result.texts[1] == ""
     assert json.loads((out / "onnx.json").read_text())["quantization"]["kind"] == "dynamic"
 
@@ -233,23 +235,29 @@ def test_speed_only_gate_says_how_little_it_proves():
 def root(tiny_bundle_dir, tmp_path, monkeypatch):
     """A fresh artifact root with the tiny fixture as bundle 'tiny' of preset ci, already exported
     with the TorchScript exporter (seconds), so ensure_onnx reuses it instead of exporting."""
-    from labkit.core.bundle import load_bundle
 
     monkeypatch.setenv("LABKIT_ARTIFACTS", str(tmp_path))
     shutil.copytree(tiny_bundle_dir, tmp_path / "ci" / "tiny")
     torch.set_num_threads(1)
-    export(load_bundle(tmp_path / "ci" / "tiny"), tmp_path / "ci" / "onnx-tiny", exporters=("torchscript",))
+    ensure_onnx(CI, tiny(tmp_path), exporters=("torchscript",))
     return tmp_path
 
 
-def retrain(root):
-    """What a retrained bundle and notebook 04 leave behind: new bundle metadata, a new export."""
+def tiny(root):
+    """The tiny fixture as the bundle under test, loaded from the artifact root."""
     from labkit.core.bundle import load_bundle
 
-    meta_path = root / "ci" / "tiny" / "bundle.json"
-    meta = json.loads(meta_path.read_text())
-    meta_path.write_text(json.dumps({**meta, "retrained": True}))
-    export(load_bundle(root / "ci" / "tiny"), root / "ci" / "onnx-tiny", exporters=("torchscript",))
+    return load_bundle(root / "ci" / "tiny")
+
+
+def retrain(root):
+    """What a retrained bundle and notebook 04 leave behind: other weights, a new export."""
+    bundle = tiny(root)
+    with torch.no_grad():
+        bundle.model.model.encoder.layers[0].fc1.bias[0] += 1e-3
+    bundle.meta["retrained"] = True
+    bundle.save(root / "ci" / "tiny")
+    ensure_onnx(CI, tiny(root), exporters=("torchscript",))
 
 
 def fake_sensitivity(calls, bleus):
@@ -266,28 +274,28 @@ def test_ensure_blocks_measures_once_per_export(root, monkeypatch):
     measured again after a re-export (its sidecar digest changed)."""
     calls = []
     monkeypatch.setattr(Q, "sensitivity", fake_sensitivity(calls, {"ffn": 29.5, "cross-attn": 29.0}))
-    choice = Q.ensure_blocks("ci", "tiny")
+    choice = Q.ensure_blocks(CI, tiny(root))
     assert choice["blocks"] == ["cross-attn", "ffn"] and choice["basis"].startswith("measured")
     stored = json.loads(Q.blocks_path("ci", "tiny").read_text())
     assert stored["schema"] == Q.BLOCKS_SCHEMA and stored["rows"][0]["block"] == "none"
     assert stored["parent_sidecar_sha256"] == Q.sidecar_digest(root / "ci" / "onnx-tiny")
-    assert Q.ensure_blocks("ci", "tiny")["blocks"] == ["cross-attn", "ffn"] and len(calls) == 1
+    assert Q.ensure_blocks(CI, tiny(root))["blocks"] == ["cross-attn", "ffn"] and len(calls) == 1
     retrain(root)
-    Q.ensure_blocks("ci", "tiny")
+    Q.ensure_blocks(CI, tiny(root))
     assert len(calls) == 2
     assert not [p.name for p in (root / "ci").iterdir() if p.name.startswith(".")], "no temp files left behind"
 
 
 def test_speed_only_default_is_the_body_not_measured(monkeypatch):
     monkeypatch.setattr(Q, "sensitivity", lambda *a, **k: pytest.fail("nothing to measure on random weights"))
-    choice = Q.ensure_blocks("opus-mt-shape")
+    choice = Q.ensure_blocks(Preset.from_name("opus-mt-shape"), None)
     assert tuple(choice["blocks"]) == B.BODY_BLOCKS and choice["rows"] is None
     assert "embeddings" not in choice["blocks"] and "lm-head" not in choice["blocks"]
 
 
 def test_ensure_quantized_uses_the_measured_blocks(root, monkeypatch):
     monkeypatch.setattr(Q, "sensitivity", fake_sensitivity([], {"ffn": 29.5}))
-    recipe = Q.recipe_of(Q.ensure_quantized("ci", "dynamic", "tiny"))
+    recipe = Q.recipe_of(Q.ensure_quantized(CI, tiny(root), "dynamic"))
     assert recipe["blocks"] == ["ffn"] and recipe["blocks_basis"].startswith("measured")
     assert recipe["ort_optimizer"] is True
 
@@ -295,22 +303,22 @@ def test_ensure_quantized_uses_the_measured_blocks(root, monkeypatch):
 def test_ensure_quantized_refuses_when_no_block_is_safe(root, monkeypatch):
     monkeypatch.setattr(Q, "sensitivity", fake_sensitivity([], {}))  # every block alone costs 5 BLEU
     with pytest.raises(AssertionError, match="int8-safe"):
-        Q.ensure_quantized("ci", "dynamic", "tiny")
+        Q.ensure_quantized(CI, tiny(root), "dynamic")
 
 
 def test_ensure_quantized_rebuilds_a_stale_copy(root):
     """Reused while made from the current export with the same settings; rebuilt after a re-export
     (a retrained teacher) and when the optimizer setting differs."""
-    out = Q.ensure_quantized("ci", "dynamic", "tiny", blocks=("ffn",))
+    out = Q.ensure_quantized(CI, tiny(root), "dynamic", blocks=("ffn",))
     made = (out / "onnx.json").read_text()
-    assert Q.ensure_quantized("ci", "dynamic", "tiny", blocks=("ffn",)) == out
+    assert Q.ensure_quantized(CI, tiny(root), "dynamic", blocks=("ffn",)) == out
     assert (out / "onnx.json").read_text() == made  # reused, not rebuilt
     retrain(root)
-    Q.ensure_quantized("ci", "dynamic", "tiny", blocks=("ffn",))
+    Q.ensure_quantized(CI, tiny(root), "dynamic", blocks=("ffn",))
     assert Q.recipe_of(out)["parent_sidecar_sha256"] == Q.sidecar_digest(root / "ci" / "onnx-tiny")
     assert read_sidecar(out)["source"]["meta"]["retrained"] is True
     Q.quantize_dir(root / "ci" / "onnx-tiny", out, "dynamic", ("ffn",), optimize=False)
-    assert Q.recipe_of(Q.ensure_quantized("ci", "dynamic", "tiny", blocks=("ffn",)))["ort_optimizer"] is True
+    assert Q.recipe_of(Q.ensure_quantized(CI, tiny(root), "dynamic", blocks=("ffn",)))["ort_optimizer"] is True
 
 
 def test_the_all_blocks_copy_lives_beside_the_default_and_says_why(root, monkeypatch):
@@ -319,8 +327,8 @@ def test_the_all_blocks_copy_lives_beside_the_default_and_says_why(root, monkeyp
     from labkit.lab import bench
 
     monkeypatch.setattr(Q, "sensitivity", fake_sensitivity([], {"ffn": 29.5}))
-    default = Q.ensure_quantized("ci", "dynamic", "tiny")
-    every = bench.artifact_for("ort-int8-all", "ci", "tiny")
+    default = Q.ensure_quantized(CI, tiny(root), "dynamic")
+    every = bench.artifact_for("ort-int8-all", CI, tiny(root))
     assert every != default and every.name.endswith("-all")
     assert Q.recipe_of(every)["blocks"] == list(B.BLOCKS) and Q.recipe_of(every)["blocks_basis"] == Q.ALL_BLOCKS_BASIS
-    assert Q.recipe_of(Q.ensure_quantized("ci", "dynamic", "tiny"))["blocks"] == ["ffn"]  # still the default
+    assert Q.recipe_of(Q.ensure_quantized(CI, tiny(root), "dynamic"))["blocks"] == ["ffn"]  # still the default

@@ -179,3 +179,26 @@ def test_cli_exit_code_and_message_name_the_failed_notebook_and_cell(lab):
 def test_cli_bad_input_exits_2(lab, args, message):
     proc = run_cli("--preset", "ci", "--notebooks-dir", "notebooks", *args, cwd=lab)
     assert proc.returncode == 2 and message in proc.stderr
+
+
+def test_a_notebook_whose_needs_are_missing_is_skipped_with_the_reason(tmp_path, monkeypatch):
+    """requirements.toml: 01 needs a capability this machine lacks -> skipped, said why; 02 still runs."""
+    nbs = tmp_path / "nbs"
+    nbs.mkdir()
+    write_notebook(nbs / "00_greet.ipynb", GREET)
+    write_notebook(nbs / "01_gpu.ipynb", [(None, "raise RuntimeError('must not run')")])
+    write_notebook(nbs / "02_after.ipynb", [(None, "x = 1")])
+    (nbs / "requirements.toml").write_text('["01_gpu"]\nneeds = ["cuda"]\noptional = []\n')
+    monkeypatch.setattr(runner.timing, "unavailable", lambda need: "needs an NVIDIA GPU (none found)")
+    results = runner.run_notebooks("ci", notebooks_dir=nbs, out_root=tmp_path / "out")
+    assert [r.status for r in results] == ["ok", "skipped", "ok"]
+    assert results[1].reason == "cuda: needs an NVIDIA GPU (none found)" and results[1].ok
+    runs = json.loads((tmp_path / "out" / "ci" / "runs.json").read_text())
+    assert runs["status"] == "ok" and runs["notebooks"][1]["reason"].startswith("cuda:")
+
+
+def test_requirements_name_only_known_capabilities(tmp_path):
+    (tmp_path / "requirements.toml").write_text('["06_x"]\nneeds = ["quantum"]\n')
+    with pytest.raises(RunnerError, match="unknown capabilities"):
+        runner.requirements(tmp_path)
+    assert set(runner.requirements(REPO / "notebooks")) >= {"06_tensorrt", "08_serving"}

@@ -63,11 +63,11 @@ def test_io_modes_give_identical_tokens(setup, beams):
 
 @pytest.mark.parametrize("io", ort.IO_MODES)
 def test_translator_texts_equal_torch(setup, io):
-    from labkit.core.translator import Translator
+    from labkit.core.translator import StepperTranslator
 
     bundle, out, texts, _ = setup
-    ort_texts = Translator(bundle, OrtStepper.from_dir(out, io=io)).translate(texts + ["", "  "])
-    assert ort_texts == Translator(bundle).translate(texts + ["", "  "])
+    ort_texts = StepperTranslator(bundle, OrtStepper.from_dir(out, io=io)).translate(texts + ["", "  "])
+    assert ort_texts == StepperTranslator(bundle).translate(texts + ["", "  "])
     assert len(set(ort_texts)) > 4
 
 

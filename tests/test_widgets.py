@@ -7,13 +7,13 @@ import html
 import pytest
 
 from labkit.core.decode import DecodeConfig
-from labkit.core.translator import STAGES, Translator
+from labkit.core.translator import STAGES, StepperTranslator
 from labkit.lab import widgets
 
 
 @pytest.fixture()
 def translator(tiny_bundle):
-    return Translator(tiny_bundle, decode=DecodeConfig(max_new_tokens=12))
+    return StepperTranslator(tiny_bundle, decode=DecodeConfig(max_new_tokens=12))
 
 
 def test_handler_translates_each_line_and_shows_timings(translator):

@@ -30,7 +30,6 @@ and what the lab decodes with).
 from __future__ import annotations
 
 import copy
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -41,18 +40,12 @@ import torch.nn.functional as F
 
 from labkit.compress.training import fit, greedy_bleu, label_smoothed_ce
 from labkit.config import DistillBudget, Preset
-from labkit.core import artifacts, data
-from labkit.core.artifacts import preset_dir, write_json_atomic
-from labkit.core.bundle import (
-    Bundle,
-    cached_recipe,
-    fingerprint,
-    jsonable,
-    teacher_for,
-)
+from labkit.core import data
+from labkit.core.artifacts import ensure, preset_dir, write_json_atomic
+from labkit.core.bundle import SIDECAR, Bundle, fingerprint
 from labkit.core.decode import DecodeConfig
 from labkit.core.heads import model_plan, plan_json
-from labkit.core.translator import Translator
+from labkit.core.translator import StepperTranslator
 from labkit.measure.quality import translate_all
 
 STRATEGIES = ("alternate", "ends", "bottom")
@@ -266,7 +259,7 @@ def teacher_translations(teacher: Bundle, sources: list[str], *, batch_size: int
 
     # Similar lengths per batch: less padding, and fewer rows waiting for the longest one.
     order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
-    translator = Translator(teacher, decode=DecodeConfig(max_new_tokens=max_new_tokens))
+    translator = StepperTranslator(teacher, decode=DecodeConfig(max_new_tokens=max_new_tokens))
     hyps = translate_all(translator, [sources[i] for i in order], batch_size, desc="teacher translations")
     out = [""] * len(sources)
     for i, hyp in zip(order, hyps):
@@ -280,18 +273,21 @@ def seq_kd_pairs(teacher: Bundle, pairs: list[data.Pair], **kwargs) -> list[data
     return [data.Pair(p.zh, h) for p, h in zip(pairs, hyps) if h.strip()]
 
 
-def ensure_seq_kd_data(preset: str, teacher: Bundle, n: int) -> Path:
-    """Teacher translations of the first `n` training sources, cached as TSV + JSON sidecar."""
+SEQ_KD_SIDECAR = "seqkd.json"
 
-    path = preset_dir(preset) / f"seqkd-{teacher.name}.tsv"
-    sidecar = path.with_suffix(".json")
-    want = {"teacher": teacher.name, "teacher_fingerprint": fingerprint(teacher.model), "sources": n,
-            "decoding": "greedy"}
-    if path.exists() and sidecar.exists() and json.loads(sidecar.read_text()) == want:
-        return path
-    data.write_tsv(seq_kd_pairs(teacher, data.load_split("train", limit=n)), path)
-    write_json_atomic(sidecar, want)
-    return path
+
+def ensure_seq_kd(preset: Preset, teacher: Bundle, n: int) -> Path:
+    """<artifacts>/<preset>/seqkd-<teacher>/pairs.tsv: the teacher's greedy translations of the first `n`
+    training sources (sequence-level KD data), rebuilt when the teacher's weights or `n` change."""
+    out = preset_dir(preset.name) / f"seqkd-{teacher.name}"
+    recipe = {"teacher": teacher.name, "teacher_fingerprint": fingerprint(teacher.model), "sources": n,
+              "decoding": "greedy"}
+
+    def build(tmp: Path) -> None:
+        data.write_tsv(seq_kd_pairs(teacher, data.load_split("train", limit=n)), tmp / "pairs.tsv")
+        write_json_atomic(tmp / SEQ_KD_SIDECAR, {"pairs": "pairs.tsv"})
+
+    return ensure(out, SEQ_KD_SIDECAR, recipe, build) / "pairs.tsv"
 
 
 # --------------------------------------------------------------------------- training
@@ -330,37 +326,35 @@ def student_name(strategy: str | Sequence[int], encoder_layers: int | None = Non
     return name + (f"-from-{teacher}" if teacher != "teacher" else "")
 
 
-def ensure_student(preset: str, strategy: str | Sequence[int] = "alternate", *, decoder_layers: int = 4,
-                   encoder_layers: int | None = None, seq_kd: bool = False, teacher: Bundle | None = None,
-                   kd: KDConfig = KDConfig(), budget: DistillBudget | None = None,
-                   progress: bool = True) -> Path:
+def ensure_student(preset: Preset, teacher: Bundle, strategy: str | Sequence[int] = "alternate", *,
+                   decoder_layers: int = 4, encoder_layers: int | None = None, seq_kd: bool = False,
+                   kd: KDConfig = KDConfig(), budget: DistillBudget | None = None, progress: bool = True) -> Path:
     """Build (if missing or stale) and cache a distilled student under preset_dir(preset).
 
-    The sidecar records the recipe (teacher and its weight fingerprint, layer maps, loss
-    weights, budget); a cached student is reused only when the recipe is the same.
-    ensure_student("ci", "ends") -> artifacts/ci/student-ends
+    The recipe (teacher and its weight fingerprint, layer maps, loss weights, budget) decides:
+    a cached student is reused exactly when it is the same.
+    ensure_student(ci, teacher, "ends") -> artifacts/ci/student-ends
     """
-
-    teacher = teacher if teacher is not None else teacher_for(preset)
-    budget = budget or Preset.from_name(preset).distill
+    budget = budget or preset.distill
     cfg = teacher.model.config
     decoder_map = select_layers(strategy, cfg.decoder_layers, decoder_layers)
     encoder_map = (select_layers(strategy, cfg.encoder_layers, encoder_layers)
                    if encoder_layers is not None else None)
-    recipe = jsonable({"teacher": teacher.name, "teacher_fingerprint": fingerprint(teacher.model),
-                       "decoder_layer_map": decoder_map, "encoder_layer_map": encoder_map,
-                       "seq_kd": seq_kd, "kd": asdict(kd), "budget": asdict(budget)})
-    path = artifacts.preset_dir(preset) / student_name(strategy, encoder_layers, seq_kd, teacher.name)
-    if cached_recipe(path) == recipe:
-        return path
-    result = train_student(preset, teacher, decoder_map, encoder_map, budget, kd, seq_kd=seq_kd,
-                           name=path.name, progress=progress)
-    result.student.meta["distillation"].update(recipe=recipe, strategy=strategy if isinstance(strategy, str) else "explicit")
-    result.student.save(path)
-    return path
+    recipe = {"teacher": teacher.name, "teacher_fingerprint": fingerprint(teacher.model),
+              "decoder_layer_map": decoder_map, "encoder_layer_map": encoder_map,
+              "seq_kd": seq_kd, "kd": asdict(kd), "budget": asdict(budget)}
+    path = preset_dir(preset.name) / student_name(strategy, encoder_layers, seq_kd, teacher.name)
+
+    def build(tmp: Path) -> None:
+        result = train_student(preset, teacher, decoder_map, encoder_map, budget, kd, seq_kd=seq_kd,
+                               name=path.name, progress=progress)
+        result.student.meta["distillation"]["strategy"] = strategy if isinstance(strategy, str) else "explicit"
+        result.student.write(tmp)
+
+    return ensure(path, SIDECAR, recipe, build)
 
 
-def train_student(preset: str, teacher: Bundle, decoder_map: Sequence[int], encoder_map: Sequence[int] | None,
+def train_student(preset: Preset, teacher: Bundle, decoder_map: Sequence[int], encoder_map: Sequence[int] | None,
                   budget: DistillBudget, kd: KDConfig, *, seq_kd: bool = False, name: str = "student",
                   progress: bool = True) -> DistillResult:
     """make_student + distill on the preset's data, with the run recorded in the student's meta."""
@@ -368,7 +362,7 @@ def train_student(preset: str, teacher: Bundle, decoder_map: Sequence[int], enco
     start = time.perf_counter()
     student = make_student(teacher, decoder_map, encoder_map, name=name)
     if seq_kd and budget.steps:
-        train = data.read_tsv(ensure_seq_kd_data(preset, teacher, budget.seq_kd_sentences))
+        train = data.read_tsv(ensure_seq_kd(preset, teacher, budget.seq_kd_sentences))
     else:
         train = data.load_split("train", limit=budget.train_sentences) if budget.steps else []
     dev = data.load_split("dev", limit=budget.dev_sentences) if budget.dev_sentences else []

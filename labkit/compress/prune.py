@@ -51,8 +51,8 @@ import torch
 
 from labkit.compress.training import collate, encode_pairs, fit, label_smoothed_ce
 from labkit.config import Preset, PruneBudget
-from labkit.core.artifacts import preset_dir
-from labkit.core.bundle import Bundle, cached_recipe, fingerprint, jsonable, teacher_for
+from labkit.core.artifacts import ensure, jsonable, preset_dir
+from labkit.core.bundle import SIDECAR, Bundle, fingerprint
 from labkit.core.data import iter_batches, load_split
 from labkit.core.heads import (
     ATTENTION_KINDS,
@@ -243,30 +243,28 @@ def pruning_recipe(teacher, budget: PruneBudget, frac: float) -> dict:
                      "calibration_batch": budget.calibration_batch, "seed": budget.seed, "finetune": finetune})
 
 
-def ensure_pruned(preset: str, frac: float = 0.25, *, teacher=None, budget: PruneBudget | None = None,
+def ensure_pruned(preset: Preset, teacher: Bundle, frac: float = 0.25, *, budget: PruneBudget | None = None,
                   progress: bool = False) -> Path:
     """<artifacts>/<preset>/pruned-25pct: the teacher with `frac` of all heads removed; built if missing or stale.
 
     The rounds are the budget's sweep fractions up to `frac`, so the plan is the one the
     notebook's sweep measures at that point; with budget.finetune_steps the bundle is also
-    fine-tuned to recover and cached under its own name (pruned-25pct-ft). The sidecar's
-    `pruning.recipe` (teacher fingerprint, rounds, calibration, fine-tune) must match for a
-    cached bundle to be reused, as labkit.compress.distill.ensure_student does.
+    fine-tuned to recover and cached under its own name (pruned-25pct-ft). Rebuilt exactly when
+    `pruning_recipe` (teacher fingerprint, rounds, calibration, fine-tune) changes.
     """
-
-    budget = budget or Preset.from_name(preset).prune
-    teacher = teacher if teacher is not None else teacher_for(preset)
+    budget = budget or preset.prune
     recipe = pruning_recipe(teacher, budget, frac)
     n = total_heads(teacher.model)
     name = variant_name("overall", round(frac * n) / n)  # the sweep point's name; recover() appends -ft
-    path = preset_dir(preset) / (name + "-ft" if budget.finetune_steps else name)
-    if cached_recipe(path, "pruning") == recipe:
-        return path
-    plan = prune_schedule(teacher.model, teacher.tokenizer, calibration_pairs(budget), recipe["rounds"],
-                          batch_size=budget.calibration_batch, iterative=budget.iterative)[frac]
-    bundle = prune_bundle(teacher, plan, name)
-    bundle.meta |= {"preset": preset, "pruning": {"recipe": recipe}}
-    if budget.finetune_steps:
-        recover(bundle, budget, progress=progress)
-    bundle.save(path)
-    return path
+    path = preset_dir(preset.name) / (name + "-ft" if budget.finetune_steps else name)
+
+    def build(tmp: Path) -> None:
+        plan = prune_schedule(teacher.model, teacher.tokenizer, calibration_pairs(budget), recipe["rounds"],
+                              batch_size=budget.calibration_batch, iterative=budget.iterative)[frac]
+        bundle = prune_bundle(teacher, plan, name)
+        bundle.meta["preset"] = preset.name
+        if budget.finetune_steps:
+            recover(bundle, budget, progress=progress)
+        bundle.write(tmp)
+
+    return ensure(path, SIDECAR, recipe, build)

@@ -12,18 +12,17 @@ random weights for offline speed work. Left out: non-Marian architectures.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from labkit.config import ModelSpec, Preset
-from labkit.core.artifacts import commit_dir, preset_dir
+from labkit.core.artifacts import ARTIFACT_KEY, preset_dir, staging
 from labkit.core.data import DATA_DIR
 from labkit.core.heads import load_pruned
 
@@ -49,6 +48,7 @@ class Bundle:
     model: transformers.MarianMTModel  # noqa: F821
     tokenizer: transformers.MarianTokenizer  # noqa: F821
     meta: dict = field(default_factory=dict)
+    path: Path | None = None  # the directory it was loaded from, if any: what `bundle_for` finds it by
 
     @property
     def name(self) -> str:
@@ -68,29 +68,24 @@ class Bundle:
                 total += p.numel() * p.element_size()
         return total / 2**20
 
+    def write(self, directory: Path | str, dtype: torch.dtype | None = None) -> None:
+        """Write model, tokenizer and sidecar into an existing (staging) directory; `save` commits it."""
+        directory = Path(directory)
+        model = copy.deepcopy(self.model).to(dtype) if dtype is not None else self.model
+        model.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+        meta = {"schema": BUNDLE_SCHEMA, **self.meta, "params": self.params,
+                "storage_dtype": str(dtype or next(self.model.parameters()).dtype)}
+        meta.pop(ARTIFACT_KEY, None)  # the recipe it was built from belongs to the old directory, not a copy
+        (directory / SIDECAR).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+        for f in directory.iterdir():
+            f.chmod(0o644)  # some writers create private files; a bundle is shareable data
+
     def save(self, path: Path | str, dtype: torch.dtype | None = None) -> Path:
-        """Write the bundle atomically: a temp directory renamed into place."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-        tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is a normal directory
-        try:
-            model = self.model
-            if dtype is not None:
-                import copy
-                model = copy.deepcopy(self.model).to(dtype)
-            model.save_pretrained(tmp)
-            self.tokenizer.save_pretrained(tmp)
-            meta = {"schema": BUNDLE_SCHEMA, **self.meta, "params": self.params,
-                    "storage_dtype": str(dtype or next(self.model.parameters()).dtype)}
-            (tmp / SIDECAR).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
-            for f in tmp.iterdir():
-                f.chmod(0o644)  # some writers create private files; a bundle is shareable data
-            commit_dir(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return path
+        """Write the bundle atomically: a staging directory renamed into place."""
+        with staging(path) as tmp:
+            self.write(tmp, dtype)
+        return Path(path)
 
 
 def fingerprint(model: torch.nn.Module) -> str:
@@ -100,23 +95,6 @@ def fingerprint(model: torch.nn.Module) -> str:
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().float().numpy().tobytes())
     return h.hexdigest()[:12]
-
-
-def cached_recipe(path: Path, section: str = "distillation") -> dict | None:
-    """The recipe a cached bundle was built from (`meta[section]["recipe"]`), None when there is none.
-
-    Builders compare it with the recipe they would use now and rebuild on any difference
-    (labkit.compress.prune.ensure_pruned uses section "pruning").
-    """
-    sidecar = path / SIDECAR
-    if not sidecar.exists():
-        return None
-    return (json.loads(sidecar.read_text()).get(section) or {}).get("recipe")
-
-
-def jsonable(obj):
-    """What `obj` reads back as from JSON (tuples -> lists, inf -> Infinity kept as float)."""
-    return json.loads(json.dumps(obj))
 
 
 def load_bundle(path: Path | str) -> Bundle:
@@ -143,7 +121,7 @@ def load_bundle(path: Path | str) -> Bundle:
     tokenizer = MarianTokenizer.from_pretrained(path)
     model.eval()
     meta.pop("schema", None)
-    return Bundle(model, tokenizer, meta)
+    return Bundle(model, tokenizer, meta, path=path)
 
 
 def load_teacher(path: Path | str = TEACHER_DIR) -> Bundle:
@@ -252,7 +230,16 @@ def teacher_for(preset):
     preset = Preset.from_name(preset) if isinstance(preset, str) else preset
     bundle = load_model(preset.model)
     bundle.meta.setdefault("name", "teacher")
+    bundle.meta["preset_model"] = preset.name  # its artifacts are named "teacher": onnx-teacher, ct2-teacher-int8
     return bundle
+
+
+def bundle_key(bundle: Bundle) -> str:
+    """The name a bundle's artifacts and `bundle_for` use: "teacher" for the preset's own model, else the
+    directory it was loaded from (artifacts/<preset>/pruned-25pct -> "pruned-25pct"), else its name."""
+    if bundle.meta.get("preset_model"):
+        return "teacher"
+    return bundle.path.name if bundle.path is not None else bundle.name
 
 
 def bundle_for(preset, name: str = "teacher"):

@@ -1,11 +1,12 @@
 """The Translator: normalize → tokenize → encode → decode → detokenize, each stage timed.
 
-    translator = Translator(load_teacher())
+    translator = StepperTranslator(load_teacher())
     translator.translate(["我喜欢猫。"])          # -> ['I like cats.']
     result = translator.run(["", "我喜欢猫。"])   # result.texts, result.timings_ms, result.notes
 
-Any backend plugs in as a `labkit.core.decode.Stepper` (PyTorch by default; ONNX
-Runtime in labkit.engines.ort). Bad input never raises: empty or whitespace-only
+`Translator` is the base every engine shares: a `labkit.core.decode.Stepper` backend (PyTorch by
+default, ONNX Runtime in labkit.engines.ort) plugs into `StepperTranslator`; CTranslate2, which
+runs its own search, subclasses `Translator` directly. Bad input never raises: empty or whitespace-only
 text (or an item that is not a string at all) gives an empty translation, control characters are dropped, over-long
 input is truncated to the model's limit, text without Chinese is translated as
 is; each of these is said in `notes`, one list per input, in order.
@@ -64,16 +65,18 @@ def normalize(text: str) -> tuple[str, list[str]]:
 
 
 class Translator:
-    """Batch translation over any Stepper, with per-stage timings."""
+    """What every engine shares: normalize -> tokenize -> generate -> detokenize, timed, notes per input.
 
-    def __init__(self, bundle, stepper: Stepper | None = None, decode: DecodeConfig | None = None,
-                 max_input_tokens: int | None = None):
-        self.bundle = bundle
-        self.tokenizer = bundle.tokenizer
-        self.stepper = stepper if stepper is not None else TorchStepper(bundle.model)
+    An engine subclass implements only `_generate(batch, timings) -> ids per row` (and records its
+    "encode"/"decode" time there); the base handles bad input, truncation and vocabulary notes the
+    same way for every engine, so torch, ONNX Runtime and CTranslate2 say the same things.
+    """
+
+    def __init__(self, tokenizer, decode: DecodeConfig | None = None, max_input_tokens: int | None = None,
+                 max_positions: int = DEFAULT_MAX_INPUT_TOKENS):
+        self.tokenizer = tokenizer
         self.decode_cfg = decode or DecodeConfig()
-        limit = getattr(bundle.model.config, "max_position_embeddings", DEFAULT_MAX_INPUT_TOKENS)
-        self.max_input_tokens = max_input_tokens or min(limit, DEFAULT_MAX_INPUT_TOKENS)
+        self.max_input_tokens = max_input_tokens or min(max_positions, DEFAULT_MAX_INPUT_TOKENS)
 
     def translate(self, texts: list[str]) -> list[str]:
         return self.run(texts).texts
@@ -91,16 +94,16 @@ class Translator:
         if todo:
             with _timed(timings, "tokenize"):
                 batch = self._tokenize([cleaned[i] for i in todo], [notes[i] for i in todo])
-            with _timed(timings, "encode"):
-                state = self.stepper.encode(batch["input_ids"], batch["attention_mask"])
-            with _timed(timings, "decode"):
-                generated = decode(self.stepper, batch["input_ids"], batch["attention_mask"],
-                                   self.decode_cfg, state)
+            generated = self._generate(batch, timings)
             with _timed(timings, "detokenize"):
                 decoded = self._detokenize(generated, [notes[i] for i in todo])
             for i, gen, text in zip(todo, generated, decoded):
                 ids[i], outputs[i] = gen, text
         return Result(outputs, ids, timings, notes)
+
+    def _generate(self, batch: dict[str, torch.Tensor], timings: dict[str, float]) -> list[list[int]]:
+        """Generated ids per row (no start token, no </s>) for a padded batch; adds to timings' encode/decode."""
+        raise NotImplementedError
 
     def _detokenize(self, generated: list[list[int]], notes: list[list[str]]) -> list[str]:
         """Text per row; ids past the tokenizer's vocabulary are dropped, with a note.
@@ -129,6 +132,24 @@ class Translator:
         return enc
 
 
+class StepperTranslator(Translator):
+    """A bundle behind any `labkit.core.decode.Stepper` (PyTorch by default, ONNX Runtime in
+    labkit.engines.ort), decoded by the one greedy/beam loop."""
+
+    def __init__(self, bundle, stepper: Stepper | None = None, decode: DecodeConfig | None = None,
+                 max_input_tokens: int | None = None):
+        limit = getattr(bundle.model.config, "max_position_embeddings", DEFAULT_MAX_INPUT_TOKENS)
+        super().__init__(bundle.tokenizer, decode, max_input_tokens, limit)
+        self.bundle = bundle
+        self.stepper = stepper if stepper is not None else TorchStepper(bundle.model)
+
+    def _generate(self, batch: dict[str, torch.Tensor], timings: dict[str, float]) -> list[list[int]]:
+        with _timed(timings, "encode"):
+            state = self.stepper.encode(batch["input_ids"], batch["attention_mask"])
+        with _timed(timings, "decode"):
+            return decode(self.stepper, batch["input_ids"], batch["attention_mask"], self.decode_cfg, state)
+
+
 @contextmanager
 def _timed(timings: dict[str, float], stage: str):
     start = time.perf_counter()
@@ -144,6 +165,6 @@ def decode_config(preset, num_beams: int = 1) -> DecodeConfig:
                         forced_length=preset.forced_length)
 
 
-def translator_for(bundle, preset, stepper: Stepper | None = None, num_beams: int = 1) -> Translator:
-    """A Translator decoding as the preset says: translator_for(bundle, Preset.from_name('ci'))."""
-    return Translator(bundle, stepper, decode_config(preset, num_beams))
+def translator_for(bundle, preset, stepper: Stepper | None = None, num_beams: int = 1) -> StepperTranslator:
+    """A StepperTranslator decoding as the preset says: translator_for(bundle, Preset.from_name('ci'))."""
+    return StepperTranslator(bundle, stepper, decode_config(preset, num_beams))

@@ -29,24 +29,20 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 from labkit.config import Preset
-from labkit.core.artifacts import commit_dir, preset_dir
-from labkit.core.bundle import bundle_for
+from labkit.core.artifacts import ensure, preset_dir, staging, write_json_atomic
+from labkit.core.bundle import Bundle, bundle_key, fingerprint
 from labkit.core.decode import DecodeConfig
-from labkit.core.translator import STAGES, Result, decode_config, normalize
-from labkit.engines.onnx_export import same_source
+from labkit.core.translator import Translator, decode_config
 
 SCHEMA = "labkit.ct2/1"
 SIDECAR = "ct2.json"
 COMPUTE_TYPES = ("float32", "int8")  # int8: int8 weights and GEMMs, float32 elsewhere (CPU)
 COMPUTE_TYPES_SHORT = {"float32": "fp32", "int8": "int8"}  # as in variant names: ct2-fp32, ct2-int8
 VOCABULARY_FILE = "shared_vocabulary.json"  # written by CTranslate2's converter
-DEFAULT_MAX_INPUT_TOKENS = 256
 
 
 def require_ctranslate2():
@@ -139,38 +135,32 @@ def _converter(bundle):
 # --------------------------------------------------------------------------- transform
 
 
-def convert(bundle, out: Path | str, quantization: str = "float32") -> Path:
-    """Write `bundle` as a CTranslate2 model in `out` (atomically), weights stored as `quantization`.
-
-    The directory also holds the tokenizer and `ct2.json` (what it was made from),
-    so `Ct2Translator(out)` needs nothing else.
-    """
+def convert_into(bundle, directory: Path, quantization: str = "float32") -> None:
+    """Write `bundle` as a CTranslate2 model into `directory` (a staging directory), weights stored as
+    `quantization`, with the tokenizer and `ct2.json` (what it was made from): `Ct2Translator` needs nothing else."""
     require_ctranslate2()
     if quantization not in COMPUTE_TYPES:
         raise ValueError(f"quantization must be one of {COMPUTE_TYPES}, got {quantization!r}")
     import ctranslate2
 
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
-        start = time.perf_counter()
-        _converter(bundle).convert(str(tmp), quantization=quantization, force=True)
-        bundle.tokenizer.save_pretrained(tmp)
-        cfg = bundle.model.config
-        meta = {"schema": SCHEMA, "quantization": quantization, "ctranslate2": ctranslate2.__version__,
-                "start": "decoder starts from the <pad> embedding; <pad> suppressed in search",
-                "ids": {"start": cfg.decoder_start_token_id, "eos": cfg.eos_token_id, "pad": cfg.pad_token_id},
-                "max_positions": cfg.max_position_embeddings,
-                "convert_seconds": round(time.perf_counter() - start, 1),
-                "source": {"name": bundle.name, "meta": bundle.meta}}
-        (tmp / SIDECAR).write_text(json.dumps(meta, indent=2, ensure_ascii=False, default=str) + "\n")
-        tmp.chmod(0o755)
-        commit_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    start = time.perf_counter()
+    _converter(bundle).convert(str(directory), quantization=quantization, force=True)
+    bundle.tokenizer.save_pretrained(directory)
+    cfg = bundle.model.config
+    meta = {"schema": SCHEMA, "quantization": quantization, "ctranslate2": ctranslate2.__version__,
+            "start": "decoder starts from the <pad> embedding; <pad> suppressed in search",
+            "ids": {"start": cfg.decoder_start_token_id, "eos": cfg.eos_token_id, "pad": cfg.pad_token_id},
+            "max_positions": cfg.max_position_embeddings,
+            "convert_seconds": round(time.perf_counter() - start, 1),
+            "source": {"name": bundle.name, "meta": bundle.meta}}
+    write_json_atomic(directory / SIDECAR, meta)
+
+
+def convert(bundle, out: Path | str, quantization: str = "float32") -> Path:
+    """Write `bundle` as a CTranslate2 model in `out` (atomically), weights stored as `quantization`."""
+    with staging(out) as tmp:
+        convert_into(bundle, tmp, quantization)
+    return Path(out)
 
 
 def read_ct2_sidecar(directory: Path | str) -> dict:
@@ -200,8 +190,8 @@ def search_options(cfg: DecodeConfig, pad_token: str) -> dict:
     return opts | {"max_decoding_length": cfg.max_new_tokens - 1}
 
 
-class Ct2Translator:
-    """CTranslate2 behind the Translator interface: `.translate(texts)`, `.run(texts) -> Result`.
+class Ct2Translator(Translator):
+    """CTranslate2 behind the shared Translator: `.translate(texts)`, `.run(texts) -> Result`.
 
     Timings: normalize, tokenize, decode, detokenize. CTranslate2 encodes and decodes in one
     call, so `encode` is 0 and its time is inside `decode`.
@@ -214,15 +204,14 @@ class Ct2Translator:
 
         self.directory = Path(directory)
         self.meta = read_ct2_sidecar(self.directory)
+        super().__init__(MarianTokenizer.from_pretrained(self.directory), decode, max_input_tokens,
+                         self.meta["max_positions"])
         self.compute_type = compute_type or self.meta["quantization"]
         self.threads = threads
         self.engine = ctranslate2.Translator(str(self.directory), device="cpu", compute_type=self.compute_type,
                                              intra_threads=threads, inter_threads=1)
-        self.tokenizer = MarianTokenizer.from_pretrained(self.directory)
         self.tokens = json.loads((self.directory / VOCABULARY_FILE).read_text())
         self.ids = {t: i for i, t in enumerate(self.tokens)}
-        self.decode_cfg = decode or DecodeConfig()
-        self.max_input_tokens = max_input_tokens or min(self.meta["max_positions"], DEFAULT_MAX_INPUT_TOKENS)
         self.options = search_options(self.decode_cfg, self.tokens[self.meta["ids"]["pad"]])
 
     def generate(self, input_ids: list[list[int]]) -> list[list[int]]:
@@ -231,43 +220,12 @@ class Ct2Translator:
         results = self.engine.translate_batch(source, **self.options)
         return [[self.ids[t] for t in r.hypotheses[0]] for r in results]
 
-    def translate(self, texts: list[str]) -> list[str]:
-        return self.run(texts).texts
-
-    def _known(self, generated: list[list[int]]) -> list[list[int]]:
-        """Ids past the tokenizer's pieces (placeholder rows of a wider model) -> <unk> for decoding."""
-        n, unk = len(self.tokenizer), self.tokenizer.unk_token_id
-        return [[i if i < n else unk for i in row] for row in generated]
-
-    def run(self, texts: list[str]) -> Result:
-        if isinstance(texts, str):
-            raise TypeError("translate a list of strings, e.g. translator.translate(['我喜欢猫。'])")
-        timings = dict.fromkeys(STAGES, 0.0)
+    def _generate(self, batch, timings: dict[str, float]) -> list[list[int]]:
+        rows = [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
         start = time.perf_counter()
-        cleaned, notes = zip(*(normalize(t) for t in texts)) if texts else ((), ())
-        notes = [list(n) for n in notes]
-        todo = [i for i, t in enumerate(cleaned) if t]
-        timings["normalize"] = _lap(start)
-        ids: list[list[int]] = [[] for _ in texts]
-        outputs = ["" for _ in texts]
-        if todo:
-            start = time.perf_counter()
-            source = self.tokenizer([cleaned[i] for i in todo], truncation=True,
-                                    max_length=self.max_input_tokens)["input_ids"]
-            timings["tokenize"] = _lap(start)
-            start = time.perf_counter()
-            generated = self.generate(source)
-            timings["decode"] = _lap(start)
-            start = time.perf_counter()
-            decoded = self.tokenizer.batch_decode(self._known(generated), skip_special_tokens=True)
-            timings["detokenize"] = _lap(start)
-            for i, gen, text in zip(todo, generated, decoded):
-                ids[i], outputs[i] = gen, text
-        return Result(outputs, ids, timings, notes)
-
-
-def _lap(start: float) -> float:
-    return (time.perf_counter() - start) * 1e3
+        generated = self.generate(rows)
+        timings["decode"] += (time.perf_counter() - start) * 1e3
+        return generated
 
 
 # --------------------------------------------------------------------------- handler
@@ -279,31 +237,22 @@ def ct2_dir(preset: str, bundle_name: str = "teacher", compute_type: str = "int8
     return preset_dir(preset) / f"ct2-{bundle_name}-{compute_type}"
 
 
-def ensure_ct2(preset, bundle_name: str = "teacher", compute_type: str = "int8", bundle=None) -> Path:
-    """The preset's CTranslate2 conversion of `bundle_name`, weights stored as `compute_type`.
+def ensure_ct2(preset: Preset, bundle: Bundle, compute_type: str = "int8") -> Path:
+    """The preset's CTranslate2 conversion of `bundle`, weights stored as `compute_type`; converted again
+    exactly when the bundle's weights, the compute type or CTranslate2's version change (a second for the
+    teacher, ~20 s for opus-mt-shape on 2 cores)."""
+    require_ctranslate2()
+    import ctranslate2
 
-    Reused while its sidecar says the same compute type and the same source bundle (name and
-    sidecar metadata, as `labkit.engines.onnx_export.ensure_onnx` checks: a retrained teacher is converted
-    again); else converted (a second for the teacher, ~20 s for opus-mt-shape on 2 cores).
-    Pass `bundle` when it is already loaded.
-    """
-
-    preset_name = getattr(preset, "name", preset)
-    out = ct2_dir(preset_name, bundle_name, compute_type)
-    bundle = bundle if bundle is not None else bundle_for(preset_name, bundle_name)
-    try:
-        meta = read_ct2_sidecar(out)
-        if meta["quantization"] == compute_type and (out / "model.bin").exists() and same_source(meta, bundle):
-            return out
-    except (FileNotFoundError, ValueError, KeyError):  # json.JSONDecodeError is a ValueError
-        pass
-    return convert(bundle, out, quantization=compute_type)
+    out = ct2_dir(preset.name, bundle_key(bundle), compute_type)
+    recipe = {"source": bundle.name, "source_fingerprint": fingerprint(bundle.model), "quantization": compute_type,
+              "ctranslate2": ctranslate2.__version__}
+    return ensure(out, SIDECAR, recipe, lambda tmp: convert_into(bundle, tmp, compute_type),
+                  valid=lambda path: (path / "model.bin").exists())
 
 
-def ct2_translator(preset, bundle_name: str = "teacher", compute_type: str = "int8",
+def ct2_translator(preset: Preset, bundle: Bundle, compute_type: str = "int8",
                    threads: int | None = None) -> Ct2Translator:
     """A Ct2Translator decoding as the preset says (forced length on speed-only presets)."""
-
-    preset = Preset.from_name(preset) if isinstance(preset, str) else preset
-    return Ct2Translator(ensure_ct2(preset, bundle_name, compute_type), threads=threads or preset.threads,
+    return Ct2Translator(ensure_ct2(preset, bundle, compute_type), threads=threads or preset.threads,
                          compute_type=compute_type, decode=decode_config(preset))

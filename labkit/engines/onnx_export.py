@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
-import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -27,8 +24,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from labkit.core.artifacts import commit_dir, preset_dir
-from labkit.core.bundle import bundle_for
+from labkit.config import Preset
+from labkit.core.artifacts import ARTIFACT_KEY, ensure, preset_dir, staging
+from labkit.core.bundle import Bundle, bundle_key, fingerprint
 from labkit.engines.onnx_graphs import (
     EXTERNAL_DATA_MB,
     FILES,
@@ -36,6 +34,7 @@ from labkit.engines.onnx_graphs import (
     GRAPHS,
     OPSET,
     SCHEMA,
+    SIDECAR,
     _dynamo_shapes,
     dynamic_axes,
     example_inputs,
@@ -127,50 +126,51 @@ def export_one(model: nn.Module, graph: str, path: Path, exporters: tuple[str, .
     raise RuntimeError(f"every exporter failed for {graph}:\n" + "\n".join(errors))
 
 
-def _atomic_dir(out: Path) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    tmp.chmod(0o755)
-    return tmp
+def write_export(bundle, directory: Path, *, exporters: tuple[str, ...] = EXPORTERS, opset: int = OPSET,
+                 external_data_mb: float | None = EXTERNAL_DATA_MB, check: bool = True) -> dict:
+    """Export `bundle`'s three graphs and their sidecar into `directory` (a staging directory); the sidecar.
+
+    `external_data_mb=None` always writes weights to side files. With `check`, the parity result
+    (`parity`) goes into the sidecar, passed or not.
+    """
+    model = bundle.model.eval()
+    used, seconds = {}, {}
+    for graph in GRAPHS:
+        start = time.perf_counter()
+        used[graph] = export_one(model, graph, directory / FILES[graph], exporters, opset)
+        externalize(directory / FILES[graph], external_data_mb)
+        seconds[graph] = round(time.perf_counter() - start, 1)
+    n = len(model.model.decoder.layers)
+    meta = {"schema": SCHEMA, "files": dict(FILES), "file_bytes": file_sizes(directory),
+            "inputs": {g: io_names(g, n)[0] for g in GRAPHS},
+            "outputs": {g: io_names(g, n)[1] for g in GRAPHS},
+            "exporter": used, "export_seconds": seconds, "opset": opset, "precision": "fp32",
+            "model": model_shape(model), "source": {"name": bundle.name, "meta": bundle.meta},
+            "versions": _versions(), "parity": None}
+    write_sidecar(directory, meta)
+    if check:
+        meta["parity"] = parity(model, directory)
+        write_sidecar(directory, meta)
+    return meta
 
 
+def _check_parity(out: Path, meta: dict) -> None:
+    if not meta["parity"]["passed"]:
+        raise AssertionError(f"ONNX parity gate failed for {out}: {meta['parity']['worst']}")
 
 
 def export(bundle, out: Path | str, *, exporters: tuple[str, ...] = EXPORTERS, opset: int = OPSET,
            external_data_mb: float | None = EXTERNAL_DATA_MB, check: bool = True) -> Path:
     """Export `bundle` to the three graphs in directory `out` (atomically) and gate on parity.
 
-    `external_data_mb=None` always writes weights to side files. With `check`, the
-    parity result goes into the sidecar and a failed gate raises after writing
-    (the directory stays for inspection, marked passed=false).
+    With `check`, a failed gate raises after writing (the directory stays for inspection, marked passed=false).
     """
     out = Path(out)
-    model = bundle.model.eval()
-    tmp = _atomic_dir(out)
-    try:
-        used, seconds = {}, {}
-        for graph in GRAPHS:
-            start = time.perf_counter()
-            used[graph] = export_one(model, graph, tmp / FILES[graph], exporters, opset)
-            externalize(tmp / FILES[graph], external_data_mb)
-            seconds[graph] = round(time.perf_counter() - start, 1)
-        n = len(model.model.decoder.layers)
-        meta = {"schema": SCHEMA, "files": dict(FILES), "file_bytes": file_sizes(tmp),
-                "inputs": {g: io_names(g, n)[0] for g in GRAPHS},
-                "outputs": {g: io_names(g, n)[1] for g in GRAPHS},
-                "exporter": used, "export_seconds": seconds, "opset": opset, "precision": "fp32",
-                "model": model_shape(model), "source": {"name": bundle.name, "meta": bundle.meta},
-                "versions": _versions(), "parity": None}
-        write_sidecar(tmp, meta)
-        if check:
-            meta["parity"] = parity(model, tmp)
-            write_sidecar(tmp, meta)
-        commit_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if check and not meta["parity"]["passed"]:
-        raise AssertionError(f"ONNX parity gate failed for {out}: {meta['parity']['worst']}")
+    with staging(out) as tmp:
+        meta = write_export(bundle, tmp, exporters=exporters, opset=opset, external_data_mb=external_data_mb,
+                            check=check)
+    if check:
+        _check_parity(out, meta)
     return out
 
 
@@ -189,30 +189,30 @@ def _versions() -> dict:
 
 
 
+def derive_into(src: Path | str, directory: Path, transform: Callable[[Path, Path], None], **updates) -> dict:
+    """Write transform(src_file, directory/file) for every graph of `src` and a sidecar copied from src's,
+    with `updates` merged in and fresh file sizes; returns that sidecar. For quantized or optimized copies,
+    which OrtStepper.from_dir then runs unchanged."""
+    src = Path(src)
+    meta = read_sidecar(src)
+    for name in meta["files"].values():
+        transform(src / name, directory / name)
+        if not (directory / name).exists():
+            raise FileNotFoundError(f"transform did not write {directory / name}")
+    meta = {**meta, **updates, "file_bytes": file_sizes(directory), "derived_from": str(src)}
+    meta.pop(ARTIFACT_KEY, None)  # the parent's recipe is not the copy's
+    write_sidecar(directory, meta)
+    return meta
+
+
 def derive(src: Path | str, out: Path | str, transform: Callable[[Path, Path], None], **updates) -> Path:
     """A new export directory whose graphs are transform(src_file, out_file), written atomically.
 
-    For quantized or optimized copies: the sidecar is copied with `updates` merged in
-    (e.g. precision="int8", parity=None) and fresh file sizes, so OrtStepper.from_dir
-    runs the result unchanged.
-
         derive(onnx_dir, int8_dir, lambda a, b: quantize_dynamic(a, b), precision="int8")
     """
-    src, out = Path(src), Path(out)
-    meta = read_sidecar(src)
-    tmp = _atomic_dir(out)
-    try:
-        for name in meta["files"].values():
-            transform(src / name, tmp / name)
-            if not (tmp / name).exists():
-                raise FileNotFoundError(f"transform did not write {tmp / name}")
-        meta = {**meta, **updates, "file_bytes": file_sizes(tmp), "derived_from": str(src)}
-        write_sidecar(tmp, meta)
-        commit_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    with staging(out) as tmp:
+        derive_into(src, tmp, transform, **updates)
+    return Path(out)
 
 
 # --------------------------------------------------------------------------- parity gate
@@ -380,35 +380,26 @@ def plot_op_counts(ops: pd.DataFrame, top: int = 12):  # noqa: F821
 
 def onnx_dir(preset: str, bundle_name: str = "teacher") -> Path:
     """Where ensure_onnx keeps a bundle's export: <artifacts>/<preset>/onnx-<bundle_name>."""
-
     return preset_dir(preset) / f"onnx-{bundle_name}"
 
 
-def same_source(meta: dict, bundle) -> bool:
-    """Whether an export was made from this bundle (same name and sidecar metadata)."""
-    source = meta.get("source") or {}
-    current = json.loads(json.dumps(bundle.meta, default=str))
-    return source.get("name") == bundle.name and source.get("meta") == current
-
-
-def ensure_onnx(preset, bundle_name: str = "teacher", exporters: tuple[str, ...] = EXPORTERS,
-                bundle=None) -> Path:
-    """The preset's ONNX export of `bundle_name` (the teacher, or a bundle dir under preset_dir).
-
-    Reused while its sidecar validates, its parity gate passed and it was made from
-    the same bundle (sidecar metadata; a retrained teacher is re-exported); else
-    exported again: a few seconds of CPU per graph for the teacher, more for
-    opus-mt-shape. Pass `bundle` when it is already loaded.
-
-        ensure_onnx("ci")  # -> artifacts/ci/onnx-teacher
-    """
-    preset_name = getattr(preset, "name", preset)
-    out = onnx_dir(preset_name, bundle_name)
-    bundle = bundle if bundle is not None else bundle_for(preset_name, bundle_name)
+def _passed(path: Path) -> bool:
     try:
-        meta = read_sidecar(out)
-        if meta.get("parity") and meta["parity"]["passed"] and same_source(meta, bundle):
-            return out
+        return bool((read_sidecar(path).get("parity") or {}).get("passed"))
     except (FileNotFoundError, ValueError):
-        pass
-    return export(bundle, out, exporters=exporters)
+        return False
+
+
+def ensure_onnx(preset: Preset, bundle: Bundle, exporters: tuple[str, ...] = EXPORTERS) -> Path:
+    """The preset's ONNX export of `bundle`, exported again exactly when the bundle's weights or the
+    opset change, or when the directory no longer validates or failed its parity gate
+    (a few seconds of CPU per graph for the teacher, more for opus-mt-shape).
+
+        ensure_onnx(Preset.from_name("ci"), teacher)  # -> artifacts/ci/onnx-teacher
+    """
+    out = onnx_dir(preset.name, bundle_key(bundle))
+    # Which exporter made the graphs is not part of their identity: whichever one did, parity vouches for it.
+    recipe = {"source": bundle.name, "source_fingerprint": fingerprint(bundle.model), "opset": OPSET}
+    ensure(out, SIDECAR, recipe, lambda tmp: write_export(bundle, tmp, exporters=exporters), valid=_passed)
+    _check_parity(out, read_sidecar(out))
+    return out

@@ -1,7 +1,7 @@
 """ONNX Runtime backend: the three exported graphs behind labkit.core.decode's Stepper interface.
 
     stepper = OrtStepper.from_dir(ensure_onnx("ci"), threads=2)
-    Translator(bundle, stepper).translate(["我喜欢猫。"])
+    StepperTranslator(bundle, stepper).translate(["我喜欢猫。"])
 
 Any directory with the `labkit.engines.onnx_export` layout works (the fp32 export, quantized or
 optimized copies made with `labkit.engines.onnx_export.derive`). The encoder runs once per

@@ -39,7 +39,6 @@ and mixed per-layer recipes finer than a block type.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import tempfile
@@ -51,13 +50,13 @@ from pathlib import Path
 import numpy as np
 
 from labkit.config import Preset, QuantBudget
-from labkit.core.artifacts import preset_dir, write_json_atomic
-from labkit.core.bundle import bundle_for, load_teacher
+from labkit.core.artifacts import ensure, preset_dir, read_json, staging, write_json_atomic
+from labkit.core.bundle import Bundle, bundle_key, load_teacher
 from labkit.core.data import Pair, load_split
 from labkit.core.decode import decode
 from labkit.core.translator import decode_config
 from labkit.engines.onnx_blocks import BLOCKS, BODY_BLOCKS, _untie_file, ort_optimize, weight_nodes
-from labkit.engines.onnx_export import derive, ensure_onnx
+from labkit.engines.onnx_export import derive_into, ensure_onnx
 from labkit.engines.onnx_graphs import SIDECAR, read_sidecar
 from labkit.engines.onnx_graphs import size_mb as export_size_mb
 from labkit.engines.ort import OrtStepper, load_sessions, translate_ids, translator
@@ -209,10 +208,11 @@ def quantize_qdq_file(src: Path, dst: Path, blocks: Iterable[str], feeds: list[d
 # --------------------------------------------------------------------------- directories
 
 
-def quantize_dir(onnx_dir: Path | str, out: Path | str, kind: str = "dynamic", blocks: Iterable[str] = BODY_BLOCKS,
-                 feeds: dict[str, list[dict]] | None = None, method: str = "minmax", percentile: float = 99.999,
-                 optimize: bool = True, blocks_basis: str | None = None) -> Path:
-    """A quantized copy of an export directory (atomic, sidecar says what was done).
+def quantize_into(onnx_dir: Path | str, out: Path, kind: str = "dynamic", blocks: Iterable[str] = BODY_BLOCKS,
+                  feeds: dict[str, list[dict]] | None = None, method: str = "minmax", percentile: float = 99.999,
+                  optimize: bool = True, blocks_basis: str | None = None) -> None:
+    """A quantized copy of an export directory, written into the (staging) directory `out`; its sidecar says
+    what was done.
 
     kind 'dynamic' needs nothing else; kind 'qdq' needs `feeds` from `calibration_feeds`.
     The recipe records the parent's sidecar digest (`sidecar_digest`) and why these blocks
@@ -245,7 +245,15 @@ def quantize_dir(onnx_dir: Path | str, out: Path | str, kind: str = "dynamic", b
             counts[graph] = quantize_qdq_file(src, dst, blocks, feeds[graph], method, percentile)
         recipe["seconds"] = round(time.perf_counter() - start, 1)
 
-    return derive(onnx_dir, out, transform, precision="int8", parity=None, quantization=recipe)
+    derive_into(onnx_dir, out, transform, precision="int8", parity=None, quantization=recipe)
+
+
+def quantize_dir(onnx_dir: Path | str, out: Path | str, kind: str = "dynamic", blocks: Iterable[str] = BODY_BLOCKS,
+                 **options) -> Path:
+    """`quantize_into` a fresh directory committed atomically to `out` (options as there)."""
+    with staging(out) as tmp:
+        quantize_into(onnx_dir, tmp, kind, blocks, **options)
+    return Path(out)
 
 
 def recipe_of(directory: Path | str) -> dict | None:
@@ -263,15 +271,6 @@ def sidecar_digest(directory: Path | str) -> str:
 
 
     return hashlib.sha256((Path(directory) / SIDECAR).read_bytes()).hexdigest()
-
-
-def _made_with(directory: Path | str, settings: dict) -> bool:
-    """Whether `directory` holds a readable int8 copy whose recipe has every one of `settings`."""
-    try:
-        recipe = recipe_of(directory)
-    except (FileNotFoundError, ValueError):
-        return False
-    return bool(recipe) and all(recipe.get(k) == v for k, v in settings.items())
 
 
 # --------------------------------------------------------------------------- evaluation and the gate
@@ -345,19 +344,12 @@ def choose_blocks(rows: list[dict], max_drop: float) -> tuple[str, ...]:
 # --------------------------------------------------------------------------- handler
 
 
+BLOCKS_SIDECAR = "blocks.json"
+
+
 def blocks_path(preset: str, bundle_name: str = "teacher") -> Path:
-    """Where ensure_blocks keeps its measurement: <artifacts>/<preset>/int8-blocks-<bundle_name>.json."""
-
-    return preset_dir(preset) / f"int8-blocks-{bundle_name}.json"
-
-
-def read_blocks(path: Path | str) -> dict | None:
-    """A stored block choice; None when missing, corrupt or of another schema (it is measured again)."""
-    try:
-        record = json.loads(Path(path).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-    return record if isinstance(record, dict) and record.get("schema") == BLOCKS_SCHEMA else None
+    """Where ensure_blocks keeps its measurement: <artifacts>/<preset>/int8-blocks-<bundle_name>/blocks.json."""
+    return preset_dir(preset) / f"int8-blocks-{bundle_name}" / BLOCKS_SIDECAR
 
 
 def measure_blocks(onnx_dir: Path | str, bundle, preset, max_drop: float = MAX_BLEU_DROP,
@@ -365,7 +357,6 @@ def measure_blocks(onnx_dir: Path | str, bundle, preset, max_drop: float = MAX_B
     """`sensitivity` on the gate sentences and `choose_blocks`: the record `ensure_blocks` stores.
 
     `reference`: the fp32 graphs' `evaluate_dir` result on the same sentences, when the caller has it."""
-
     pairs = gate_pairs(preset)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=preset_dir(preset.name), prefix=".int8-sensitivity-") as work:
@@ -378,32 +369,25 @@ def measure_blocks(onnx_dir: Path | str, bundle, preset, max_drop: float = MAX_B
             "seconds": round(time.perf_counter() - start, 1)}
 
 
-def ensure_blocks(preset, bundle_name: str = "teacher", bundle=None, reference: dict | None = None) -> dict:
-    """The dynamic recipe's default blocks for `bundle_name`'s export: {blocks, basis, rows, ...}.
+def ensure_blocks(preset: Preset, bundle: Bundle, reference: dict | None = None) -> dict:
+    """The dynamic recipe's default blocks for `bundle`'s export: {blocks, basis, rows, ...}.
 
-    Quality presets: measured once per export by `measure_blocks` (six quantize-and-score
-    rounds; the record keeps how many seconds they took), stored at `blocks_path`, and measured
-    again when the export changes (sidecar digest) or the gate does. Speed-only presets have
-    nothing to measure (random weights): BODY_BLOCKS, DESIGN's default, with rows None.
+    Quality presets: measured once per export by `measure_blocks` (six quantize-and-score rounds;
+    the record keeps how many seconds they took) and measured again exactly when the export
+    (its sidecar digest), the gate or the gate sentences change. Speed-only presets have nothing
+    to measure (random weights): BODY_BLOCKS, DESIGN's default, with rows None.
     `reference`: the fp32 graphs scored on `gate_pairs(preset)`, when the caller has them already.
     """
-
-    preset = Preset.from_name(preset) if isinstance(preset, str) else preset
     if not preset.quality:
         return {"schema": BLOCKS_SCHEMA, "blocks": list(BODY_BLOCKS), "rows": None,
                 "basis": "default, not measured (speed-only preset: random weights make BLEU meaningless): the "
                          "body's weight MatMuls; embeddings and LM head stay float"}
-    bundle = bundle if bundle is not None else bundle_for(preset.name, bundle_name)
-    src = ensure_onnx(preset, bundle_name, bundle=bundle)
-    path = blocks_path(preset.name, bundle_name)
-    stored = read_blocks(path)
-    wanted = {"parent_sidecar_sha256": sidecar_digest(src), "max_bleu_drop": MAX_BLEU_DROP,
+    src = ensure_onnx(preset, bundle)
+    path = blocks_path(preset.name, bundle_key(bundle))
+    recipe = {"parent_sidecar_sha256": sidecar_digest(src), "max_bleu_drop": MAX_BLEU_DROP,
               "eval_sentences": len(gate_pairs(preset)), "kind": "dynamic", "optimize": True}
-    if stored and all(stored.get(k) == v for k, v in wanted.items()):
-        return stored
-    record = measure_blocks(src, bundle, preset, reference=reference)
-    write_json_atomic(path, record)
-    return record
+    build = lambda tmp: write_json_atomic(tmp / BLOCKS_SIDECAR, measure_blocks(src, bundle, preset, reference=reference))  # noqa: E731
+    return read_json(ensure(path.parent, BLOCKS_SIDECAR, recipe, build) / BLOCKS_SIDECAR)
 
 
 def quantized_dir(preset: str, kind: str, bundle_name: str = "teacher", method: str | None = None,
@@ -414,48 +398,47 @@ def quantized_dir(preset: str, kind: str, bundle_name: str = "teacher", method: 
     so comparing methods never replaces the kept artifact; `tag` names a copy with other blocks
     ("all": every block), so it never replaces the default recipe either.
     """
-
     suffix = f"-{method}" if kind == "qdq" and method and method != Preset.from_name(preset).quant.method else ""
     return preset_dir(preset) / f"onnx-{bundle_name}-int8-{kind}{suffix}{f'-{tag}' if tag else ''}"
 
 
-def ensure_quantized(preset, kind: str = "dynamic", bundle_name: str = "teacher", blocks: Iterable[str] | None = None,
-                     method: str | None = None, feeds: dict[str, list[dict]] | None = None, bundle=None,
+def ensure_quantized(preset: Preset, bundle: Bundle, kind: str = "dynamic", blocks: Iterable[str] | None = None,
+                     method: str | None = None, feeds: dict[str, list[dict]] | None = None,
                      tag: str = "", basis: str | None = None) -> Path:
-    """The preset's int8 copy of `bundle_name`'s export, built if missing, stale or made otherwise.
+    """The preset's int8 copy of `bundle`'s export, built again exactly when its recipe changes.
 
     Blocks default to `ensure_blocks` (measured on quality presets), the calibration method to
-    the preset's QuantBudget. A copy is reused only if it was made from the current export
-    (`ensure_onnx` re-exports a changed bundle; the copy's recipe holds the digest of the sidecar
-    it was made from) with the same kind, blocks, method and optimizer setting. The qdq recipe
-    decodes `calibration_sentences` training sentences with the fp32 graphs first, unless `feeds`
-    (from `calibration_for`) are given; `bundle` when it is already loaded. AssertionError when
-    no block type is int8-safe. Caller-chosen `blocks` go in a copy named by `tag`, with `basis`
+    the preset's QuantBudget. The recipe holds the digest of the export's sidecar (`ensure_onnx`
+    re-exports a changed bundle), the kind, blocks, method, percentile, calibration budget and
+    optimizer setting. The qdq recipe decodes `calibration_sentences` training sentences with the
+    fp32 graphs first, unless `feeds` (from `calibration_for`) are given. AssertionError when no
+    block type is int8-safe. Caller-chosen `blocks` go in a copy named by `tag`, with `basis`
     saying why they were chosen.
     """
-
-    preset = Preset.from_name(preset) if isinstance(preset, str) else preset
     budget = preset.quant
-    bundle = bundle if bundle is not None else bundle_for(preset.name, bundle_name)
-    src = ensure_onnx(preset, bundle_name, bundle=bundle)
+    src = ensure_onnx(preset, bundle)
     if blocks is None:
-        choice = ensure_blocks(preset, bundle_name, bundle)
+        choice = ensure_blocks(preset, bundle)
         blocks, basis = tuple(choice["blocks"]), choice["basis"]
     else:
         blocks, basis = tuple(blocks), basis or "chosen by the caller"
     if not blocks:
         raise AssertionError(f"no block type stays within {MAX_BLEU_DROP} BLEU of fp32 on its own "
-                             f"({blocks_path(preset.name, bundle_name)}): nothing of {bundle_name} is int8-safe")
+                             f"({blocks_path(preset.name, bundle_key(bundle))}): nothing of {bundle.name} is int8-safe")
     method = method or budget.method
-    out = quantized_dir(preset.name, kind, bundle_name, method, tag)
-    settings = {"kind": kind, "blocks": list(blocks), "method": method if kind == "qdq" else None,
-                "ort_optimizer": kind == "dynamic", "parent_sidecar_sha256": sidecar_digest(src)}
-    if _made_with(out, settings):
-        return out
-    if kind == "qdq" and feeds is None:
-        feeds = calibration_for(src, preset, budget)
-    return quantize_dir(src, out, kind, blocks, feeds=feeds, method=method, percentile=budget.percentile,
-                        blocks_basis=basis)
+    out = quantized_dir(preset.name, kind, bundle_key(bundle), method, tag)
+    qdq = kind == "qdq"
+    recipe = {"kind": kind, "blocks": list(blocks), "basis": basis, "ort_optimizer": kind == "dynamic",
+              "parent_sidecar_sha256": sidecar_digest(src), "method": method if qdq else None,
+              "percentile": budget.percentile if qdq and method == "percentile" else None,
+              "calibration": [budget.calibration_sentences, budget.calibration_batch, budget.keep_every] if qdq else None}
+
+    def build(tmp: Path) -> None:
+        calibration = calibration_for(src, preset, budget) if qdq and feeds is None else feeds
+        quantize_into(src, tmp, kind, blocks, feeds=calibration, method=method, percentile=budget.percentile,
+                      blocks_basis=basis)
+
+    return ensure(out, SIDECAR, recipe, build)
 
 
 def calibration_for(onnx_dir: Path | str, preset, budget: QuantBudget | None = None) -> dict[str, list[dict]]:

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from labkit.config import PRESETS, Preset
 from labkit.core.artifacts import REPO_ROOT
-from labkit.core.bundle import bundle_for
+from labkit.core.bundle import Bundle, bundle_for, bundle_key
 from labkit.core.data import load_split
 from labkit.core.translator import decode_config, translator_for
 from labkit.engines.ct2 import COMPUTE_TYPES_SHORT, Ct2Translator, ensure_ct2, missing_reason
@@ -133,43 +133,38 @@ def parse_variants(text: str | list[str] | tuple[str, ...]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def artifact_for(variant: str, preset, bundle_name: str = "teacher", bundle=None):
-    """Build (if missing or stale) what `variant` runs and return its path (None for torch).
-
-    Pass `bundle` when it is already loaded (opus-mt-shape takes seconds to build).
-    """
+def artifact_for(variant: str, preset: Preset, bundle: Bundle):
+    """Build (if missing or stale) what `variant` runs from `bundle` and return its path (None for torch)."""
     if variant == "torch":
         return None
     if variant == "ort-fp32":
 
-        return ensure_onnx(preset, bundle_name, bundle=bundle)
+        return ensure_onnx(preset, bundle)
     if variant == "ort-int8-all":
 
         # The LM head is the largest matrix of a 65k-vocabulary model: where int8 pays most, and
         # what the default recipe keeps in float until it is measured safe. Its own gate still applies.
-        return ensure_quantized(preset, "dynamic", bundle_name, blocks=BLOCKS, bundle=bundle, tag="all",
-                                basis=ALL_BLOCKS_BASIS)
+        return ensure_quantized(preset, bundle, "dynamic", blocks=BLOCKS, tag="all", basis=ALL_BLOCKS_BASIS)
     if variant.startswith("ort-int8"):
 
-        return ensure_quantized(preset, "qdq" if variant.endswith("qdq") else "dynamic", bundle_name, bundle=bundle)
+        return ensure_quantized(preset, bundle, "qdq" if variant.endswith("qdq") else "dynamic")
 
     compute_type = {short: full for full, short in COMPUTE_TYPES_SHORT.items()}[VARIANTS[variant].precision]
-    return ensure_ct2(preset, bundle_name, compute_type, bundle=bundle)
+    return ensure_ct2(preset, bundle, compute_type)
 
 
-def build_translator(variant: str, preset, threads: int, bundle_name: str = "teacher", artifact=None, bundle=None):
+def build_translator(variant: str, preset: Preset, threads: int, bundle: Bundle, artifact=None):
     """The Translator-shaped object of `variant`, decoding as the preset says.
 
     `artifact` is the directory to run (default: `artifact_for`, which builds it if missing).
     """
 
     if variant != "torch" and artifact is None:
-        artifact = artifact_for(variant, preset, bundle_name, bundle)
+        artifact = artifact_for(variant, preset, bundle)
     if VARIANTS[variant].backend == "ctranslate2":
 
         return Ct2Translator(artifact, threads=threads, decode=decode_config(preset))
 
-    bundle = bundle if bundle is not None else bundle_for(preset.name, bundle_name)
     stepper = None
     if variant != "torch":
 
@@ -196,20 +191,19 @@ def _depth(variant: str) -> int:
 class _Evaluations:
     """Each engine translates the gate sentences once, with one thread (a parent serves several children)."""
 
-    def __init__(self, preset, bundle_name: str, bundle):
-
-        self.preset, self.bundle_name, self.bundle = preset, bundle_name, bundle
+    def __init__(self, preset: Preset, bundle: Bundle):
+        self.preset, self.bundle = preset, bundle
         self.pairs, self.results = gate_pairs(preset), {}
 
     def __call__(self, variant: str, artifact=None) -> dict:
 
         if variant not in self.results:
-            translator = build_translator(variant, self.preset, 1, self.bundle_name, artifact, self.bundle)
+            translator = build_translator(variant, self.preset, 1, self.bundle, artifact)
             self.results[variant] = evaluate_translator(translator, self.preset, self.pairs)
         return self.results[variant]
 
 
-def check_variant(variant: str, preset, bundle_name: str, evaluations, parent: Check | None = None,
+def check_variant(variant: str, preset: Preset, evaluations: _Evaluations, parent: Check | None = None,
                   gate: dict | None = None) -> Check:
     """Build `variant` and gate it against its parent: Check(status ok | failed | skipped, gate, ...).
 
@@ -230,7 +224,7 @@ def check_variant(variant: str, preset, bundle_name: str, evaluations, parent: C
         if reason:
             return Check("skipped", reason=reason)
     try:
-        artifact = artifact_for(variant, preset, bundle_name, evaluations.bundle)
+        artifact = artifact_for(variant, preset, evaluations.bundle)
     except AssertionError as exc:  # a gate inside the build: export parity, no int8-safe block
         name = "onnx-parity" if variant == "ort-fp32" else "build"
         return Check("failed", {"name": name, "passed": False, "detail": str(exc)}, str(exc))
@@ -246,15 +240,14 @@ def check_variant(variant: str, preset, bundle_name: str, evaluations, parent: C
     return Check("ok" if passed else "failed", dict(gate), None if passed else gate["detail"], str(artifact), info)
 
 
-def check_variants(preset, variants, bundle_name: str = "teacher", bundle=None,
+def check_variants(preset: Preset, variants, bundle: Bundle,
                    gates: Mapping[str, dict] | None = None) -> dict[str, Check]:
     """Build and gate every variant, parents first, before any timing; {variant: Check} in `variants` order."""
 
-    bundle = bundle if bundle is not None else bundle_for(preset.name, bundle_name)
-    evaluations = _Evaluations(preset, bundle_name, bundle)
+    evaluations = _Evaluations(preset, bundle)
     checks: dict[str, Check] = {}
     for v in sorted(variants, key=_depth):
-        checks[v] = check_variant(v, preset, bundle_name, evaluations, checks.get(VARIANTS[v].parent),
+        checks[v] = check_variant(v, preset, evaluations, checks.get(VARIANTS[v].parent),
                                   (gates or {}).get(v))
     return {v: checks[v] for v in variants}
 
@@ -269,7 +262,7 @@ def worker(variant: str, preset_name: str, threads: int, bundle_name: str = "tea
     timing.pin_threads(threads)
     preset = Preset.from_name(preset_name).with_(threads=threads)
     start = time.perf_counter()
-    translator = build_translator(variant, preset, threads, bundle_name, artifact)
+    translator = build_translator(variant, preset, threads, bundle_for(preset, bundle_name), artifact)
     load_s = time.perf_counter() - start
     texts, batch_texts = bench_inputs(preset)
     ids = [translator.run([t]).ids[0] for t in texts]  # also the first warm-up
@@ -306,9 +299,9 @@ def agreement_with(result: dict, baseline: dict | None) -> float | None:
     return agreement(result["ids"], baseline["ids"])
 
 
-def run_bench(preset, variants=None, threads: int | None = None, bundle_name: str = "teacher",
+def run_bench(preset: Preset, bundle: Bundle, variants=None, threads: int | None = None,
               write_ledger: bool = True, notebook: str = "labkit-bench", progress: bool = True,
-              gates: Mapping[str, dict] | None = None, bundle=None) -> pd.DataFrame:
+              gates: Mapping[str, dict] | None = None) -> pd.DataFrame:
     """Gate every variant, then time those that passed, each in its own process; one row per variant.
 
     Columns: variant, status (ok | failed | skipped), gate, gate_passed, reason, backend,
@@ -316,24 +309,21 @@ def run_bench(preset, variants=None, threads: int | None = None, bundle_name: st
     throughput_ratio, agreement (ids equal to torch's at batch 1), load_s, peak_rss_mb. Failed
     and skipped rows are not timed: their numbers are NaN. Ratios are NaN without a torch row.
     `gates` ({variant: gate}) are gates the caller measured on the same artifacts (notebook 05).
-    `variants` default to `default_variants(preset)`; pass `bundle` when it is already loaded.
+    `variants` default to `default_variants(preset)`. Workers load the bundle again by its key.
     """
-
-    preset = Preset.from_name(preset) if isinstance(preset, str) else preset
     threads = threads or preset.threads
     variants = parse_variants(variants or default_variants(preset))
-    bundle = bundle if bundle is not None else bundle_for(preset.name, bundle_name)
-    checks = check_variants(preset, variants, bundle_name, bundle, gates)  # every gate before any timing
+    checks = check_variants(preset, variants, bundle, gates)  # every gate before any timing
     results = {}
     for v, check in checks.items():
         if progress:
             state = f"({threads} threads) ..." if check.status == "ok" else f"not timed, {check.status}: {check.reason}"
             print(f"bench {preset.name}: {v} {state}", file=sys.stderr, flush=True)
         if check.status == "ok":
-            results[v] = run_variant(v, preset.name, threads, bundle_name, check.artifact)
+            results[v] = run_variant(v, preset.name, threads, bundle_key(bundle), check.artifact)
     df = results_frame(results, checks).assign(model=bundle.name)
     if write_ledger:
-        write_records(df, preset, notebook, bundle_name)
+        write_records(df, preset, notebook, bundle.name)
     return df
 
 
@@ -473,7 +463,8 @@ def bench_command(args: argparse.Namespace) -> int:
         print(f"labkit bench: {exc}", file=sys.stderr)
         return 2
     try:
-        df = run_bench(args.preset, variants, threads=args.threads, bundle_name=args.bundle,
+        preset = Preset.from_name(args.preset)
+        df = run_bench(preset, bundle_for(preset, args.bundle), variants, threads=args.threads,
                        write_ledger=not args.no_ledger)
     except (CommandError, FileNotFoundError, ConnectionError, ImportError) as exc:
         print(f"labkit bench: {exc}", file=sys.stderr)

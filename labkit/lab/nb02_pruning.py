@@ -226,7 +226,7 @@ def recovery(teacher, results, preset, budget: PruneBudget, progress: bool = Fal
     if not budget.finetune_steps:
         return pd.DataFrame()
     point = _recovery_point(results, budget)
-    tuned = load_bundle(ensure_pruned(preset.name, point["target_frac"], teacher=teacher, budget=budget,
+    tuned = load_bundle(ensure_pruned(preset, teacher, point["target_frac"], budget=budget,
                                       progress=progress))
     if normalize_plan(tuned.meta["head_plan"]) != normalize_plan(point["plan"]):
         raise RuntimeError(f"the cached {tuned.name} does not have the sweep's plan for {point['variant']}")

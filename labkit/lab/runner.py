@@ -5,6 +5,10 @@ each executed copy to `artifacts/ci/notebooks/`, a status file `artifacts/ci/run
 prints a status/duration table. The kernel gets LABKIT_PRESET, LABKIT_RUN_ID (one id for the
 whole sequence, so its ledger records group together) and LABKIT_ARTIFACTS.
 
+A notebook whose `needs` in notebooks/requirements.toml are absent here (a GPU, TensorRT, a
+browser, the network) is skipped with the reason instead of failing; `optional` needs only
+change which of its parts record a skip.
+
 Left out on purpose: running notebooks in parallel (they build on each other's artifacts and
 share the CPU that is being measured), retries, and resuming after a failure (run again with
 `only=` from the failed notebook on).
@@ -16,6 +20,7 @@ import contextlib
 import os
 import re
 import time
+import tomllib
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,8 +28,9 @@ from typing import Any
 
 from labkit.core import artifacts
 from labkit.core.artifacts import ARTIFACTS_ENV, write_json_atomic
-from labkit.measure import ledger
+from labkit.measure import ledger, timing
 
+REQUIREMENTS = "requirements.toml"  # next to the notebooks
 NOTEBOOK_NAME = re.compile(r"^(\d{2})_\w[\w.-]*\.ipynb$")  # NN_name.ipynb
 RUNS_SCHEMA = "labkit.runs/1"
 
@@ -61,20 +67,24 @@ class CellFailure:
 
 @dataclass(frozen=True)
 class NotebookResult:
-    """Outcome of one notebook: status "ok" or "failed", wall time, where the executed copy is."""
+    """Outcome of one notebook: status "ok", "failed" or "skipped", wall time, where the executed copy is."""
 
     name: str  # notebook stem, e.g. "00_setup_and_baseline"
     status: str
     duration_s: float
     output: Path  # executed copy (also written when the notebook failed, for debugging)
     error: CellFailure | None = None
+    reason: str | None = None  # why it was skipped
 
     @property
     def ok(self) -> bool:
-        return self.status == "ok"
+        """Nothing went wrong: it ran through, or it was skipped for a stated reason."""
+        return self.status in ("ok", "skipped")
 
     def describe(self) -> str:
         """One line: "01_b ok", "01_b failed at cell 3 (In [4]) ..." or "01_b failed: DeadKernelError: ..."."""
+        if self.status == "skipped":
+            return f"{self.name} skipped: {self.reason}"
         if self.ok:
             return f"{self.name} ok"
         located = self.error.cell_index is not None or self.error.exec_count is not None
@@ -94,6 +104,26 @@ def discover(notebooks_dir: str | Path) -> list[Path]:
         raise RunnerError(f"notebook directory {folder} does not exist")
     found = [p for p in folder.iterdir() if p.is_file() and NOTEBOOK_NAME.match(p.name)]
     return sorted(found, key=lambda p: (int(p.name[:2]), p.name))
+
+
+def requirements(notebooks_dir: str | Path) -> dict[str, dict[str, list[str]]]:
+    """{notebook stem: {"needs": [...], "optional": [...]}} from requirements.toml ({} when there is none)."""
+    path = Path(notebooks_dir) / REQUIREMENTS
+    if not path.exists():
+        return {}
+    table = tomllib.loads(path.read_text())
+    for stem, entry in table.items():
+        unknown = (set(entry.get("needs", [])) | set(entry.get("optional", []))) - set(timing.CAPABILITIES)
+        if unknown:
+            raise RunnerError(f"{path}: {stem} names unknown capabilities {sorted(unknown)}; "
+                              f"known: {', '.join(timing.CAPABILITIES)}")
+    return table
+
+
+def skip_reason(needs: list[str]) -> str | None:
+    """Why a notebook with these hard `needs` cannot run here: "cuda: needs an NVIDIA GPU (none found)"."""
+    missing = [f"{need}: {why}" for need in needs if (why := timing.unavailable(need))]
+    return "; ".join(missing) or None
 
 
 def select(paths: list[Path], only: str | Iterable[str] | None) -> list[Path]:
@@ -141,7 +171,8 @@ def status_table(results: list[NotebookResult]) -> str:
     """A status/duration table, one row per notebook that ran."""
     width = max([len("notebook"), *(len(r.name) for r in results)])
     lines = [f"{'notebook':<{width}}  status  duration"]
-    lines += [f"{r.name:<{width}}  {r.status:<6}  {r.duration_s:7.1f} s" for r in results]
+    lines += [f"{r.name:<{width}}  {r.status:<7} {r.duration_s:7.1f} s" + (f"  ({r.reason})" if r.reason else "")
+              for r in results]
     return "\n".join(lines)
 
 
@@ -229,6 +260,7 @@ def run_notebooks(
     notebooks_dir = Path(notebooks_dir or artifacts.REPO_ROOT / "notebooks")
     out_root = Path(out_root or artifacts.root())
     selected = select(discover(notebooks_dir), only)
+    needs = requirements(notebooks_dir)
     if not selected:
         raise RunnerError(f"no NN_name.ipynb notebooks in {notebooks_dir}")
     out_dir = out_root / preset
@@ -240,7 +272,12 @@ def run_notebooks(
         for i, notebook in enumerate(selected, start=1):
             print(f"[{i}/{len(selected)}] {notebook.stem} ...", flush=True)
             output = out_dir / "notebooks" / notebook.name
-            result = execute(notebook, output, preset, kernel=kernel, timeout_per_cell=timeout_per_cell)
+            why = skip_reason(needs.get(notebook.stem, {}).get("needs", []))
+            if why:
+                print(f"  skipped: {why}", flush=True)
+                result = NotebookResult(notebook.stem, "skipped", 0.0, output, reason=why)
+            else:
+                result = execute(notebook, output, preset, kernel=kernel, timeout_per_cell=timeout_per_cell)
             results.append(result)
             write_json_atomic(out_dir / "runs.json", runs_record(preset, run_id, started, selected, results))
             if not result.ok:

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -24,6 +25,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from labkit.core.bundle import hub_unreachable
 
 NOISE_THRESHOLD = 0.10  # IQR/median above this is flagged, as torch.utils.benchmark does
 THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
@@ -183,6 +186,31 @@ def environment() -> dict[str, Any]:
     """
     static = _static_environment()
     return {**static, "versions": dict(static["versions"]), "threads": current_threads()}
+
+
+CAPABILITIES = ("cuda", "tensorrt", "browser", "network")  # what a notebook or test may need beyond a CPU
+
+
+def unavailable(capability: str) -> str | None:
+    """Why `capability` cannot be used here, or None when it can.
+
+    unavailable("cuda") -> "needs an NVIDIA GPU (none found)" on a CPU-only machine. Never imports
+    tensorrt (package metadata says whether it is installed) and probes the network once, briefly.
+    """
+    if capability == "cuda":
+        return None if gpu_name() else "needs an NVIDIA GPU (none found)"
+    if capability == "tensorrt":
+        if not gpu_name():
+            return "needs an NVIDIA GPU (none found)"
+        return None if package_version(PACKAGES["tensorrt"]) else \
+            "needs the tensorrt package (pip install -e '.[trt]' on a GPU machine)"
+    if capability == "browser":
+        found = [shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome")]
+        return None if any(found) else "needs Chromium (apt-get install -y chromium chromium-driver)"
+    if capability == "network":
+        why = hub_unreachable()
+        return None if why is None else f"needs the Hugging Face hub ({why})"
+    raise ValueError(f"unknown capability {capability!r}; known: {', '.join(CAPABILITIES)}")
 
 
 # ---------------------------------------------------------------- measurement
