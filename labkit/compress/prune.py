@@ -1,4 +1,4 @@
-"""Attention-head pruning: gradient importance (Michel et al. 2019), structural removal, sweeps.
+"""Attention-head pruning: gradient importance (Michel et al. 2019), which heads go, the cached pruned bundle.
 
     scores = head_importance(model, tokenizer, calibration_pairs(budget))  # {kind: (layers, heads)}
     plan = choose_heads(scores, 12, kinds=("decoder_self",))               # the 12 least important
@@ -15,19 +15,10 @@ separately ("kinds"); after the per-layer normalisation they are comparable, so 
 "overall" ranking mixes them. Iterative pruning recomputes importance after each
 round with the removed heads gated to zero, which equals the pruned model exactly.
 
-Structure. Removing a head deletes its rows of q/k/v and its columns of out_proj
-(`transformers.pytorch_utils.prune_linear_layer`) and lowers `num_heads`. Marian's
-forward infers the head count from shapes (`view(..., -1, head_dim)`), and every
-decoder layer keeps its own KV-cache tensors, so layers may differ in head count and
-`labkit.core.decode.TorchStepper` decodes them with its dynamic cache unchanged.
-`embed_dim` stays the model width: it is the module's input/output size, which
-pruning does not change. Removed heads are remembered per module in `pruned_heads`
-(original indices), so plans compose and re-applying one is a no-op.
-
-Plans are JSON-able: {"encoder_self": {layer: [heads]}, "decoder_self": {...},
-"cross": {...}}, 0-based layers and heads of the *unpruned* model. A pruned bundle
-stores its plan in `meta["head_plan"]`; `load_pruned` rebuilds from config, re-prunes
-and loads the safetensors (from_pretrained refuses the changed shapes).
+Structure (labkit.core.heads). Removing a head deletes its rows of q/k/v and its columns of
+out_proj and equals gating it to zero; plans are JSON-able {kind: {layer: [heads]}} of the
+*unpruned* model and a pruned bundle reloads from the plan in its sidecar. Notebook 02's sweep,
+records, slider and figures are labkit.lab.nb02_pruning.
 
 Fractions. `heads_removed_frac` is always a fraction of ALL the model's heads (the teacher
 has 144), so points of different groups compare by cost; `group_frac` is the fraction of
@@ -39,7 +30,6 @@ at least one head; a headless module would need a different forward and a cache 
 that is never written), pruning FFN neurons or whole layers (labkit.compress.distill removes
 layers), and head masks at training time (recovery fine-tunes the pruned model).
 """
-
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The Translator: normalize → tokenize → encode → decode → detokenize, each stage timed.
+"""The Translator base: normalize → tokenize → encode → decode → detokenize, each stage timed, for every engine.
 
     translator = StepperTranslator(load_teacher())
     translator.translate(["我喜欢猫。"])          # -> ['I like cats.']
