@@ -7,7 +7,7 @@
 
 Presets are registry entries (`PRESETS`), never copied dicts: a notebook's `PRESET = "ci"`
 parameter becomes `Preset.from_name(PRESET)`, and every stage reads its budget from it
-(`preset.prune`, `preset.distill`, `preset.quant`, `preset.kv`, `preset.profile`). An unknown
+(`preset.prune`, `preset.distill`, `preset.quant`, `preset.kv`, `preset.profile`, `preset.trt`). An unknown
 name is a KeyError that lists the known ones. Left out: configuration files (a preset is code,
 reviewed like code) and per-machine overrides (use `preset.with_(...)` in a notebook).
 """
@@ -119,6 +119,18 @@ class KvBudget:
 
 
 @dataclass(frozen=True)
+class TrtBudget:
+    """Notebook 06 and `labkit gpu-check`: the true-fp16 subset, the int8 parity feeds, the GPU timing."""
+
+    reference_sentences: int = 4  # greedy decodes run in true fp16 by onnx.reference (numpy: ~0.1 s a step)
+    parity_sentences: int = 8  # test sentences whose real decode feeds the int8 parity check
+    gpu_sentences: int = 8  # bench sentences timed one by one (batch 1) on the GPU
+    gpu_warmup: int = 2  # untimed decodes of each sentence first
+    gpu_repeats: int = 5  # timed decodes of each sentence
+    gpu_budget_s: float = 480.0  # gpu-check starts no new step after this many seconds (8 minutes)
+
+
+@dataclass(frozen=True)
 class Preset:
     name: str
     model: ModelSpec  # which model the whole sequence optimizes
@@ -128,6 +140,7 @@ class Preset:
     profile: ProfileBudget  # notebook 01 on this preset's own model
     profile_shape: ProfileBudget  # notebook 01 on the opus-mt-shape side (a forced 40-token decode)
     kv: KvBudget = KvBudget()
+    trt: TrtBudget = TrtBudget()  # notebook 06 and labkit gpu-check
     quality: bool = True  # False: random weights, BLEU is meaningless and decoding is forced
     forced_length: int | None = None  # decode exactly this many tokens (speed-only presets)
     eval_sentences: int | None = 200  # test-split sentences scored for BLEU; None = all
