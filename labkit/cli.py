@@ -1,7 +1,7 @@
 """The `labkit` command: `labkit run --preset P [--only 00,01]` runs the notebooks headless.
 
-Subcommands live in COMMANDS (name -> (add_arguments, handler, help)): `run`, and `bench`
-(labkit.lab.bench: engines timed in their own processes). Left out on purpose: configuration files and environment-variable options (a preset
+Subcommands live in COMMANDS (name -> (add_arguments, handler, help)): `run`, `bench`
+(labkit.lab.bench: engines timed in their own processes) and `gpu-check` (labkit.lab.gpu_check). Left out on purpose: configuration files and environment-variable options (a preset
 name is the one knob; everything else has a flag with a default).
 """
 
@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from labkit.config import PRESETS
+from labkit.lab import gpu_check
 from labkit.lab.bench import add_arguments, bench_command
 from labkit.lab.runner import RunnerError, run_notebooks
 
@@ -68,6 +69,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Handler, st
     "run": (add_run_arguments, run, "execute the lab notebooks in order with papermill"),
     "bench": (add_bench_arguments, bench,
               "time translation engines, each in its own process, with ratios vs torch eager"),
+    "gpu-check": (gpu_check.add_arguments, gpu_check.main,
+                  "on a CUDA machine: the torch GPU rung and TensorRT engines, gated and timed, in one JSON"),
 }
 
 
