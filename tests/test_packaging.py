@@ -18,8 +18,8 @@ def requirement_name(spec: str) -> str:
 
 def test_environment_yml_mirrors_pyproject():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    wanted = list(project["dependencies"]) + project["optional-dependencies"]["peer"] \
-        + project["optional-dependencies"]["test"]
+    extras = project["optional-dependencies"]
+    wanted = list(project["dependencies"]) + extras["peer"] + extras["graphs"] + extras["test"]
     pip_lines = [line.strip()[2:] for line in (ROOT / "environment.yml").read_text().splitlines()
                  if line.strip().startswith("- ") and line.startswith("      ")]
     pip = {requirement_name(s): s for s in pip_lines if not s.startswith("-e")}
@@ -33,11 +33,11 @@ def test_environment_yml_mirrors_pyproject():
 
 
 def test_import_labkit_needs_no_optional_dependency():
-    # Every module imports without TensorRT or CTranslate2: they load only when a backend is used.
+    # Every module imports without TensorRT, CTranslate2 or ModelOpt: they load only when a backend is used.
     code = ("import sys, pkgutil, importlib, labkit; "
             "[importlib.import_module(m.name) for m in pkgutil.walk_packages(labkit.__path__, 'labkit.') "
             "if not m.name.endswith('__main__')]; "
-            "bad = [m for m in ('tensorrt', 'ctranslate2') if m in sys.modules]; "
+            "bad = [m for m in ('tensorrt', 'ctranslate2', 'modelopt', 'polygraphy') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
