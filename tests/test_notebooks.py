@@ -140,3 +140,23 @@ def test_kv_cache_modes_agree_and_are_timed(ci_run):
         assert record["gate"]["passed"], record["gate"]
         assert "generate beams 4: same" in record["gate"]["detail"], record["gate"]  # the independent oracle ran
         assert finite(record["metrics"]["latency_ms"]["p50"])
+
+
+def test_tensorrt_graphs_are_gated_and_engines_skipped_with_reasons(ci_run):
+    from labkit.engines import tensorrt
+
+    _, df = ci_run
+    rows = records(df, technique="tensorrt")
+    graphs = rows[rows["variant"].isin(["onnx-trt-fp16", "onnx-trt-int8"])]
+    assert set(graphs["precision"]) == {"fp16", "int8"}
+    for record in graphs["record"]:
+        assert gated_honestly(record) and record["gate"]["passed"], record["gate"]
+        # the fp16 numerics were checked in true fp16, not only by ONNX Runtime's CPU provider
+        wheres = {c["where"] for c in record["checks"]}
+        assert "onnxruntime CPU" in wheres and (record["precision"] == "int8" or "onnx.reference (true fp16)" in wheres)
+    part2 = rows[rows["backend"].isin(["tensorrt", "torch-cuda"])]
+    assert {"trt-engine-fp16", "trt-engine-int8", "torch-cuda-fp16-cudagraph"} <= set(part2["variant"])
+    for record in part2["record"]:
+        if record["backend"] == "tensorrt" and tensorrt.missing_reason():
+            assert record["status"] == "skipped" and record["reason"] and record["metrics"] is None, record
+        assert gated_honestly(record), record
