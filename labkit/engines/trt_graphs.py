@@ -266,7 +266,7 @@ def int8_modelopt(src: Path, dst: Path, feeds: list[dict]) -> None:
         shutil.copyfile(src, copy)
         quantize(str(copy), quantize_mode="int8", calibration_data_reader=FeedReader(feeds),
                  calibration_method=INT8_METHOD, calibration_eps=["cpu"], high_precision_dtype="fp32",
-                 output_path=str(dst), log_level="ERROR")
+                 output_path=str(dst), log_level="CRITICAL")  # quantize() sets its loggers' level itself
 
 
 def int8_labkit(src: Path, dst: Path, feeds: list[dict], blocks=BODY_BLOCKS) -> None:
