@@ -111,6 +111,12 @@ def test_a_spent_budget_starts_nothing(tmp_path, monkeypatch):
     assert "time budget of 0 s" in rows["torch-cuda-fp32-eager"]["reason"]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given where there is no GPU")
+def test_bench_on_cuda_without_a_device_is_a_clear_error(capsys):
+    assert cli_main(["bench", "--preset", "ci", "--device", "cuda"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------- notebook 06's Part 2 records
 
 

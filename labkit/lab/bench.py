@@ -23,7 +23,8 @@ end-to-end latency (p50/p95 over the preset's repeats) and sentences/s at batch
 16, and prints one JSON line. Speed-only presets decode a fixed number of tokens
 (preset.forced_length), so every engine does the same work.
 
-Left out: GPU engines (TensorRT has its own notebook), concurrency and serving
+`--device cuda` times the GPU rung and TensorRT engines instead (labkit.lab.gpu_check).
+Left out: GPU engines in worker processes, concurrency and serving
 (labkit.serve), and memory per variant beyond each worker's peak RSS.
 """
 
@@ -36,6 +37,8 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+import torch
 
 from labkit.config import PRESETS, Preset
 from labkit.core.artifacts import REPO_ROOT
@@ -54,6 +57,7 @@ from labkit.engines.ort_int8 import (
     gate_pairs,
     recipe_of,
 )
+from labkit.lab import gpu_check, nb06_tensorrt
 from labkit.measure import ledger, timing
 from labkit.measure.gates import onnx_parity_gate, variant_gate
 from labkit.measure.ledger import json_number
@@ -447,6 +451,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the preset's)")
     parser.add_argument("--bundle", default="teacher", help="bundle name under the preset's artifacts")
     parser.add_argument("--no-ledger", action="store_true", help="print only; write no ledger records")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cuda: the torch GPU rung and, where tensorrt imports, the TensorRT engines "
+                             "(labkit gpu-check's steps, each gated before it is timed) instead of the CPU engines")
+
+
+def cuda_bench(args: argparse.Namespace) -> int:
+    """`labkit bench --device cuda`: labkit gpu-check's rows for the preset, printed and written to the ledger.
+
+    These run one after another in this process (a GPU has no thread pool for two engines to fight over;
+    the cache is emptied between variants), not in worker processes like the CPU engines."""
+    if not torch.cuda.is_available():
+        print("labkit bench --device cuda: no CUDA device here (torch.cuda.is_available() is False)", file=sys.stderr)
+        return 2
+    preset = Preset.from_name(args.preset)
+    report = gpu_check.run_check(preset, args.bundle)
+    print(gpu_check.table(report))
+    if not args.no_ledger:
+        path = ledger.ledger_path(preset.name)
+        for record in nb06_tensorrt.part2_records(report["rows"], bundle_for(preset, args.bundle), "labkit-bench"):
+            ledger.append(path, record)
+    return 1 if report["errors"] else 0
 
 
 def bench_command(args: argparse.Namespace) -> int:
@@ -457,6 +482,8 @@ def bench_command(args: argparse.Namespace) -> int:
     if args.preset not in PRESETS:
         print(f"labkit bench: unknown preset {args.preset!r}; known: {', '.join(PRESETS)}", file=sys.stderr)
         return 2
+    if getattr(args, "device", "cpu") == "cuda":
+        return cuda_bench(args)
     try:
         variants = parse_variants(args.variants or default_variants(args.preset))
     except ValueError as exc:

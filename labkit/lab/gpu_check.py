@@ -222,16 +222,23 @@ def run_check(preset: Preset, bundle_name: str = "teacher", dry_run: bool = Fals
     return report
 
 
+def table(report: dict) -> str:
+    """One line per row: variant, status, p50 (ms), speedup vs fp32 eager, and why not, where it did not run."""
+    lines = []
+    for r in report["rows"]:
+        lat = r.get("latency_ms") or {}
+        lines.append(f"{r['variant']:28s} {r['status']:8s} p50 {lat.get('p50', float('nan')):9.2f} ms  "
+                     f"x{r.get('speedup_vs_fp32_eager', float('nan')):.2f}  {r.get('reason') or ''}")
+    return "\n".join(lines + [f"{e['step']}: {e['error']}" for e in report["errors"]])
+
+
 def main(args: argparse.Namespace) -> int:
     """Handler of `labkit gpu-check`: writes the JSON; 0 when every step ran (gates may fail), 1 on an error."""
     preset = Preset.from_name(args.preset)
     report = run_check(preset, args.bundle, args.dry_run, args.sentences, args.budget_s, args.gate_sentences)
     out = Path(args.out) if args.out else preset_dir(preset.name) / "gpu-check.json"
     write_json_atomic(out, report)
-    for r in report["rows"]:
-        lat = r.get("latency_ms") or {}
-        print(f"{r['variant']:28s} {r['status']:8s} p50 {lat.get('p50', float('nan')):9.2f} ms  "
-              f"x{r.get('speedup_vs_fp32_eager', float('nan')):.2f}  {r.get('reason') or ''}")
+    print(table(report))
     print(f"gpu-check: {out} ({report['seconds']} s, device {report['device']})")
     return 1 if report["errors"] else 0
 

@@ -156,7 +156,7 @@ def skipped_rows(reasons: dict[str, str | None]) -> list[dict]:
     return [{"variant": v, "status": "skipped", "reason": r} for v, r in reasons.items() if r is not None]
 
 
-def part2_records(rows: list[dict], bundle) -> list[dict]:
+def part2_records(rows: list[dict], bundle, notebook: str = NOTEBOOK) -> list[dict]:
     """One record per Part 2 row (labkit.lab.gpu_check's shape): skipped ones with the reason and no number,
     run ones with their gate, tokens, BLEU, latency and speedup vs torch fp32 eager from the same run."""
     records = []
@@ -165,7 +165,7 @@ def part2_records(rows: list[dict], bundle) -> list[dict]:
         metrics = {"bleu": r.get("bleu"), "agreement": r.get("agreement"),
                    **({"latency_ms": r["latency_ms"]} if r.get("latency_ms") else {})} if ran else None
         records.append(ledger.make_record(
-            notebook=NOTEBOOK, variant=r["variant"], technique="tensorrt", status=r["status"], reason=r.get("reason"),
+            notebook=notebook, variant=r["variant"], technique="tensorrt", status=r["status"], reason=r.get("reason"),
             gate=r.get("gate"), metrics=metrics, model=bundle.name, device=r.get("device"),
             speedup_vs_fp32_eager=r.get("speedup_vs_fp32_eager"), **_identity(r["variant"])))
     return records
