@@ -255,3 +255,22 @@ def test_gate_of_fails_on_one_failed_check_and_says_where():
     assert gate["name"] == "trt-ready-int8" and gate["passed"] is False
     assert "bleu-drop (onnxruntime CPU): BLEU 97.6" in gate["detail"] and "parity" not in gate["detail"]
     assert V.gate_of("int8", [ok])["passed"] is True
+
+
+def test_ensure_trt_graphs_builds_once_and_calibrates_at_most_once(onnx_dir, bundle, feeds, tmp_path, monkeypatch):
+    """One builder shape: the second call reuses ranges, fp16 and int8 copies without decoding a sentence."""
+    from labkit.config import Preset
+
+    monkeypatch.setenv("LABKIT_ARTIFACTS", str(tmp_path))
+    monkeypatch.setattr(G, "ensure_onnx", lambda preset, bundle: onnx_dir)
+    calls = []
+
+    def feeds_fn():
+        calls.append(1)
+        return feeds
+
+    first = G.ensure_trt_graphs(Preset.from_name("ci"), bundle, feeds_fn)
+    assert len(calls) == 1 and first.fp16.exists() and first.int8.exists()
+    second = G.ensure_trt_graphs(Preset.from_name("ci"), bundle, feeds_fn)
+    assert len(calls) == 1 and second.keep == first.keep and second.ranges == first.ranges
+    assert read_sidecar(second.fp16)["artifact"]["recipe"]["keep_fp32"] == first.keep

@@ -25,7 +25,6 @@ copy keeps fp32 around its Q/DQ pairs, which a strongly typed engine then runs i
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import re
 import shutil
@@ -36,10 +35,12 @@ from pathlib import Path
 
 import numpy as np
 
-from labkit.core.artifacts import preset_dir, write_json_atomic
+from labkit.config import Preset
+from labkit.core.artifacts import ensure, preset_dir, read_json, staging, write_json_atomic
+from labkit.core.bundle import Bundle, bundle_key
 from labkit.engines.onnx_blocks import BODY_BLOCKS
-from labkit.engines.onnx_export import derive
-from labkit.engines.onnx_graphs import read_sidecar
+from labkit.engines.onnx_export import derive_into, ensure_onnx
+from labkit.engines.onnx_graphs import SIDECAR, read_sidecar
 from labkit.engines.ort_int8 import calibration_for, quantize_qdq_file, sidecar_digest
 
 FP16_MAX = float(np.finfo(np.float16).max)  # 65504: anything larger becomes inf
@@ -50,6 +51,7 @@ FP16_TOOLS = ("modelopt",)  # onnxconverter-common 1.16 breaks the decoder graph
 INT8_TOOLS = ("modelopt", "labkit-qdq")
 INT8_METHOD = "max"  # ModelOpt's name for MinMax calibration, notebook 05's default
 RANGES_SCHEMA = "labkit.trt-ranges/1"
+RANGES_SIDECAR = "ranges.json"
 # labkit's loop feeds the first-step decoder the start token alone, but its profile allows longer prefixes,
 # and only those have a causal mask (-3.4e38 above the diagonal): it is also measured on these lengths.
 COVER_TARGETS = (2, 4)
@@ -310,30 +312,28 @@ def tool_for(kind: str) -> str:
 # --------------------------------------------------------------------------- directories
 
 
-def make_fp16(onnx_dir: Path | str, out: Path | str, keep: dict[str, list[str]], tool: str | None = None,
-              basis: dict | None = None) -> Path:
-    """An fp16 mixed-precision copy of an export directory; `keep` says which nodes stay fp32.
-
-    The sidecar's `fp16` recipe records the tool, the kept nodes and the parent's digest.
-    """
+def fp16_into(onnx_dir: Path | str, directory: Path, keep: dict[str, list[str]], tool: str | None = None) -> dict:
+    """An fp16 mixed-precision copy of an export directory, written into `directory` (a staging directory);
+    `keep` says which nodes stay fp32. The sidecar's `fp16` recipe records the tool, the kept nodes and the
+    parent's digest."""
     tool = tool or tool_for("fp16")
     if tool not in FP16_TOOLS:
         raise ValueError(f"fp16 tool must be one of {FP16_TOOLS}, got {tool!r}")
-    convert = fp16_modelopt
     graph_of = {name: graph for graph, name in read_sidecar(onnx_dir)["files"].items()}
     start = time.perf_counter()
     recipe = {"tool": tool, "keep_fp32": keep, "keep_io_types": True, "rule": _rule(),
-              "parent_sidecar_sha256": sidecar_digest(onnx_dir), **(basis or {})}
+              "parent_sidecar_sha256": sidecar_digest(onnx_dir)}
 
     def transform(src: Path, dst: Path) -> None:
-        convert(src, dst, keep[graph_of[src.name]])
+        fp16_modelopt(src, dst, keep[graph_of[src.name]])
         recipe["seconds"] = round(time.perf_counter() - start, 1)
 
-    return derive(onnx_dir, out, transform, precision="fp16", parity=None, fp16=recipe)
+    return derive_into(onnx_dir, directory, transform, precision="fp16", parity=None, fp16=recipe)
 
 
-def make_int8(onnx_dir: Path | str, out: Path | str, feeds: dict[str, list[dict]], tool: str | None = None) -> Path:
-    """An int8 explicit Q/DQ copy of an export directory, calibrated on `feeds` (per graph)."""
+def int8_into(onnx_dir: Path | str, directory: Path, feeds: dict[str, list[dict]], tool: str | None = None) -> dict:
+    """An int8 explicit Q/DQ copy of an export directory, calibrated on `feeds` (per graph), written into
+    `directory` (a staging directory)."""
     tool = tool or tool_for("int8")
     if tool not in INT8_TOOLS:
         raise ValueError(f"int8 tool must be one of {INT8_TOOLS}, got {tool!r}")
@@ -350,7 +350,21 @@ def make_int8(onnx_dir: Path | str, out: Path | str, feeds: dict[str, list[dict]
         (int8_modelopt if tool == "modelopt" else int8_labkit)(src, dst, graph_feeds)
         recipe["seconds"] = round(time.perf_counter() - start, 1)
 
-    return derive(onnx_dir, out, transform, precision="int8", parity=None, quantization=recipe)
+    return derive_into(onnx_dir, directory, transform, precision="int8", parity=None, quantization=recipe)
+
+
+def make_fp16(onnx_dir: Path | str, out: Path | str, keep: dict[str, list[str]], tool: str | None = None) -> Path:
+    """`fp16_into` a fresh directory committed atomically to `out`."""
+    with staging(out) as tmp:
+        fp16_into(onnx_dir, tmp, keep, tool)
+    return Path(out)
+
+
+def make_int8(onnx_dir: Path | str, out: Path | str, feeds: dict[str, list[dict]], tool: str | None = None) -> Path:
+    """`int8_into` a fresh directory committed atomically to `out`."""
+    with staging(out) as tmp:
+        int8_into(onnx_dir, tmp, feeds, tool)
+    return Path(out)
 
 
 def _rule() -> str:
@@ -378,43 +392,32 @@ def graphs_dir(preset: str, kind: str, bundle_name: str = "teacher") -> Path:
     return preset_dir(preset) / f"onnx-{bundle_name}-trt-{kind}"
 
 
-def ranges_path(preset: str, bundle_name: str = "teacher") -> Path:
-    return preset_dir(preset) / f"trt-ranges-{bundle_name}.json"
+def ranges_dir(preset: str, bundle_name: str = "teacher") -> Path:
+    """<artifacts>/<preset>/trt-ranges-<bundle_name>, holding ranges.json."""
+    return preset_dir(preset) / f"trt-ranges-{bundle_name}"
 
 
-def ensure_ranges(onnx_dir: Path, path: Path, feeds_fn) -> list[TensorRange]:
-    """The range table of `onnx_dir`, measured once per export (keyed by its sidecar digest)."""
-    digest = sidecar_digest(onnx_dir)
-    with contextlib.suppress(FileNotFoundError, json.JSONDecodeError, KeyError, TypeError):
-        stored = json.loads(path.read_text())
-        if (stored["schema"], stored["parent_sidecar_sha256"], stored["rule"]) == (RANGES_SCHEMA, digest, _rule()):
-            return [TensorRange(**row) for row in stored["rows"]]
-    start = time.perf_counter()
-    ranges = measure_ranges(onnx_dir, feeds_fn())
-    write_json_atomic(path, {"schema": RANGES_SCHEMA, "parent_sidecar_sha256": digest, "rule": _rule(),
-                             "seconds": round(time.perf_counter() - start, 1), "rows": [asdict(r) for r in ranges]})
-    return ranges
+def ensure_ranges(onnx_dir: Path, out: Path, recipe: dict, feeds) -> list[TensorRange]:
+    """The range table of `onnx_dir`, measured again exactly when `recipe` (parent digest, rule, calibration)
+    changes; `feeds()` is called only then."""
+    def build(tmp: Path) -> None:
+        start = time.perf_counter()
+        rows = [asdict(r) for r in measure_ranges(onnx_dir, feeds())]
+        write_json_atomic(tmp / RANGES_SIDECAR, {"schema": RANGES_SCHEMA, "rule": _rule(), "rows": rows,
+                                                 "seconds": round(time.perf_counter() - start, 1)})
+
+    stored = read_json(ensure(out, RANGES_SIDECAR, recipe, build) / RANGES_SIDECAR)
+    return [TensorRange(**row) for row in stored["rows"]]
 
 
-def _recipe(directory: Path, key: str) -> dict | None:
-    try:
-        return read_sidecar(directory).get(key)
-    except (FileNotFoundError, ValueError):
-        return None
+def ensure_trt_graphs(preset: Preset, bundle: Bundle, feeds_fn=None) -> TrtGraphs:
+    """The ranges, fp16 and int8 copies of `bundle`'s export for `preset`, each built again exactly when its
+    recipe changes (the export's sidecar digest, the tool, the kept nodes, the calibration budget).
 
-
-def _made_with(directory: Path, key: str, settings: dict) -> bool:
-    recipe = _recipe(directory, key)
-    return bool(recipe) and all(recipe.get(k) == v for k, v in settings.items())
-
-
-def ensure_trt_graphs(preset, onnx_dir: Path, bundle_name: str = "teacher", feeds_fn=None) -> TrtGraphs:
-    """The fp16 and int8 copies of `onnx_dir` for `preset`, built when missing or made from another export.
-
-    `feeds_fn()` returns calibration feeds (ort_int8.calibration_for); it is called only when
-    something has to be measured or calibrated, and at most once.
+    `feeds_fn()` returns calibration feeds (default: ort_int8.calibration_for, notebook 05's sentences);
+    it is called only when something has to be measured or calibrated, and at most once.
     """
-    preset_name = getattr(preset, "name", preset)
+    onnx_dir, name = ensure_onnx(preset, bundle), bundle_key(bundle)
     cache: dict[str, dict] = {}
 
     def feeds() -> dict[str, list[dict]]:
@@ -422,13 +425,14 @@ def ensure_trt_graphs(preset, onnx_dir: Path, bundle_name: str = "teacher", feed
             cache["feeds"] = feeds_fn() if feeds_fn else calibration_for(onnx_dir, preset)
         return cache["feeds"]
 
-    ranges = ensure_ranges(onnx_dir, ranges_path(preset_name, bundle_name), feeds)
+    budget = preset.quant
+    base = {"parent_sidecar_sha256": sidecar_digest(onnx_dir),
+            "calibration": [budget.calibration_sentences, budget.calibration_batch, budget.keep_every]}
+    ranges = ensure_ranges(onnx_dir, ranges_dir(preset.name, name), {**base, "rule": _rule()}, feeds)
     keep = keep_fp32(onnx_dir, ranges)
-    digest = sidecar_digest(onnx_dir)
-    fp16, int8 = graphs_dir(preset_name, "fp16", bundle_name), graphs_dir(preset_name, "int8", bundle_name)
     tools = {"fp16": tool_for("fp16"), "int8": tool_for("int8")}
-    if not _made_with(fp16, "fp16", {"parent_sidecar_sha256": digest, "tool": tools["fp16"], "keep_fp32": keep}):
-        make_fp16(onnx_dir, fp16, keep, tools["fp16"])
-    if not _made_with(int8, "quantization", {"parent_sidecar_sha256": digest, "tool": tools["int8"]}):
-        make_int8(onnx_dir, int8, feeds(), tools["int8"])
-    return TrtGraphs(Path(onnx_dir), fp16, int8, ranges, keep)
+    fp16 = ensure(graphs_dir(preset.name, "fp16", name), SIDECAR, {**base, "tool": tools["fp16"], "keep_fp32": keep},
+                  lambda tmp: fp16_into(onnx_dir, tmp, keep, tools["fp16"]))
+    int8 = ensure(graphs_dir(preset.name, "int8", name), SIDECAR, {**base, "tool": tools["int8"]},
+                  lambda tmp: int8_into(onnx_dir, tmp, feeds(), tools["int8"]))
+    return TrtGraphs(onnx_dir, fp16, int8, ranges, keep)

@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass
 import torch
 
 from labkit.engines import tensorrt, torch_cuda
-from labkit.engines.onnx_export import ensure_onnx
 from labkit.engines.onnx_graphs import read_sidecar, size_mb
 from labkit.engines.ort_int8 import evaluate_dir, gate_pairs
 from labkit.engines.trt_graphs import DATA_MAX, FP16_MAX, TrtGraphs, ensure_trt_graphs, range_table
@@ -54,11 +53,11 @@ class Part1:
         return meta.get("fp16") or meta.get("quantization") or {}
 
 
-def run_part1(preset, bundle, bundle_name: str = "teacher") -> Part1:
+def run_part1(preset, bundle) -> Part1:
     """Build (or reuse) the fp16 and int8 graphs, check both, write profiles + commands next to those that passed."""
     seconds, start = {}, time.perf_counter()
-    onnx_dir = ensure_onnx(preset, bundle_name, bundle=bundle)
-    graphs = ensure_trt_graphs(preset, onnx_dir, bundle_name)
+    graphs = ensure_trt_graphs(preset, bundle)
+    onnx_dir = graphs.parent
     seconds["graphs"], start = time.perf_counter() - start, time.perf_counter()
     fp32 = evaluate_dir(onnx_dir, bundle, preset, gate_pairs(preset))
     checks, results = {}, {}
