@@ -240,6 +240,9 @@ class TrtRunner:
             if not self.context.set_input_shape(name, tuple(tensor.shape)):
                 raise ValueError(f"{name} shape {tuple(tensor.shape)} is outside the engine's profile")
             self.context.set_tensor_address(name, tensor.data_ptr())
+        for name, tensor in {**inputs, **outputs}.items():
+            if self.dtypes[name] != tensor.dtype:  # the engine reads raw bytes: a wrong dtype is silent garbage
+                raise TypeError(f"{name} is {tensor.dtype}, the engine's tensor is {self.dtypes[name]}")
         for name, tensor in outputs.items():
             if tuple(self.context.get_tensor_shape(name)) != tuple(tensor.shape):
                 raise RuntimeError(f"engine says {name} is {tuple(self.context.get_tensor_shape(name))}, "
