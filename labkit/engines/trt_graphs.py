@@ -257,6 +257,10 @@ class FeedReader:
 def int8_modelopt(src: Path, dst: Path, feeds: list[dict]) -> None:
     """ModelOpt ONNX PTQ: symmetric int8 Q/DQ, MinMax ranges calibrated on the CPU provider.
 
+    `dq_only`: weights are stored as int8 initializers read through DequantizeLinear (activations keep
+    their Q/DQ pairs), the form TensorRT fuses into int8 kernels; the files shrink to ~40 % of fp32
+    (7.7 vs 19.7 MB on the ci teacher) with the same outputs as fake-quantized fp32 weights.
+
     ModelOpt writes helper files next to its input, so it works on a copy in a scratch directory. Its
     loggers are silenced below CRITICAL: on a machine without a GPU it logs "Failed to get GPU count: NVML
     Shared Library Not Found" as an ERROR and carries on with the CPU provider; real failures raise.
@@ -268,7 +272,7 @@ def int8_modelopt(src: Path, dst: Path, feeds: list[dict]) -> None:
         shutil.copyfile(src, copy)
         quantize(str(copy), quantize_mode="int8", calibration_data_reader=FeedReader(feeds),
                  calibration_method=INT8_METHOD, calibration_eps=["cpu"], high_precision_dtype="fp32",
-                 output_path=str(dst), log_level="CRITICAL")  # quantize() sets its loggers' level itself
+                 output_path=str(dst), log_level="CRITICAL", dq_only=True)  # quantize() sets its log level itself
 
 
 def int8_labkit(src: Path, dst: Path, feeds: list[dict], blocks=BODY_BLOCKS) -> None:
@@ -339,7 +343,9 @@ def int8_into(onnx_dir: Path | str, directory: Path, feeds: dict[str, list[dict]
         raise ValueError(f"int8 tool must be one of {INT8_TOOLS}, got {tool!r}")
     graph_of = {name: graph for graph, name in read_sidecar(onnx_dir)["files"].items()}
     start = time.perf_counter()
-    recipe = {"tool": tool, "format": "QDQ", "symmetric": True, "weights": "int8 per channel",
+    recipe = {"tool": tool, "format": "QDQ", "symmetric": True,
+              "weights": "int8 initializers + DequantizeLinear, per channel" if tool == "modelopt" else
+              "fp32 initializers + Q/DQ, per channel",
               "activations": "int8 per tensor", "method": INT8_METHOD if tool == "modelopt" else "minmax",
               "blocks": "ModelOpt's TensorRT placement" if tool == "modelopt" else list(BODY_BLOCKS),
               "calibration_feeds": {g: len(f) for g, f in feeds.items()},
@@ -433,6 +439,6 @@ def ensure_trt_graphs(preset: Preset, bundle: Bundle, feeds_fn=None) -> TrtGraph
     tools = {"fp16": tool_for("fp16"), "int8": tool_for("int8")}
     fp16 = ensure(graphs_dir(preset.name, "fp16", name), SIDECAR, {**base, "tool": tools["fp16"], "keep_fp32": keep},
                   lambda tmp: fp16_into(onnx_dir, tmp, keep, tools["fp16"]))
-    int8 = ensure(graphs_dir(preset.name, "int8", name), SIDECAR, {**base, "tool": tools["int8"]},
+    int8 = ensure(graphs_dir(preset.name, "int8", name), SIDECAR, {**base, "tool": tools["int8"], "weights": "dq_only"},
                   lambda tmp: int8_into(onnx_dir, tmp, feeds(), tools["int8"]))
     return TrtGraphs(onnx_dir, fp16, int8, ranges, keep)

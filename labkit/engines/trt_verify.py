@@ -220,7 +220,7 @@ def int8_structure(child_dir: Path) -> Check:
     from onnx import numpy_helper
 
     child_dir = Path(child_dir)
-    pairs, asymmetric = 0, []
+    pairs, dequantize, asymmetric = 0, 0, []
     for graph, name in read_sidecar(child_dir)["files"].items():
         model = onnx.load(str(child_dir / name))
         inits = {t.name: t for t in model.graph.initializer}
@@ -228,10 +228,12 @@ def int8_structure(child_dir: Path) -> Check:
             if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
                 continue
             pairs += node.op_type == "QuantizeLinear"
+            dequantize += node.op_type == "DequantizeLinear"
             zp = inits.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
             if zp is not None and (zp.data_type != onnx.TensorProto.INT8 or numpy_helper.to_array(zp).any()):
                 asymmetric.append(f"{graph}:{node.name}")
-    detail = f"{pairs} QuantizeLinear nodes; non-symmetric or non-int8 zero points: {asymmetric[:5] or 'none'}"
+    detail = (f"{pairs} QuantizeLinear (activations), {dequantize} DequantizeLinear (activations and int8 weights); "
+              f"non-symmetric or non-int8 zero points: {asymmetric[:5] or 'none'}")
     return Check("int8", "symmetric-qdq", STRUCTURE, float(pairs), "> 0 Q/DQ, all zero points int8 0",
                  pairs > 0 and not asymmetric, detail)
 

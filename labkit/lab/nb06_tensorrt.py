@@ -89,6 +89,11 @@ def largest_fitting(part1: Part1, top: int = 10):
     return df[(df["flag"] == "") & (df["op"] != "initializer")].head(top)
 
 
+def sizes(part1: Part1) -> dict[str, float]:
+    """MiB on disk of the fp32 export and its two copies (graph files + external data)."""
+    return {"fp32": round(size_mb(part1.graphs.parent), 2), **{k: round(size_mb(part1.dir(k)), 2) for k in KINDS}}
+
+
 def gate_table(part1: Part1):
     """Every check of both graph sets: graphs, check, where it ran, value, threshold, passed, detail."""
     return check_table([c for kind in KINDS for c in part1.checks[kind]])
