@@ -69,7 +69,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Handler, st
     "run": (add_run_arguments, run, "execute the lab notebooks in order with papermill"),
     "bench": (add_bench_arguments, bench,
               "time translation engines, each in its own process, with ratios vs torch eager"),
-    "gpu-check": (gpu_check.add_arguments, gpu_check.main,
+    "gpu-check": (gpu_check.add_gpu_check_arguments, gpu_check.gpu_check_command,
                   "on a CUDA machine: the torch GPU rung and TensorRT engines, gated and timed, in one JSON"),
 }
 

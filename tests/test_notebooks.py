@@ -157,6 +157,6 @@ def test_tensorrt_graphs_are_gated_and_engines_skipped_with_reasons(ci_run):
     part2 = rows[rows["backend"].isin(["tensorrt", "torch-cuda"])]
     assert {"trt-engine-fp16", "trt-engine-int8", "torch-cuda-fp16-cudagraph"} <= set(part2["variant"])
     for record in part2["record"]:
-        if record["backend"] == "tensorrt" and tensorrt.missing_reason():
+        if record["backend"] == "tensorrt" and tensorrt.engines_unavailable():
             assert record["status"] == "skipped" and record["reason"] and record["metrics"] is None, record
         assert gated_honestly(record), record

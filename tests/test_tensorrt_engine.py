@@ -120,7 +120,8 @@ WANTED = {"schema": T.SCHEMA, "tensorrt": "10.8.0", "gpu": "NVIDIA H200", "compu
     ({**WANTED, "onnx_sha256": "old"}, "the ONNX graph changed since the build"),
     ({**WANTED, "profile": {"input_ids": {"min": [1, 2]}}}, "the profile changed since the build"),
     ({**WANTED, "workspace_mb": 1024}, "the workspace mb changed since the build"),
-    ({**WANTED, "schema": "labkit.trt-engine/0"}, "sidecar schema 'labkit.trt-engine/0', expected 'labkit.trt-engine/1'"),
+    ({**WANTED, "schema": "labkit.trt-engine/0"},
+     "sidecar schema 'labkit.trt-engine/0', expected 'labkit.trt-engine/1'"),
     (dict(WANTED), None),
 ])
 def test_stale_reason(stored, reason):
@@ -151,8 +152,8 @@ def test_ensure_engines_builds_nothing_from_a_failed_graph(tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the reason given where there is no GPU")
-def test_missing_reason_names_the_missing_device():
-    assert "no CUDA device" in T.missing_reason()
+def test_engines_unavailable_names_the_missing_device():
+    assert "no CUDA device" in T.engines_unavailable()
 
 
 # --------------------------------------------------------------------------- the stepper, engines stood in for

@@ -36,12 +36,12 @@ def test_static_step_decodes_like_hf(bundle, batch, cfg):
     written at a device-side position, masked attention over all slots) must give the same tokens."""
     want = decode(TorchStepper(bundle.model), batch["input_ids"], batch["attention_mask"], cfg)
     model = C.rung_model(bundle.model, "torch-fp32-eager", "cpu")
-    got = decode(C.StaticStepper(model, capacity=25, graphs=True), batch["input_ids"], batch["attention_mask"], cfg)
+    got = decode(C.GraphStepper(model, capacity=25, graphs=True), batch["input_ids"], batch["attention_mask"], cfg)
     assert got == want  # graphs=True is ignored off CUDA: the same step runs eagerly
 
 
 def test_static_step_refuses_to_run_past_its_capacity(bundle, batch):
-    stepper = C.StaticStepper(C.rung_model(bundle.model, "torch-fp32-eager", "cpu"), capacity=4)
+    stepper = C.GraphStepper(C.rung_model(bundle.model, "torch-fp32-eager", "cpu"), capacity=4)
     with pytest.raises(ValueError, match="capacity 4 exceeded"):
         decode(stepper, batch["input_ids"], batch["attention_mask"], DecodeConfig(forced_length=8))
 
@@ -132,7 +132,8 @@ def test_part2_records_skip_with_reason_and_carry_gates_when_run(bundle):
     assert (skipped["status"], skipped["reason"], skipped["metrics"]) == ("skipped", "tensorrt is not installed", None)
     assert (skipped["backend"], skipped["precision"], skipped["parent"]) == ("tensorrt", "int8", "onnx-trt-int8")
     assert failed["status"] == "failed" and "latency_ms" not in failed["metrics"] and failed["precision"] == "fp16"
-    assert ok["metrics"]["latency_ms"]["p50"] == 50.0 and ok["backend"] == "torch-cuda" and ok["technique"] == "tensorrt"
+    assert ok["metrics"]["latency_ms"]["p50"] == 50.0
+    assert (ok["backend"], ok["technique"]) == ("torch-cuda", "tensorrt")
 
 
 # --------------------------------------------------------------------------- on a CUDA device
@@ -143,8 +144,8 @@ def test_cuda_graph_replay_decodes_like_eager_static(bundle, batch):
     """The captured graph replays the very step the eager path runs: same tokens, greedy and beam."""
     model = C.rung_model(bundle.model, "torch-fp32-eager", "cuda")
     for cfg in (DecodeConfig(max_new_tokens=24), DecodeConfig(max_new_tokens=24, num_beams=3)):
-        eager = decode(C.StaticStepper(model, 25, graphs=False), batch["input_ids"], batch["attention_mask"], cfg)
-        graph = decode(C.StaticStepper(model, 25, graphs=True), batch["input_ids"], batch["attention_mask"], cfg)
+        eager = decode(C.GraphStepper(model, 25, graphs=False), batch["input_ids"], batch["attention_mask"], cfg)
+        graph = decode(C.GraphStepper(model, 25, graphs=True), batch["input_ids"], batch["attention_mask"], cfg)
         assert graph == eager == decode(TorchStepper(bundle.model), batch["input_ids"], batch["attention_mask"], cfg)
 
 

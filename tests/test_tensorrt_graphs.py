@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +14,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from labkit.config import Preset
 from labkit.core.bundle import load_bundle
 from labkit.core.data import load_split
 from labkit.core.decode import DecodeConfig
@@ -20,7 +23,7 @@ from labkit.engines import trt_verify as V
 from labkit.engines.onnx_export import export
 from labkit.engines.onnx_graphs import FILES, read_sidecar
 from labkit.engines.ort import load_sessions
-from labkit.engines.ort_int8 import calibration_feeds
+from labkit.engines.ort_int8 import calibration_feeds, evaluate_dir, gate_pairs
 
 ROOT = Path(__file__).resolve().parent.parent
 modelopt = pytest.importorskip("modelopt.onnx.autocast", reason="needs the graphs extra: pip install -e '.[graphs]'")
@@ -104,11 +107,10 @@ def test_graph_ranges_are_the_largest_values_seen(tmp_path):
 
 def test_keep_fp32_takes_producers_and_consumers_of_flagged_tensors(tmp_path):
     """c (1e6) is read by `add`, which also produces y (~1e6): add stays fp32; mul (30) and relu do not."""
-    import json
-
     _toy_graph(tmp_path / "toy.onnx")
+    size = (tmp_path / "toy.onnx").stat().st_size
     (tmp_path / "onnx.json").write_text(json.dumps({"schema": "labkit.onnx/1", "files": {"toy": "toy.onnx"},
-                                                    "file_bytes": {"toy.onnx": (tmp_path / "toy.onnx").stat().st_size}}))
+                                                    "file_bytes": {"toy.onnx": size}}))
     ranges = G.graph_ranges(tmp_path / "toy.onnx", "toy", [{"x": np.array([0.1, -0.3], np.float32)}])
     assert G.keep_fp32(tmp_path, ranges) == {"toy": ["add"]}
 
@@ -159,8 +161,6 @@ def test_reference_session_matches_onnxruntime_on_fp32(onnx_dir, bundle):
 def test_fp16_parity_fails_a_perturbed_layer_norm(onnx_dir, fp16_dir, bundle, tmp_path):
     """The fp16 tolerance is tight enough to catch a real error: the encoder's last LayerNorm scale x 1.05
     (its output is the graph's, so it moves by ~5 % of max|x|; fp16 rounding moves it ~0.1 %)."""
-    import shutil
-
     broken = tmp_path / "broken"
     shutil.copytree(fp16_dir, broken)
     path = broken / FILES["encoder"]
@@ -168,19 +168,16 @@ def test_fp16_parity_fails_a_perturbed_layer_norm(onnx_dir, fp16_dir, bundle, tm
     inits = {t.name: t for t in model.graph.initializer}
     norm = [n for n in model.graph.node if n.op_type == "LayerNormalization" and n.input[1] in inits][-1]
     scale = inits[norm.input[1]]
-    scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * np.array(1.05, numpy_helper.to_array(scale).dtype),
-                                           scale.name))
+    values = numpy_helper.to_array(scale)
+    scale.CopyFrom(numpy_helper.from_array(values * np.array(1.05, values.dtype), scale.name))
     onnx.save(model, str(path))
     meta = read_sidecar(fp16_dir)
     meta["file_bytes"][FILES["encoder"]] = path.stat().st_size
-    (broken / "onnx.json").write_text(__import__("json").dumps(meta))
+    (broken / "onnx.json").write_text(json.dumps(meta))
     assert not V.ort_parity(onnx_dir, broken, bundle.model, "fp16").passed
 
 
 def test_fp16_tokens_in_true_fp16_match_fp32(onnx_dir, fp16_dir, bundle):
-    from labkit.config import Preset
-    from labkit.engines.ort_int8 import evaluate_dir, gate_pairs
-
     preset = Preset.from_name("ci").with_(max_new_tokens=16)
     pairs = gate_pairs(preset)[:3]
     fp32 = evaluate_dir(onnx_dir, bundle, preset, pairs)
@@ -198,9 +195,6 @@ def test_int8_copy_is_symmetric_qdq_and_close_on_real_feeds(onnx_dir, int8_dir, 
 
 
 def test_int8_structure_catches_a_nonzero_zero_point(int8_dir, tmp_path):
-    import json
-    import shutil
-
     broken = tmp_path / "broken"
     shutil.copytree(int8_dir, broken)
     path = broken / FILES["encoder"]
@@ -249,8 +243,8 @@ def test_tool_for_names_what_this_machine_has():
 
 
 def test_gate_of_fails_on_one_failed_check_and_says_where():
-    ok = V.Check("int8", "parity", V.ORT, 0.3, "<= 1", True, "fine")
-    bad = V.Check("int8", "bleu-drop", V.ORT, 1.4, "<= 1.0", False, "BLEU 97.6 vs fp32 99.0")
+    ok = V.GraphCheck("int8", "parity", V.ORT, 0.3, "<= 1", True, "fine")
+    bad = V.GraphCheck("int8", "bleu-drop", V.ORT, 1.4, "<= 1.0", False, "BLEU 97.6 vs fp32 99.0")
     gate = V.gate_of("int8", [ok, bad])
     assert gate["name"] == "trt-ready-int8" and gate["passed"] is False
     assert "bleu-drop (onnxruntime CPU): BLEU 97.6" in gate["detail"] and "parity" not in gate["detail"]
@@ -259,8 +253,6 @@ def test_gate_of_fails_on_one_failed_check_and_says_where():
 
 def test_ensure_trt_graphs_builds_once_and_calibrates_at_most_once(onnx_dir, bundle, feeds, tmp_path, monkeypatch):
     """One builder shape: the second call reuses ranges, fp16 and int8 copies without decoding a sentence."""
-    from labkit.config import Preset
-
     monkeypatch.setenv("LABKIT_ARTIFACTS", str(tmp_path))
     monkeypatch.setattr(G, "ensure_onnx", lambda preset, bundle: onnx_dir)
     calls = []

@@ -1,6 +1,6 @@
 """TensorRT engines from labkit's TensorRT-ready graphs, and a Stepper that decodes with them (needs CUDA + tensorrt).
 
-    missing_reason()                                # None where engines can be built, else why not
+    engines_unavailable()                                # None where engines can be built, else why not
     plans = ensure_engines(fp16_dir, gate)           # {graph: .plan}; a stale or foreign engine is rebuilt, saying why
     stepper = TrtStepper.from_dir(fp16_dir)          # behind labkit.core.decode's greedy and beam search
 
@@ -48,7 +48,7 @@ INSTALL_HINT = "pip install -e '.[trt]' on a machine with an NVIDIA GPU and CUDA
 # --------------------------------------------------------------------------- where engines can exist
 
 
-def missing_reason() -> str | None:
+def engines_unavailable() -> str | None:
     """Why engines cannot be built here, or None: 'no CUDA device (...); tensorrt is not installed (...)'."""
     reasons = []
     if not torch.cuda.is_available():
@@ -188,7 +188,7 @@ def ensure_engines(directory: Path, gate: dict, log: Callable[[str], None] = pri
     if not gate or not gate.get("passed"):
         raise ValueError(f"no engine is built from {directory}: its graphs failed their gate "
                          f"({(gate or {}).get('detail', 'no gate')})")
-    reason = missing_reason()
+    reason = engines_unavailable()
     if reason:
         raise RuntimeError(f"cannot build TensorRT engines here: {reason}")
     return {g: ensure_engine(directory, g, log) for g in read_sidecar(directory)["files"]}

@@ -135,7 +135,7 @@ class StaticState:
     extra: dict = field(default_factory=dict)
 
 
-class StaticStepper:
+class GraphStepper:
     """Stepper over StaticStep: eager anywhere, replayed as one CUDA graph per batch shape with `graphs`."""
 
     def __init__(self, model: nn.Module, capacity: int, graphs: bool = True):
@@ -221,7 +221,7 @@ def rung_model(model: nn.Module, variant: str, device: str) -> nn.Module:
 def rung_stepper(model: nn.Module, variant: str, capacity: int, graphs: bool = True):
     """The stepper of one rung variant over a model already placed by `rung_model`."""
     if variant.endswith("cudagraph"):
-        return StaticStepper(model, capacity, graphs=graphs)
+        return GraphStepper(model, capacity, graphs=graphs)
     return DeviceStepper(model)
 
 

@@ -1,6 +1,6 @@
 """Check a TensorRT-ready graph against its fp32 parent on the CPU, and say where each check ran.
 
-    checks = verify_fp16(parent_dir, fp16_dir, bundle, preset, keep, fp32=ref)  # [Check, ...]
+    checks = verify_fp16(parent_dir, fp16_dir, bundle, preset, keep, fp32=ref)  # [GraphCheck, ...]
     gate = gate_of("fp16", checks)  # {'name': 'trt-ready-fp16', 'passed': True, 'detail': '...'}
 
 Where each check runs matters. ONNX Runtime's CPU provider runs fp16 graphs but computes most ops in
@@ -43,7 +43,7 @@ REFERENCE_CASE = ParityCase(2, 9, 4, pad_last=2, target=2)  # one unseen shape f
 
 
 @dataclass(frozen=True)
-class Check:
+class GraphCheck:
     """One verification of one graph set: what, where it ran, the number, the bar, the verdict."""
 
     graphs: str  # 'fp16' | 'int8'
@@ -134,15 +134,15 @@ def compare(parent: dict, child: dict, feeds: dict[str, list[dict]], atol: float
     return {"worst": worst, "passed": bool(worst["ratio"] <= 1.0), "feeds": sum(map(len, feeds.values()))}
 
 
-def _numeric_check(kind: str, name: str, where: str, result: dict, atol: float, rtol: float, inputs: str) -> Check:
+def _numeric_check(kind: str, name: str, where: str, result: dict, atol: float, rtol: float, inputs: str) -> GraphCheck:
     w = result["worst"]
     detail = f"worst {w['graph']}.{w['output']}: max |Δ| {w['max_abs']:.3g} = {w['ratio']:.2f} x allowed ({inputs})"
-    return Check(kind, name, where, round(w["ratio"], 4), f"max|Δ| <= {atol:g} + {rtol:g}·max|fp32|",
+    return GraphCheck(kind, name, where, round(w["ratio"], 4), f"max|Δ| <= {atol:g} + {rtol:g}·max|fp32|",
                  result["passed"], detail)
 
 
 def ort_parity(parent_dir: Path, child_dir: Path, model, kind: str, feeds: dict | None = None,
-               cases: tuple[ParityCase, ...] = PARITY_CASES) -> Check:
+               cases: tuple[ParityCase, ...] = PARITY_CASES) -> GraphCheck:
     """ORT runs of the copy vs ORT runs of the fp32 parent, every output of every graph.
 
     Inputs: `feeds` when given (real decode feeds, `decode_feeds`), else random ones of `cases`.
@@ -155,7 +155,7 @@ def ort_parity(parent_dir: Path, child_dir: Path, model, kind: str, feeds: dict 
     return _numeric_check(kind, "parity", ORT, result, ATOL[kind], RTOL[kind], inputs)
 
 
-def fp16_numerics(parent_dir: Path, child_dir: Path, model, case: ParityCase = REFERENCE_CASE) -> Check:
+def fp16_numerics(parent_dir: Path, child_dir: Path, model, case: ParityCase = REFERENCE_CASE) -> GraphCheck:
     """The fp16 copy run in true fp16 by onnx.reference vs ORT fp32, one unseen shape."""
     parent = load_sessions(parent_dir)
     result = compare(parent, reference_sessions(child_dir), random_feeds(parent, model, (case,)),
@@ -170,11 +170,11 @@ def reference_ids(child_dir: Path, bundle, preset, texts: list[str]) -> list[lis
     return translate_ids(translator_for(bundle, preset, stepper), texts, preset.batch_size)[0]
 
 
-def fp16_tokens(child_dir: Path, bundle, preset, texts: list[str], fp32_ids: list[list[int]]) -> Check:
+def fp16_tokens(child_dir: Path, bundle, preset, texts: list[str], fp32_ids: list[list[int]]) -> GraphCheck:
     """True-fp16 greedy tokens vs the fp32 graphs' on a few sentences."""
     ids = reference_ids(child_dir, bundle, preset, texts)
     same = agreement(ids, fp32_ids)
-    return Check("fp16", "fp16-tokens", REFERENCE, round(same, 4), f">= {MIN_FP16_AGREEMENT}",
+    return GraphCheck("fp16", "fp16-tokens", REFERENCE, round(same, 4), f">= {MIN_FP16_AGREEMENT}",
                  same >= MIN_FP16_AGREEMENT,
                  f"greedy ids identical to fp32 ORT's on {round(same * len(ids))}/{len(ids)} sentences")
 
@@ -195,7 +195,7 @@ def _fp32_inputs(model) -> dict[str, bool]:
             any(types.get(t) == single for t in [*n.input, *n.output]) for n in model.graph.node}
 
 
-def fp16_structure(child_dir: Path, keep: dict[str, list[str]]) -> Check:
+def fp16_structure(child_dir: Path, keep: dict[str, list[str]]) -> GraphCheck:
     """Every node the range table kept is still fp32 in the file, and the rest went fp16."""
     import onnx
 
@@ -210,11 +210,11 @@ def fp16_structure(child_dir: Path, keep: dict[str, list[str]]) -> Check:
     low = min(share.values())
     detail = (f"{sum(map(len, keep.values()))} kept nodes fp32{'' if not missing else f', NOT: {missing[:5]}'}; "
               f"share of nodes in fp16: " + ", ".join(f"{g} {s:.0%}" for g, s in share.items()))
-    return Check("fp16", "fp32-kept", STRUCTURE, round(low, 4), "kept nodes fp32, fp16 share >= 50%",
+    return GraphCheck("fp16", "fp32-kept", STRUCTURE, round(low, 4), "kept nodes fp32, fp16 share >= 50%",
                  not missing and low >= 0.5, detail)
 
 
-def int8_structure(child_dir: Path) -> Check:
+def int8_structure(child_dir: Path) -> GraphCheck:
     """Q/DQ pairs exist and every zero point is 0 (TensorRT takes symmetric int8 only)."""
     import onnx
     from onnx import numpy_helper
@@ -234,14 +234,14 @@ def int8_structure(child_dir: Path) -> Check:
                 asymmetric.append(f"{graph}:{node.name}")
     detail = (f"{pairs} QuantizeLinear (activations), {dequantize} DequantizeLinear (activations and int8 weights); "
               f"non-symmetric or non-int8 zero points: {asymmetric[:5] or 'none'}")
-    return Check("int8", "symmetric-qdq", STRUCTURE, float(pairs), "> 0 Q/DQ, all zero points int8 0",
+    return GraphCheck("int8", "symmetric-qdq", STRUCTURE, float(pairs), "> 0 Q/DQ, all zero points int8 0",
                  pairs > 0 and not asymmetric, detail)
 
 
 # --------------------------------------------------------------------------- tokens and BLEU, then the gate
 
 
-def decode_checks(kind: str, child_dir: Path, bundle, preset, fp32: dict, pairs) -> tuple[list[Check], dict]:
+def decode_checks(kind: str, child_dir: Path, bundle, preset, fp32: dict, pairs) -> tuple[list[GraphCheck], dict]:
     """Token agreement and BLEU drop of the copy vs the fp32 graphs on the gate sentences (ORT CPU).
 
     fp16 must reproduce fp32's tokens (>= MIN_FP16_AGREEMENT); int8 must lose <= MAX_BLEU_DROP BLEU
@@ -251,18 +251,18 @@ def decode_checks(kind: str, child_dir: Path, bundle, preset, fp32: dict, pairs)
     same, n = result["agreement"], len(pairs)
     gating = kind == "fp16" or not preset.quality
     minimum = MIN_FP16_AGREEMENT if kind == "fp16" else MIN_SPEED_AGREEMENT
-    checks = [Check(kind, "agreement", ORT, round(same, 4), f">= {minimum}" if gating else "reported",
+    checks = [GraphCheck(kind, "agreement", ORT, round(same, 4), f">= {minimum}" if gating else "reported",
                     same >= minimum if gating else True,
                     f"greedy ids identical to fp32 ORT's on {round(same * n)}/{n} test sentences")]
     if preset.quality:
         drop = fp32["bleu"] - result["bleu"]
-        checks.append(Check(kind, "bleu-drop", ORT, round(drop, 3), f"<= {MAX_BLEU_DROP}", drop <= MAX_BLEU_DROP,
+        checks.append(GraphCheck(kind, "bleu-drop", ORT, round(drop, 3), f"<= {MAX_BLEU_DROP}", drop <= MAX_BLEU_DROP,
                             f"BLEU {result['bleu']:.2f} vs fp32 {fp32['bleu']:.2f} on {n} test sentences"))
     return checks, result
 
 
 def verify_fp16(parent_dir: Path, child_dir: Path, bundle, preset, keep: dict[str, list[str]],
-                fp32: dict) -> tuple[list[Check], dict]:
+                fp32: dict) -> tuple[list[GraphCheck], dict]:
     """Every fp16 check: structure, ORT parity, true-fp16 numerics and tokens (preset.trt.reference_sentences
     of the gate sentences), agreement and BLEU. `fp32`: the fp32 graphs' evaluate_dir on gate_pairs(preset)."""
     pairs = gate_pairs(preset)
@@ -274,7 +274,7 @@ def verify_fp16(parent_dir: Path, child_dir: Path, bundle, preset, keep: dict[st
     return checks + more, result
 
 
-def verify_int8(parent_dir: Path, child_dir: Path, bundle, preset, fp32: dict) -> tuple[list[Check], dict]:
+def verify_int8(parent_dir: Path, child_dir: Path, bundle, preset, fp32: dict) -> tuple[list[GraphCheck], dict]:
     """Every int8 check: symmetric Q/DQ structure, ORT parity at int8 tolerance, agreement and BLEU."""
     pairs = gate_pairs(preset)
     texts = [p.zh for p in pairs[:preset.trt.parity_sentences]]
@@ -284,7 +284,7 @@ def verify_int8(parent_dir: Path, child_dir: Path, bundle, preset, fp32: dict) -
     return checks + more, result
 
 
-def gate_of(kind: str, checks: list[Check]) -> dict:
+def gate_of(kind: str, checks: list[GraphCheck]) -> dict:
     """The ledger gate of one graph set: passed when every check passed; detail lists the failures."""
     failed = [c for c in checks if not c.passed]
     detail = "; ".join(f"{c.check} ({c.where}): {c.detail}" for c in failed) or \
@@ -292,7 +292,7 @@ def gate_of(kind: str, checks: list[Check]) -> dict:
     return gate(f"trt-ready-{kind}", not failed, detail)
 
 
-def check_table(checks: list[Check]) -> pd.DataFrame:  # noqa: F821
+def check_table(checks: list[GraphCheck]) -> pd.DataFrame:  # noqa: F821
     import pandas as pd
 
     return pd.DataFrame([asdict(c) for c in checks])

@@ -97,10 +97,10 @@ def rung_variants(device: str) -> list[str]:
     return list(torch_cuda.RUNG) if device == "cuda" else ["torch-fp32-eager", STATIC_DRY_RUN]
 
 
-def rung_stepper(bundle, variant: str, device: str, capacity: int):
+def _variant_stepper(bundle, variant: str, device: str, capacity: int):
     if variant == STATIC_DRY_RUN:
         model = torch_cuda.rung_model(bundle.model, "torch-fp32-eager", device)
-        return torch_cuda.StaticStepper(model, capacity, graphs=False)
+        return torch_cuda.GraphStepper(model, capacity, graphs=False)
     return torch_cuda.rung_stepper(torch_cuda.rung_model(bundle.model, variant, device), variant, capacity)
 
 
@@ -117,7 +117,7 @@ def run_rung(bundle, preset, device: str, texts: list[str], clock: Clock, gate_s
         if not clock.left():
             rows.append(row(name, "skipped", clock.why()))
             continue
-        translator = translator_for(bundle, preset, rung_stepper(bundle, variant, device, capacity))
+        translator = translator_for(bundle, preset, _variant_stepper(bundle, variant, device, capacity))
         result = evaluate_translator(translator, preset, pairs, parents["cpu"]["ids"])
         parents[variant] = result
         g = rung_gate(variant, result, parents, preset)
@@ -161,7 +161,7 @@ def engine_row(kind: str, part1, bundle, preset, texts: list[str], clock: Clock,
 def run_tensorrt(bundle, preset, device: str, texts: list[str], clock: Clock, gate_sentences: int | None = None,
                  log=print) -> list[dict]:
     """The engine rows: skipped with the reason without CUDA/tensorrt, or a failed graph; else built and gated."""
-    reason = tensorrt.missing_reason() if device == "cuda" else "no CUDA device (dry run on the CPU)"
+    reason = tensorrt.engines_unavailable() if device == "cuda" else "no CUDA device (dry run on the CPU)"
     if reason:
         return [row(nb06.ENGINE_VARIANT[k], "skipped", reason) for k in nb06.KINDS]
     part1 = nb06.run_part1(preset, bundle)
@@ -176,7 +176,7 @@ def run_tensorrt(bundle, preset, device: str, texts: list[str], clock: Clock, ga
 # --------------------------------------------------------------------------- the command
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_gpu_check_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="opus-mt-shape", choices=sorted(PRESETS),
                         help="what to time: opus-mt-shape (default) is the real opus-mt architecture, random weights")
     parser.add_argument("--bundle", default="teacher", help="the preset's teacher or a bundle under artifacts/<preset>")
@@ -207,7 +207,7 @@ def run_check(preset: Preset, bundle_name: str = "teacher", dry_run: bool = Fals
               "dry_run": device == "cpu", "budget_s": clock.budget_s, "sentences_timed": len(texts),
               "decode": {"forced_length": preset.forced_length, "max_new_tokens": preset.max_new_tokens, "batch": 1},
               "environment": {**environment(), "cuda": tensorrt.device_identity() if device == "cuda" else None,
-                              "tensorrt_missing": tensorrt.missing_reason()}, "rows": [], "errors": []}
+                              "tensorrt_missing": tensorrt.engines_unavailable()}, "rows": [], "errors": []}
     for step, fn in (("torch rung", run_rung), ("tensorrt", run_tensorrt)):
         try:
             report["rows"] += fn(bundle, preset, device, texts, clock, gate_sentences)
@@ -232,7 +232,7 @@ def table(report: dict) -> str:
     return "\n".join(lines + [f"{e['step']}: {e['error']}" for e in report["errors"]])
 
 
-def main(args: argparse.Namespace) -> int:
+def gpu_check_command(args: argparse.Namespace) -> int:
     """Handler of `labkit gpu-check`: writes the JSON; 0 when every step ran (gates may fail), 1 on an error."""
     preset = Preset.from_name(args.preset)
     report = run_check(preset, args.bundle, args.dry_run, args.sentences, args.budget_s, args.gate_sentences)

@@ -22,7 +22,7 @@ from labkit.engines.onnx_graphs import read_sidecar, size_mb
 from labkit.engines.ort_int8 import evaluate_dir, gate_pairs
 from labkit.engines.trt_graphs import DATA_MAX, FP16_MAX, TrtGraphs, ensure_trt_graphs, range_table
 from labkit.engines.trt_profiles import profile_axes, write_profiles
-from labkit.engines.trt_verify import ATOL, RTOL, Check, check_table, gate_of, verify_fp16, verify_int8
+from labkit.engines.trt_verify import ATOL, RTOL, GraphCheck, check_table, gate_of, verify_fp16, verify_int8
 from labkit.measure import ledger
 
 NOTEBOOK = "06_tensorrt"
@@ -38,7 +38,7 @@ class Part1:
 
     graphs: TrtGraphs
     fp32: dict  # evaluate_dir of the fp32 graphs on the gate sentences (ids, bleu, ...)
-    checks: dict[str, list[Check]]  # kind -> checks, in the order they ran
+    checks: dict[str, list[GraphCheck]]  # kind -> checks, in the order they ran
     results: dict[str, dict]  # kind -> evaluate_dir of the copy
     gates: dict[str, dict]  # kind -> ledger gate
     profiles: dict[str, dict]  # kind -> tensorrt.json (only for graphs that passed)
@@ -123,7 +123,7 @@ def engine_reason(part1: Part1, kind: str) -> str | None:
     """Why the `kind` engine cannot be built here (no GPU, no tensorrt, or a failed graph), else None."""
     if not part1.gates[kind]["passed"]:
         return f"its {kind} graph failed the CPU gate, so no engine is built from it: {part1.gates[kind]['detail']}"
-    return tensorrt.missing_reason()
+    return tensorrt.engines_unavailable()
 
 
 def rung_reason() -> str | None:
