@@ -14,9 +14,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from labkit.measure import ledger
 from labkit.measure.profiling import by_category
-from labkit.measure.report import comparable_scores
+from labkit.measure.report import comparable_scores, current
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -160,12 +159,14 @@ def pareto_frontier(latency: list[float], quality: list[float]) -> list[int]:
 
 
 def pareto_points(df: pd.DataFrame) -> pd.DataFrame:
-    """The ledger's latest ok record per variant that has both latency p50 and BLEU; `metrics.bleu`
-    is the score on the shared test subset (`labkit.measure.report.comparable_scores`)."""
+    """The ok records with both latency p50 and BLEU among each notebook's latest complete run
+    (`labkit.measure.report.current`); `metrics.bleu` is the score on the shared test subset
+    (`labkit.measure.report.comparable_scores`). Whole-decode times (kv-cache) are left out."""
 
     if df.empty:
         return df
-    latest = ledger.latest(df)
+    latest = current(df)
+    latest = latest[latest["technique"] != "kv-cache"]
     latest = latest.assign(**{"metrics.bleu": comparable_scores(latest)["bleu"]})
     keep = (latest["status"] == "ok") & latest["metrics.latency_ms.p50"].notna() & latest["metrics.bleu"].notna()
     return latest[keep]
