@@ -83,6 +83,13 @@ def test_missing_steps(ledger_df):
     assert not any(m.startswith(("baseline", "pruning", "tensorrt", "no 'teacher'")) for m in missing)
 
 
+def test_missing_steps_do_not_ask_for_notebooks_the_checkout_lacks(ledger_df, tmp_path):
+    (tmp_path / "03_distillation.ipynb").write_text("{}")
+    missing = report.missing_steps(ledger_df, notebooks=tmp_path)
+    assert "distillation (03_distillation): no record yet" in missing
+    assert "serving (08_serving): no record; this checkout has no such notebook" in missing
+
+
 def test_empty_or_absent_ledger(tmp_path):
     df = report.load(tmp_path / "nope" / "ledger.jsonl")
     table = report.before_after(df)

@@ -305,13 +305,17 @@ def headline(table: pd.DataFrame) -> dict | None:
             "p50_ms": best["latency_p50_ms"], "noisy": bool(best["noisy"]), "run_id": best["run_id"]}
 
 
-def missing_steps(df: pd.DataFrame) -> list[str]:
+def missing_steps(df: pd.DataFrame, notebooks: str | Path | None = None) -> list[str]:
     """What the ledger lacks, in lab order: one line per technique with no record, and why it matters.
 
-    Empty ledger -> ['no 'teacher' record: speedups need it (...)', 'baseline (00_setup_and_baseline): no record yet', ...]
+    With `notebooks` (the notebooks folder), a step whose notebook is not there says so instead of
+    asking to run it. Empty ledger -> ["no 'teacher' record: ...", 'baseline (00_setup_and_baseline): no record yet', ...]
     """
     have = set(_col(df, "technique").dropna())
-    missing = [f"{t} ({nb}): no record yet" for t, nb in STEPS.items() if t not in have]
+    present = None if notebooks is None else {p.stem for p in Path(notebooks).glob("*.ipynb")}
+    missing = [f"{t} ({nb}): " + ("no record yet" if present is None or nb in present
+                                   else "no record; this checkout has no such notebook")
+               for t, nb in STEPS.items() if t not in have]
     if BASELINE not in set(_col(df, "variant").dropna()):
         missing.insert(0, f"no '{BASELINE}' record: the headline needs it (run 00_setup_and_baseline)")
     return missing

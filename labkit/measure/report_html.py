@@ -17,6 +17,7 @@ import html
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from labkit.core.artifacts import REPO_ROOT
 from labkit.measure import plots, report
 
 if TYPE_CHECKING:
@@ -162,7 +163,7 @@ def page_html(df: pd.DataFrame, preset: str, generated: str | None = None) -> st
     order = sorted(chosen.index, key=lambda nb: (nb == "labkit-bench", nb))
     sections = "".join(_section(nb, table[table["notebook"] == nb], chosen.loc[nb], preset) for nb in order
                        if (table["notebook"] == nb).any())
-    missing = "".join(f"<li>{html.escape(m)}</li>" for m in report.missing_steps(df))
+    missing = "".join(f"<li>{html.escape(m)}</li>" for m in report.missing_steps(df, REPO_ROOT / "notebooks"))
     return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>labkit report: {html.escape(preset)}'
             f'</title><meta name="viewport" content="width=device-width"><style>{CSS}</style></head><body><main>'
             f"<h1>Inference optimization report · preset <code>{html.escape(preset)}</code></h1>"
