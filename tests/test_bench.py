@@ -43,7 +43,16 @@ def test_noisy_flag_and_its_warning(times, noisy):
     assert m.noisy is noisy
     text = str(m)
     assert text.startswith("decode") and "Median" in text and "IQR" in text and f"{m.n} measurements" in text
-    assert ("WARNING" in text) is noisy
+    assert ("noisy: the IQR is" in text) is noisy
+
+
+def test_the_noise_explanation_is_said_once_per_process(monkeypatch):
+    from labkit.measure import timing
+
+    monkeypatch.setattr(timing, "_noise_explained", [False])
+    first, second = str(Measurement(OUTLIER, threads=1)), str(Measurement(OUTLIER, threads=1))
+    assert "ratios timed in the same run" in first and "What this means" not in second
+    assert "noisy: the IQR is" in second
 
 
 def test_measure_counts_warmup_and_repeats_with_a_fake_clock():

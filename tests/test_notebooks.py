@@ -160,3 +160,14 @@ def test_tensorrt_graphs_are_gated_and_engines_skipped_with_reasons(ci_run):
         if record["backend"] == "tensorrt" and tensorrt.engines_unavailable():
             assert record["status"] == "skipped" and record["reason"] and record["metrics"] is None, record
         assert gated_honestly(record), record
+
+
+def test_profiling_runs_on_the_opus_mt_shape_preset_it_lists(tmp_path):
+    """Notebook 01's parameters cell lists opus-mt-shape; that model decodes a forced length, so
+    the notebook must check the forced length there instead of failing its 'output lengthens' check."""
+    env = {**os.environ, "LABKIT_ARTIFACTS": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "labkit", "run", "--preset", "opus-mt-shape", "--only", "01"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, f"notebook 01 on opus-mt-shape failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    profile = records(ledger.read(tmp_path / "opus-mt-shape" / "ledger.jsonl"), variant="teacher-profile").iloc[-1]
+    assert profile["forced_length"] == 40 and all(p["output_tokens"] == 40 for p in profile["length_curve"])

@@ -89,12 +89,42 @@ def _ledger(tmp_path):
 def test_pareto_from_the_ledger(tmp_path):
     fig = plots.pareto(_ledger(tmp_path))
     names = [t.name for t in fig.data]
-    assert names == ["baseline", "pruning", "quantization", "Pareto frontier"]  # no profiling, no skipped
-    frontier = fig.data[-1]
+    assert names == ["Pareto frontier", "baseline", "pruning", "quantization"]  # no profiling, no skipped
+    frontier = fig.data[0]  # drawn first, under the markers, and thick enough to see
     assert list(frontier.x) == [15.0, 30.0, 40.0] and list(frontier.y) == [68.0, 69.0, 70.0]
-    pruning = fig.data[1]
-    assert list(pruning.text) == ["pruned-25", "pruned-50"]
+    pruning = fig.data[2]
+    assert list(pruning.text) == ["pruned-25", ""]  # only frontier points and the teacher are labelled
+    assert list(pruning.customdata) == ["pruned-25", "pruned-50"]  # the rest on hover
     assert list(pruning.error_x.array) == pytest.approx([6.0, 7.0])  # up to p95
+    assert fig.data[3].textposition[0] == "middle right" and fig.data[1].textposition[0] == "middle left"
+
+
+def test_pareto_keeps_a_slow_outlier_off_the_axis_and_names_it(tmp_path):
+    path = tmp_path / "ledger.jsonl"
+    lat = lambda p50: {"p50": p50, "p95": p50 * 1.2, "n": 10}  # noqa: E731
+    points = [("teacher", 70.0, 40.0), ("slow", 60.0, 2000.0)] + [(f"p{i}", 69.0 - i, 30.0 + i) for i in range(12)]
+    for variant, bleu, p50 in points:
+        ledger.append(path, ledger.make_record(notebook="nb", env=ENV, variant=variant, technique="pruning",
+                                               metrics={"bleu": bleu, "latency_ms": lat(p50)}))
+    fig = plots.pareto(ledger.read(path))
+    assert 10 ** fig.layout.xaxis.range[1] < 2000.0
+    assert "slow 2,000 ms" in fig.layout.annotations[0].text
+
+
+def test_speedup_bar_only_same_run_speedups_against_the_teacher():
+    table = pd.DataFrame({"variant": ["a", "b", "kv", "c"], "technique": ["pruning", "onnx", "kv-cache", "peer"],
+                          "status": ["ok", "ok", "ok", "failed"], "speedup": [1.5, 3.0, 1.2, 9.0],
+                          "speedup_vs": ["teacher", "teacher", "kv-dynamic", "teacher"],
+                          "latency_p50_ms": [10.0, 5.0, None, 2.0], "noisy": [False, True, False, False]})
+    fig = plots.speedup_bar(table)
+    bars = {t.name: (list(t.y), list(t.text)) for t in fig.data}
+    assert bars == {"pruning": (["a"], ["1.50x"]), "onnx": (["b"], ["3.00x (noisy)"])}
+    assert fig.data[0].marker.color == fig.data[0].marker.color == plots.TECHNIQUE_COLORS["pruning"]
+
+
+def test_series_colors_are_one_palette_in_first_seen_order():
+    colors = plots.series_colors(["overall", "cross", "overall"])
+    assert colors == {"overall": plots.PALETTE[0], "cross": plots.PALETTE[1]}
 
 
 def test_pareto_of_an_empty_ledger_is_an_empty_figure():

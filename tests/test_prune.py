@@ -351,6 +351,7 @@ def test_head_slider_scores_and_times_the_chosen_k(tiny_bundle, capsys):
     box = head_slider(tiny_bundle, TINY_PRESET, TINY_BUDGET, scores)
     slider = box.children[0]
     assert (slider.value, slider.min, slider.max) == (6, 0, 18)
+    assert slider.readout and "720px" in slider.layout.width  # wide enough to pick one head, value shown
     shown = capsys.readouterr().out
     assert "6/24 heads removed (25%): BLEU" in shown and "on 3 sentences" in shown
     assert "on 2 sentences x 1 pass" in shown  # the slider's own quick timing, not the sweep's
@@ -381,6 +382,11 @@ def test_sweep_figure_plots_bleu_chrf_and_latency_vs_the_share_of_all_heads(swep
     assert list(panels["x2"]["cross"].customdata) == pytest.approx([0.0, 50.0])  # % of the group, on hover
     assert panels["x3"]["cross"].y[1] == pytest.approx(cross["latency_ms"].iloc[1]["p50"])
     assert panels["x"]["overall, recovered (3 fine-tune steps)"].mode == "markers"
+    for name in panels["x"]:  # one colour per series on every panel; the recovered point takes its group's
+        colors = {p[name].line.color for p in panels.values()} | {p[name].marker.color for p in panels.values()}
+        assert len(colors) == 1, (name, colors)
+    assert panels["x"]["overall"].line.color == panels["x"]["overall, recovered (3 fine-tune steps)"].marker.color
+    assert panels["x"]["overall"].line.color != panels["x"]["cross"].line.color
 
 
 def test_parity_gate_tolerance_is_the_oracles_1e5(tiny_bundle):

@@ -47,9 +47,9 @@ def test_before_after_rows_and_speedups(ledger_df):
     table = report.before_after(ledger_df).set_index("variant")
     assert table.index.tolist() == ["teacher", "ort-int8", "pruned-50", "trt-fp16"]  # teacher first, no profiling
     assert table.loc["teacher", "latency_p50_ms"] == 40.0  # the latest teacher record wins
-    assert table.loc["teacher", "speedup_vs_teacher"] == 1.0
-    assert table.loc["ort-int8", "speedup_vs_teacher"] == pytest.approx(4.0)  # 40 / 10
-    assert table.loc["pruned-50", "speedup_vs_teacher"] == pytest.approx(2.0)
+    assert table.loc["teacher", ["speedup", "speedup_vs"]].tolist() == [1.0, "itself"]
+    assert table.loc["ort-int8", "speedup"] == pytest.approx(4.0)  # 40 / 10: the parent in the same run
+    assert table.loc["pruned-50", ["speedup", "speedup_vs"]].tolist() == [pytest.approx(2.0), "teacher"]
     assert table.loc["teacher", "latency_p95_ms"] == 60.0 and table.loc["teacher", "peak_rss_mb"] == 500.0
 
 
@@ -83,10 +83,17 @@ def test_missing_steps(ledger_df):
     assert not any(m.startswith(("baseline", "pruning", "tensorrt", "no 'teacher'")) for m in missing)
 
 
+def test_missing_steps_do_not_ask_for_notebooks_the_checkout_lacks(ledger_df, tmp_path):
+    (tmp_path / "03_distillation.ipynb").write_text("{}")
+    missing = report.missing_steps(ledger_df, notebooks=tmp_path)
+    assert "distillation (03_distillation): no record yet" in missing
+    assert "serving (08_serving): no record; this checkout has no such notebook" in missing
+
+
 def test_empty_or_absent_ledger(tmp_path):
     df = report.load(tmp_path / "nope" / "ledger.jsonl")
     table = report.before_after(df)
-    assert table.empty and {"variant", "bleu", "speedup_vs_teacher", "status"} <= set(table.columns)
+    assert table.empty and {"variant", "bleu", "speedup", "speedup_vs", "status"} <= set(table.columns)
     missing = report.missing_steps(df)
     assert missing[0].startswith("no 'teacher' record") and len(missing) == 1 + len(report.STEPS)
 
@@ -95,17 +102,16 @@ def test_without_a_teacher_speedup_is_missing(tmp_path):
     path = tmp_path / "ledger.jsonl"
     write(path, variant="ort-fp32", technique="onnx", metrics={"latency_ms": lat(30.0)})
     table = report.before_after(report.load(path))
-    assert table["variant"].tolist() == ["ort-fp32"] and math.isnan(table["speedup_vs_teacher"].iloc[0])
+    assert table["variant"].tolist() == ["ort-fp32"] and math.isnan(table["speedup"].iloc[0])
     assert math.isnan(table["bleu"].iloc[0])
 
 
-def test_save_writes_csv_and_html(ledger_df, tmp_path):
+def test_save_writes_csv(ledger_df, tmp_path):
     import pandas as pd
 
     table = report.before_after(ledger_df)
     csv = report.save(table, tmp_path / "out")
     assert pd.read_csv(csv)["variant"].tolist() == table["variant"].tolist()
-    assert "<table" in (tmp_path / "out" / "report.html").read_text()
 
 
 @pytest.mark.parametrize("gpu,trt,expect_gpu,expect_trt", [
@@ -139,15 +145,105 @@ def test_teacher_bleu_is_compared_on_the_subset_the_variants_use(tmp_path):
 
 
 def test_no_speedup_between_different_workloads(tmp_path):
-    """kv-cache records time a 128-token forced decode of opus-mt-shape: not comparable with the
-    teacher's translations, so they get no speedup; a bench row of the same workload does."""
+    """kv-cache records time a whole 128-token forced decode: no speedup against the teacher's
+    per-sentence latency and never in its column; a bench row of the same workload does get one."""
     path = tmp_path / "ci" / "ledger.jsonl"
     write(path, variant="teacher", technique="baseline", metrics={"latency_ms": lat(25.0)})
-    write(path, variant="kv-static", technique="kv-cache", metrics={"latency_ms": lat(1500.0)}, forced_length=128)
-    write(path, variant="bench-ort-int8", technique="quantization", metrics={"latency_ms": lat(12.5)}, forced_length=None)
-    write(path, variant="bench-ort-fp32", technique="onnx", metrics={"latency_ms": lat(300.0)}, bench={"forced_length": 40})
+    write(path, variant="kv-static", technique="kv-cache", parent="teacher", metrics={"latency_ms": lat(1500.0)},
+          forced_length=128)
+    write(path, variant="bench-ort-int8", technique="quantization", parent="teacher",
+          metrics={"latency_ms": lat(12.5)}, forced_length=None)
+    write(path, variant="bench-ort-fp32", technique="onnx", parent="teacher", metrics={"latency_ms": lat(300.0)},
+          bench={"forced_length": 40})
     table = report.before_after(report.load(path)).set_index("variant")
-    assert math.isnan(table.loc["bench-ort-fp32", "speedup_vs_teacher"])  # labkit bench nests forced_length
-    assert math.isnan(table.loc["kv-static", "speedup_vs_teacher"])
-    assert table.loc["bench-ort-int8", "speedup_vs_teacher"] == pytest.approx(2.0)
-    assert table.loc["teacher", "speedup_vs_teacher"] == 1.0
+    assert math.isnan(table.loc["bench-ort-fp32", "speedup"])  # labkit bench nests forced_length
+    assert math.isnan(table.loc["kv-static", "speedup"])
+    assert math.isnan(table.loc["kv-static", "latency_p50_ms"]) and table.loc["kv-static", "decode_p50_ms"] == 1500.0
+    assert table.loc["bench-ort-int8", "speedup"] == pytest.approx(2.0)
+
+
+# ---------------------------------------------------------------- speedups that hold still
+
+
+def lab_run(path, run, teacher_ms, monkeypatch, notebooks=("00", "02", "05", "07")):
+    """One runner sequence under run id `run`: each notebook writes its records as the lab does."""
+    monkeypatch.setenv("LABKIT_RUN_ID", run)
+    if "00" in notebooks:
+        write(path, notebook="00_setup_and_baseline", variant="teacher", technique="baseline",
+              metrics={"bleu": 99.0, "latency_ms": lat(teacher_ms), "size_mb": 12.0})
+    if "02" in notebooks:  # pruning times its own teacher beside its variants
+        ledger.append_all(path, [ledger.make_record(
+            notebook="02_head_pruning", variant=f"pruned-{k}", technique="pruning", parent="teacher", env=ENV,
+            metrics={"bleu": 98.5, "latency_ms": lat(teacher_ms * (1 - k / 100))},
+            teacher_latency_ms=lat(teacher_ms * 1.1)) for k in (10, 25)])
+    if "05" in notebooks:  # int8 vs onnx-fp32 timed together; ct2 pairs with the teacher of its run
+        ledger.append_all(path, [
+            ledger.make_record(notebook="05_int8_quantization", variant="onnx-int8", technique="quantization",
+                               parent="onnx-fp32", env=ENV, metrics={"bleu": 98.8, "latency_ms": lat(10.0)},
+                               speedup_vs_parent=2.5),
+            ledger.make_record(notebook="05_int8_quantization", variant="ct2-int8", technique="peer",
+                               parent="teacher", env=ENV, metrics={"bleu": 98.9, "latency_ms": lat(teacher_ms / 4)})])
+    if "07" in notebooks:
+        ledger.append_all(path, [ledger.make_record(
+            notebook="07_kv_cache_decoding", variant=f"kv-{m}", technique="kv-cache", env=ENV, forced_length=128,
+            parent=None if m == "dynamic" else "kv-dynamic", metrics={"latency_ms": lat(ms)})
+            for m, ms in (("dynamic", 2000.0), ("static", 1600.0))])
+
+
+def speedup_by_variant(path):
+    table = report.before_after(report.load(path)).set_index("variant")
+    return table[["speedup", "speedup_vs", "run_id"]]
+
+
+def test_rerunning_one_notebook_leaves_every_other_notebooks_speedups(tmp_path, monkeypatch):
+    path = tmp_path / "ci" / "ledger.jsonl"
+    lab_run(path, "run-a", 26.0, monkeypatch)
+    before = speedup_by_variant(path)
+    assert before.loc["pruned-25", "speedup"] == pytest.approx(26.0 * 1.1 / 19.5)
+    assert before.loc["ct2-int8", ["speedup", "speedup_vs"]].tolist() == [pytest.approx(4.0), "teacher"]
+    assert before.loc["onnx-int8", ["speedup", "speedup_vs"]].tolist() == [2.5, "onnx-fp32"]
+    assert before.loc["kv-static", ["speedup", "speedup_vs"]].tolist() == [pytest.approx(1.25), "kv-dynamic"]
+    lab_run(path, "run-b", 16.5, monkeypatch, notebooks=("00",))  # notebook 00 alone, a faster teacher
+    after = speedup_by_variant(path)
+    assert after.loc["teacher", "run_id"] == "run-b"
+    others = [v for v in before.index if v != "teacher"]
+    assert after.loc[others].equals(before.loc[others])
+
+
+def test_a_partial_or_all_failed_later_run_does_not_hide_a_complete_one(tmp_path, monkeypatch):
+    path = tmp_path / "ci" / "ledger.jsonl"
+    lab_run(path, "run-a", 26.0, monkeypatch)
+    monkeypatch.setenv("LABKIT_RUN_ID", "run-partial")  # announced two records, wrote one (a crash)
+    ledger.append(path, ledger.make_record(
+        notebook="02_head_pruning", variant="pruned-10", technique="pruning", parent="teacher", env=ENV,
+        metrics={"latency_ms": lat(900.0)}, teacher_latency_ms=lat(20.0)) | {"run_records": 2})
+    monkeypatch.setenv("LABKIT_RUN_ID", "run-failed")  # every variant failed its gate
+    ledger.append_all(path, [ledger.make_record(
+        notebook="07_kv_cache_decoding", variant="kv-static", technique="kv-cache", env=ENV, forced_length=128,
+        gate={"name": "same tokens", "passed": False, "detail": "differs"}, metrics={"latency_ms": lat(5.0)})])
+    df = report.load(path)
+    chosen = report.chosen_runs(df)
+    assert chosen.loc["02_head_pruning", ["run_id", "newer_incomplete"]].tolist() == ["run-a", 1]
+    assert chosen.loc["07_kv_cache_decoding", "run_id"] == "run-a"
+    why = report.runs(df).set_index("run_id")["why"]
+    assert why["run-partial"] == "partial: 1 of 2 records written" and why["run-failed"].startswith("no ok record")
+    table = report.before_after(df).set_index("variant")
+    assert table.loc["pruned-10", "latency_p50_ms"] == pytest.approx(23.4) and table.loc["kv-static", "status"] == "ok"
+
+
+def test_noisy_measurements_are_flagged():
+    import pandas as pd
+
+    rows = pd.DataFrame({"metrics.latency_ms.p50": [26.0, 26.0, 26.0, 26.0],
+                         "metrics.latency_ms.p95": [30.0, 614.0, 30.0, 30.0],
+                         "metrics.latency_ms.iqr": [1.0, 1.0, 5.0, None],
+                         "metrics.latency_ms.noisy": [False, False, False, True]})
+    assert report.noisy(rows).tolist() == [False, True, True, True]
+
+
+def test_headline_is_the_fastest_gated_variant_against_the_teacher(tmp_path, monkeypatch):
+    path = tmp_path / "ci" / "ledger.jsonl"
+    lab_run(path, "run-a", 26.0, monkeypatch)
+    head = report.headline(report.before_after(report.load(path)))
+    assert head["variant"] == "ct2-int8" and head["speedup"] == pytest.approx(4.0)
+    assert head["bleu_change"] == pytest.approx(-0.1) and head["run_id"] == "run-a"

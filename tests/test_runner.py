@@ -202,3 +202,19 @@ def test_requirements_name_only_known_capabilities(tmp_path):
     with pytest.raises(RunnerError, match="unknown capabilities"):
         runner.requirements(tmp_path)
     assert set(runner.requirements(REPO / "notebooks")) >= {"06_tensorrt", "08_serving"}
+
+
+def test_list_parameters_say_how_to_pass_them_with_papermill():
+    """`-p NAME value` passes a string; a list or dict parameter needs `-y`, and its comment says so.
+    (00's EXAMPLES are the box's demo inputs, not a knob to sweep.)"""
+    import ast
+
+    import nbformat
+
+    for path in sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("[0-9][0-9]_*.ipynb")):
+        cell = next(c for c in nbformat.read(path, as_version=4).cells if "parameters" in c.metadata.get("tags", []))
+        for line in cell.source.splitlines():
+            code, _, comment = line.partition("  # ")
+            name, _, value = code.partition(" = ")
+            if value and name != "EXAMPLES" and isinstance(ast.literal_eval(value), (list, dict, tuple)):
+                assert "-y" in comment, f"{path.name}: {name} is a list; its comment must show papermill -y"

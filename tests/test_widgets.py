@@ -30,6 +30,16 @@ def test_handler_translates_each_line_and_shows_timings(translator):
     assert "stage timings" in box.output.value
 
 
+def test_a_new_translation_replaces_the_timings_on_screen(translator):
+    box = widgets.TranslateBox(translator, text="我喜欢猫。")
+    box.on_translate()
+    first = box.output.value
+    box.text.value = "我们有三本书。"
+    second = box.on_translate()
+    assert box.output.value != first and "我喜欢猫" not in box.output.value
+    assert f"({second.total_ms:.1f} ms in all)" in box.output.value  # the timings of the translation shown
+
+
 def test_button_click_runs_the_handler(translator):
     box = widgets.TranslateBox(translator, text="我们有三本书。")
     box.button.click()

@@ -28,6 +28,7 @@ from labkit.core.heads import attention_modules, check_plan, gated, normalize_pl
 from labkit.core.translator import translator_for
 from labkit.measure import ledger, timing
 from labkit.measure.gates import MASKED_PARITY_ATOL, masked_parity_gate, recovery_gate
+from labkit.measure.plots import series_colors
 from labkit.measure.quality import evaluate, latency
 
 
@@ -116,16 +117,21 @@ def sweep(teacher, preset, budget: PruneBudget, groups: dict | None = None, prog
     if budget.compare_one_shot and budget.iterative:
         methods.append(("one-shot", False, False))
     model_heads, rows = total_heads(teacher.model), []
+    # One bar for the sweep; each (group, method) line gets a nested bar that clears itself when done.
+    outer = tqdm(total=len(groups) * len(methods), desc="pruning sweep", unit="line", disable=not progress)
     for group, kinds in groups.items():
         group_heads = total_heads(teacher.model, kinds)
         fracs = budget.fractions if group == "overall" else (0.0, *budget.type_fractions)
         for method, iterative, timed in methods:
+            outer.set_postfix_str(f"{group} {method}")
             plans = prune_schedule(teacher.model, teacher.tokenizer, calib, fracs, kinds,
                                    batch_size=budget.calibration_batch, iterative=iterative)
-            for frac, plan in tqdm(plans.items(), desc=f"{group} {method}", disable=not progress):
+            for frac, plan in tqdm(plans.items(), desc=f"{group} {method}", leave=False, disable=not progress):
                 name = variant_name(group, plan_size(plan) / model_heads)
                 rows.append(_row(group, method, frac, plan, model_heads, group_heads,
                                  _measure_plan(teacher, plan, name, bp, pairs, texts, timed) if plan else base))
+            outer.update()
+    outer.close()
     return with_speedup(pd.DataFrame(rows))
 
 
@@ -314,8 +320,10 @@ def head_slider(teacher, preset, budget: PruneBudget, scores: dict[str, torch.Te
               f"latency p50 {m['latency_ms']['p50']:.1f} ms on {len(texts)} sentences x {bp.bench_repeats} "
               f"pass, {m['params']:,} parameters")
 
+    # A wide track with the value beside it: the default ~100 px track cannot pick one head out of 96.
     slider = widgets.IntSlider(value=round(0.25 * total), min=0, max=most, description="heads removed",
-                               continuous_update=False, style={"description_width": "initial"})
+                               continuous_update=False, readout=True, style={"description_width": "initial"},
+                               layout=widgets.Layout(width="min(100%, 720px)"))
     return widgets.VBox([slider, widgets.interactive_output(show, {"k": slider})])
 
 
@@ -345,12 +353,13 @@ def importance_figure(scores: dict[str, torch.Tensor]):
 SWEEP_PANELS = (("bleu", "BLEU"), ("chrf", "chrF"), ("latency", "latency p50 (ms, batch 1)"))
 
 
-def _sweep_traces(rows, name: str, dash: str | None, mode: str = "lines+markers") -> dict:
-    """{panel: Scatter} of one line; x is % of ALL heads, hover adds % of the group's heads."""
+def _sweep_traces(rows, name: str, dash: str | None, color: str, mode: str = "lines+markers") -> dict:
+    """{panel: Scatter} of one line in `color` on every panel; x is % of ALL heads, hover adds % of the group's."""
     import plotly.graph_objects as go
 
-    style = dict(name=name, legendgroup=name, mode=mode, line={"dash": dash},
-                 marker={"size": 10 if mode == "markers" else 6}, customdata=100 * rows["group_frac"],
+    style = dict(name=name, legendgroup=name, mode=mode, line={"dash": dash, "color": color},
+                 marker={"size": 12 if mode == "markers" else 6, "color": color,
+                         "symbol": "star" if mode == "markers" else "circle"}, customdata=100 * rows["group_frac"],
                  hovertemplate="%{x:.0f} % of all heads (%{customdata:.0f} % of the group's): %{y:.2f}"
                                "<extra>" + name + "</extra>")
     x = 100 * rows["heads_removed_frac"]
@@ -375,6 +384,7 @@ def sweep_figure(results, max_drop: float = 1.0):
     from plotly.subplots import make_subplots
 
     fig = make_subplots(rows=1, cols=len(SWEEP_PANELS), subplot_titles=[t for _, t in SWEEP_PANELS])
+    colors = series_colors(GROUPS)  # a group keeps its colour on every panel; method changes the dash/marker
     for (group, method), rows in results.groupby(["group", "method"], sort=False):
         if method not in ("iterative", "one-shot", "iterative+finetune"):
             continue
@@ -382,7 +392,7 @@ def sweep_figure(results, max_drop: float = 1.0):
         finetuned = method == "iterative+finetune"
         name = (group if method == "iterative" else f"{group} ({method})" if not finetuned
                 else f"{group}, recovered ({int(rows['finetune_steps'].iloc[0])} fine-tune steps)")
-        traces = _sweep_traces(rows, name, "dot" if method == "one-shot" else None,
+        traces = _sweep_traces(rows, name, "dot" if method == "one-shot" else None, colors[group],
                                "markers" if finetuned else "lines+markers")
         for col, (panel, _) in enumerate(SWEEP_PANELS, start=1):
             if panel in traces:

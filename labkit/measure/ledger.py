@@ -341,6 +341,15 @@ def append(path: str | Path, record: Mapping[str, Any]) -> Mapping[str, Any]:
     return record
 
 
+def append_all(path: str | Path, records: list[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """Append the records one notebook writes together, each stamped `run_records=len(records)`.
+
+    The stamp lets a report tell a complete run from a partial one (a crash between two appends
+    leaves fewer records than announced): see labkit.measure.report. Returns the stamped records.
+    """
+    return [append(path, {**r, "run_records": len(records)}) for r in records]
+
+
 # ---------------------------------------------------------------- reading
 
 

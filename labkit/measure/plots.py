@@ -14,9 +14,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from labkit.measure import ledger
 from labkit.measure.profiling import by_category
-from labkit.measure.report import comparable_scores
+from labkit.measure.report import comparable_scores, current
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -24,13 +23,24 @@ if TYPE_CHECKING:
 
     from labkit.measure import timing
 
-# One color per stage/technique, stable across figures so a reader learns them once.
-STAGE_COLORS = {"normalize": "#8c8c8c", "tokenize": "#1f77b4", "encode": "#ff7f0e", "decode": "#d62728",
-                "detokenize": "#2ca02c", "preprocessing": "#8c8c8c", "tokenizer": "#1f77b4",
-                "model inference": "#d62728", "postprocessing": "#2ca02c"}
-TECHNIQUE_COLORS = {"baseline": "#000000", "pruning": "#1f77b4", "distillation": "#ff7f0e",
-                    "onnx": "#2ca02c", "quantization": "#d62728", "tensorrt": "#9467bd",
-                    "kv-cache": "#8c564b", "serving": "#e377c2", "peer": "#7f7f7f", "profiling": "#bcbd22"}
+# The lab's one palette (colour-blind-safe Okabe-Ito + greys): every figure takes its colours from
+# here, keyed by series name, so a series keeps its colour across panels and notebooks.
+PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000",
+           "#999999", "#882255")
+STAGE_COLORS = {"normalize": "#999999", "tokenize": PALETTE[0], "encode": PALETTE[4], "decode": PALETTE[1],
+                "detokenize": PALETTE[2], "preprocessing": "#999999", "tokenizer": PALETTE[0],
+                "model inference": PALETTE[1], "postprocessing": PALETTE[2]}
+TECHNIQUE_COLORS = {"baseline": "#000000", "pruning": PALETTE[0], "distillation": PALETTE[4],
+                    "onnx": PALETTE[2], "quantization": PALETTE[1], "tensorrt": PALETTE[3],
+                    "kv-cache": PALETTE[9], "serving": PALETTE[5], "peer": "#999999", "profiling": PALETTE[6]}
+
+
+def series_colors(names) -> dict[str, str]:
+    """One palette colour per series name, in first-seen order: ['overall', 'cross'] -> {'overall': '#0072B2', ...}.
+
+    Build it once per figure (or notebook) and pass it to every panel, so a series never changes colour.
+    """
+    return {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(dict.fromkeys(names))}
 
 
 def _go():
@@ -160,39 +170,89 @@ def pareto_frontier(latency: list[float], quality: list[float]) -> list[int]:
 
 
 def pareto_points(df: pd.DataFrame) -> pd.DataFrame:
-    """The ledger's latest ok record per variant that has both latency p50 and BLEU; `metrics.bleu`
-    is the score on the shared test subset (`labkit.measure.report.comparable_scores`)."""
+    """The ok records with both latency p50 and BLEU among each notebook's latest complete run
+    (`labkit.measure.report.current`); `metrics.bleu` is the score on the shared test subset
+    (`labkit.measure.report.comparable_scores`). Whole-decode times (kv-cache) are left out."""
 
     if df.empty:
         return df
-    latest = ledger.latest(df)
+    latest = current(df)
+    latest = latest[latest["technique"] != "kv-cache"]
     latest = latest.assign(**{"metrics.bleu": comparable_scores(latest)["bleu"]})
     keep = (latest["status"] == "ok") & latest["metrics.latency_ms.p50"].notna() & latest["metrics.bleu"].notna()
     return latest[keep]
 
 
-def pareto(df: pd.DataFrame, title: str = "Latency vs BLEU (latest record per variant)") -> go.Figure:
+def _x_range(p50: pd.Series, keep) -> tuple[float, float]:
+    """A log-axis range (log10 units) spanning the points in `keep` and the bulk of the rest;
+    a lone slow outlier (a busy machine) no longer squeezes every other point into a corner."""
+    import math
+
+    high = max(float(p50[keep].max()), float(p50.quantile(0.9)))
+    return math.log10(float(p50.min()) / 1.3), math.log10(high * 1.3)
+
+
+def pareto(df: pd.DataFrame, title: str = "Latency vs BLEU (each notebook's latest complete run)",
+           named: tuple[str, ...] = ("teacher",)) -> go.Figure:
     """Scatter of variants from a ledger DataFrame (`labkit.measure.ledger.read`), one trace per technique.
 
-    x: latency p50 with an error bar up to p95; y: BLEU. The dashed line joins the Pareto
-    frontier (faster and better: lower-left is fast, top is good). Records without both
-    numbers (profiling, skipped, failed) are left out.
+    x: latency p50 (log) with an error bar up to p95; y: BLEU. The solid line joins the Pareto
+    frontier (lower-left is fast, top is good). Only frontier points and the `named` baselines
+    carry a label (the rest on hover), placed on the side that keeps it inside the plot; points
+    slower than the chart's range are listed under it. Records without both numbers are left out.
     """
     go = _go()
     points = pareto_points(df)
     fig = go.Figure()
-    for technique, group in points.groupby("technique", sort=False):
-        p50, p95 = group["metrics.latency_ms.p50"], group["metrics.latency_ms.p95"]
-        fig.add_trace(go.Scatter(
-            name=technique, x=p50, y=group["metrics.bleu"], mode="markers+text", text=group["variant"],
-            textposition="top center", marker=dict(size=11, color=TECHNIQUE_COLORS.get(technique)),
-            error_x=dict(type="data", symmetric=False, array=(p95 - p50).tolist(), arrayminus=[0] * len(group)),
-            hovertemplate="%{text}: %{x:.1f} ms p50, BLEU %{y:.1f}<extra>" + technique + "</extra>"))
     if len(points):
-        idx = pareto_frontier(points["metrics.latency_ms.p50"].tolist(), points["metrics.bleu"].tolist())
+        p50, bleu = points["metrics.latency_ms.p50"], points["metrics.bleu"]
+        idx = pareto_frontier(p50.tolist(), bleu.tolist())
+        on_front = points.index.isin(points.index[idx])
         front = points.iloc[idx]
         fig.add_trace(go.Scatter(name="Pareto frontier", x=front["metrics.latency_ms.p50"], y=front["metrics.bleu"],
-                                 mode="lines", line=dict(dash="dash", color="gray"), hoverinfo="skip"))
-    fig.update_layout(title=title, xaxis_title="latency p50 per sentence (ms, batch 1); bar to p95",
-                      yaxis_title="BLEU (test subset)", xaxis_type="log")
+                                 mode="lines", line=dict(color="#444444", width=3), opacity=0.6, hoverinfo="skip"))
+        labelled = on_front | points["variant"].isin(named).to_numpy()
+        low, high = _x_range(p50, labelled)
+        middle = 10 ** ((low + high) / 2)
+        for technique, group in points.groupby("technique", sort=False):
+            g50, g95 = group["metrics.latency_ms.p50"], group["metrics.latency_ms.p95"]
+            show = labelled[points.index.get_indexer(group.index)]
+            fig.add_trace(go.Scatter(
+                name=technique, legendgroup=technique, x=g50, y=group["metrics.bleu"], mode="markers+text",
+                text=[v if s else "" for v, s in zip(group["variant"], show)], customdata=group["variant"],
+                textposition=["middle right" if x < middle else "middle left" for x in g50],
+                marker=dict(size=11, color=TECHNIQUE_COLORS.get(technique), line=dict(width=1, color="white")),
+                error_x=dict(type="data", symmetric=False, array=(g95 - g50).tolist(), arrayminus=[0] * len(group),
+                             thickness=1),
+                hovertemplate="%{customdata}: %{x:.1f} ms p50, BLEU %{y:.2f}<extra>" + technique + "</extra>"))
+        off = points[p50 > 10 ** high]
+        if len(off):
+            fig.add_annotation(text="off the chart (slower): " + ", ".join(
+                f"{v} {x:,.0f} ms" for v, x in zip(off["variant"], off["metrics.latency_ms.p50"])),
+                xref="paper", yref="paper", x=0, y=-0.22, showarrow=False, xanchor="left", font_size=11)
+        fig.update_xaxes(range=[low, high])
+    fig.update_layout(title=title, xaxis_title="latency p50 per sentence (ms, batch 1, log); bar to p95",
+                      yaxis_title="BLEU (test subset)", xaxis_type="log", legend_title="technique",
+                      margin=dict(b=110), height=520)
+    return fig
+
+
+def speedup_bar(table: pd.DataFrame, title: str = "Speedup over the teacher, measured in the same run") -> go.Figure:
+    """Horizontal bars of `speedup` for rows of `labkit.measure.report.before_after` that are ok,
+    per-sentence and measured against the teacher; coloured by technique, noisy ones marked."""
+    go = _go()
+    rows = table[(table["status"] == "ok") & (table["speedup_vs"] == "teacher") & table["speedup"].notna()
+                 & table["latency_p50_ms"].notna()].sort_values("speedup")
+    fig = go.Figure()
+    for technique, group in rows.groupby("technique", sort=False):
+        fig.add_trace(go.Bar(
+            name=technique, y=group["variant"], x=group["speedup"], orientation="h",
+            marker_color=TECHNIQUE_COLORS.get(technique), marker_pattern_shape=["/" if n else "" for n in group["noisy"]],
+            text=[f"{s:.2f}x{' (noisy)' if n else ''}" for s, n in zip(group["speedup"], group["noisy"])],
+            textposition="outside", cliponaxis=False, customdata=group["latency_p50_ms"],
+            hovertemplate="%{y}: %{x:.2f}x (p50 %{customdata:.1f} ms)<extra>" + technique + "</extra>"))
+    fig.add_vline(x=1.0, line_dash="dash", line_color="#444444", annotation_text="teacher")
+    fig.update_layout(title=title, xaxis_title="teacher p50 / variant p50 (same run; hatched: noisy timing)",
+                      yaxis=dict(categoryorder="array", categoryarray=rows["variant"].tolist()),
+                      height=160 + 24 * max(len(rows), 1), legend_title="technique", margin=dict(r=90))
     return fig

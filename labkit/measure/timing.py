@@ -260,12 +260,25 @@ class Measurement:
             f"  {self.n} measurements, {self.threads} threads, peak RSS {rss}",
         ]
         if self.noisy:
-            lines += [
-                f"  WARNING: Interquartile range is {100 * self.iqr / self.p50:.1f}% "
-                "of the median measurement.",
-                "           This could indicate system fluctuation.",
-            ]
+            lines.append(f"  noisy: the IQR is {100 * self.iqr / self.p50:.0f}% of the median" + _noise_note())
         return "\n".join(lines)
+
+
+NOISE_NOTE = (
+    "\n  What this means: other programs shared the CPU while these calls ran, so single timings"
+    "\n  wander by more than 10 %. The median is still a fair summary, and the lab compares variants"
+    "\n  only as ratios timed in the same run (both sides see the same machine), never across runs."
+    "\n  Later noisy measurements in this notebook just say 'noisy'."
+)
+_noise_explained = [False]  # once per process, i.e. once per notebook kernel
+
+
+def _noise_note() -> str:
+    """The explanation of a noisy measurement the first time one is printed in this process, then ''."""
+    if _noise_explained[0]:
+        return ""
+    _noise_explained[0] = True
+    return NOISE_NOTE
 
 
 def measure(
