@@ -198,14 +198,14 @@ class Ct2Translator(Translator):
     """
 
     def __init__(self, directory: Path | str, threads: int = 1, compute_type: str | None = None,
-                 decode: DecodeConfig | None = None, max_input_tokens: int | None = None):
+                 decode: DecodeConfig | None = None, max_input_tokens: int | None = None, force: bool = False):
         ctranslate2 = require_ctranslate2()
         from transformers import MarianTokenizer
 
         self.directory = Path(directory)
         self.meta = read_ct2_sidecar(self.directory)
         super().__init__(MarianTokenizer.from_pretrained(self.directory), decode, max_input_tokens,
-                         self.meta["max_positions"])
+                         self.meta["max_positions"], force)
         self.compute_type = compute_type or self.meta["quantization"]
         self.threads = threads
         self.engine = ctranslate2.Translator(str(self.directory), device="cpu", compute_type=self.compute_type,
