@@ -18,7 +18,7 @@ from labkit.compress import distill
 from labkit.compress.training import collate, encode_pairs
 from labkit.config import Preset
 from labkit.core import data
-from labkit.core.bundle import bundle_for, load_bundle
+from labkit.core.bundle import bundle_for, load_bundle, start_row_norm
 from labkit.core.decode import DecodeConfig, TorchStepper, decode
 from labkit.lab import nb03_distillation
 from labkit.measure import gates, ledger
@@ -141,6 +141,7 @@ def test_short_distillation_lowers_the_kd_loss(tiny_bundle):
     assert [r["step"] for r in result.losses] == list(range(1, 41))
     assert result.losses[0]["temperature"] == 4.0 and result.losses[-1]["temperature"] == 1.0
     assert [r["step"] for r in result.history] == [0, 40]
+    assert start_row_norm(result.student.model) == 0.0  # the tied LM head's gradient did not move it
 
 
 def test_student_saves_and_reloads_with_identical_logits(tiny_bundle, tmp_path):

@@ -19,7 +19,7 @@ import torch
 from labkit.compress import prune
 from labkit.config import Preset
 from labkit.core import data
-from labkit.core.bundle import load_bundle
+from labkit.core.bundle import load_bundle, start_row_norm
 from labkit.core.decode import DecodeConfig, TorchStepper, decode
 from labkit.core.heads import (
     ATTENTION_KINDS,
@@ -323,6 +323,7 @@ def test_recover_trains_in_place_and_saves_what_it_trained(tiny_bundle, tmp_path
     assert run["steps"] == 2 and run["lr"] == 2e-3 and run["wall_time_s"] >= 0
     assert any(not torch.equal(before[k], v) for k, v in pruned.model.state_dict().items())
     assert model_plan(pruned.model) == normalize_plan(PLANS["mixed"])  # shapes untouched
+    assert start_row_norm(pruned.model) == 0.0  # still a faithful Marian model
     pruned.save(tmp_path / "ft")
     enc = encoded(tiny_bundle)
     assert torch.equal(logits(load_bundle(tmp_path / "ft").model, enc), logits(pruned.model, enc))

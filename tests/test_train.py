@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from labkit.compress import training
-from labkit.core.bundle import TEACHER_DIR
+from labkit.core import data
+from labkit.core.bundle import TEACHER_DIR, start_row_norm
 
 
 def test_training_lowers_loss_and_raises_bleu(tiny_bundle):
@@ -56,6 +57,16 @@ def test_committed_teacher_has_its_provenance():
     assert training["final_dev_bleu"] >= 60
     size = sum(p.stat().st_size for p in TEACHER_DIR.iterdir())
     assert size <= 25 * 2**20
+    tune = training["fine_tunes"][-1]  # the recorded fine-tune that made it a faithful Marian model
+    assert tune["command"].startswith("python -m labkit.compress.training zero-start")
+    assert tune["start_row_norm_after"] == 0.0 and tune["final_dev_bleu"] >= 98.4
+    assert {"steps", "seed"} <= set(tune["config"]) and tune["wall_time_s"] > 0
+
+
+def test_committed_teacher_starts_from_a_zero_vector():
+    from labkit.core.bundle import load_teacher
+
+    assert start_row_norm(load_teacher().model) == 0.0
 
 
 def test_command_line_trains_and_records_its_command(tmp_path):
@@ -84,3 +95,28 @@ def test_fit_leaves_the_unsaved_position_tables_alone(tiny_bundle):
     after = [s.embed_positions.weight for s in (model.model.encoder, model.model.decoder)]
     assert all(torch.equal(a, b) for a, b in zip(before, after))
     assert any(p.requires_grad for p in model.parameters())  # everything else still trains
+
+
+@pytest.mark.parametrize("loss", ["cross-entropy", "custom"])
+def test_fit_pins_the_decoder_start_row_at_zero(tiny_bundle, loss):
+    """Marian/CTranslate2 start from a zero vector: the row starts at zero (even from a trained non-zero
+    one) and stays there through AdamW steps, with the default loss or a plugged-in one (distillation)."""
+    model = tiny_bundle.model
+    start = model.config.decoder_start_token_id
+    assert start_row_norm(model) == 0.0  # the fixture was trained by fit
+    with torch.no_grad():
+        model.get_input_embeddings().weight[start] += 0.5
+    other = model.get_input_embeddings().weight.detach()[5].clone()
+    loss_fn = None if loss == "cross-entropy" else (lambda m, b: m(**b).loss * 2.0)
+    training.fit(model, tiny_bundle.tokenizer, data.load_split("train", limit=64), data.load_split("dev", limit=2),
+                 steps=3, batch_size=16, lr=1e-2, warmup=1, eval_every=10, progress=False, loss_fn=loss_fn)
+    assert start_row_norm(model) == 0.0
+    assert not torch.equal(model.get_input_embeddings().weight.detach()[5], other)  # the rest trained
+
+
+def test_zero_start_finetune_records_itself(tiny_bundle):
+    record = training.zero_start_finetune(tiny_bundle, training.ZeroStartTune(steps=2, batch_size=8, warmup=1,
+                                                                              eval_sentences=2), progress=False)
+    assert start_row_norm(tiny_bundle.model) == 0.0 and record["start_row_norm_after"] == 0.0
+    assert tiny_bundle.meta["training"]["fine_tunes"][-1] is record
+    assert record["config"]["steps"] == 2 and record["wall_time_s"] >= 0 and "final_dev_bleu" in record

@@ -3,6 +3,7 @@
     python -m labkit.compress.training corpus            # (re)write data/{train,dev,test}.tsv
     python -m labkit.compress.training teacher           # train data/teacher from the committed corpus
     python -m labkit.compress.training teacher --config tiny --steps 200 --out /tmp/t   # a quick look
+    python -m labkit.compress.training zero-start --steps 300   # fine-tune data/teacher with its start row at 0
 
 The same `fit` loop is used by distillation (labkit.compress.distill) through its `loss_fn`
 argument. Left out: multi-GPU, mixed precision and checkpoint averaging; the
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from labkit.core import data
-from labkit.core.bundle import TEACHER_DIR, Bundle
+from labkit.core.bundle import TEACHER_DIR, Bundle, load_bundle, start_row_norm
 from labkit.core.corpus import generate_corpus
 
 SPECIALS = ("</s>", "<unk>")  # ids 0 and 1, as in opus-mt; <pad> is appended last
@@ -213,6 +214,20 @@ def freeze_positions(model) -> None:
         stack.embed_positions.weight.requires_grad_(False)
 
 
+def pin_start_row(model) -> None:
+    """Zero the decoder-start (<pad>) embedding row, in place: Marian and CTranslate2 start decoding from
+    a zero vector, so a model is faithful to them only while this row is zero.
+
+    With tied embeddings the LM head's gradient trains the row; `fit` zeroes it again after every
+    step, so teachers, pruned and distilled bundles all keep it at zero.
+    """
+    start = model.config.decoder_start_token_id
+    tables = {id(e.weight): e.weight for e in (model.get_input_embeddings(), model.get_decoder().embed_tokens)}
+    with torch.no_grad():
+        for weight in tables.values():
+            weight[start].zero_()
+
+
 def fit(model, tokenizer, train: list[data.Pair], dev: list[data.Pair], *, steps: int,
         batch_size: int, lr: float, warmup: int, eval_every: int, seed: int = 0,
         loss_fn: Callable | None = None, label_smoothing: float = 0.1,
@@ -221,7 +236,8 @@ def fit(model, tokenizer, train: list[data.Pair], dev: list[data.Pair], *, steps
 
     `loss_fn(model, batch) -> loss` replaces the default label-smoothed CE
     (distillation plugs its KD loss in here). Marian's sinusoidal position tables stay frozen
-    (`freeze_positions`): what is saved must be what was trained and measured.
+    (`freeze_positions`): what is saved must be what was trained and measured. The decoder-start
+    row stays at zero (`pin_start_row`), as Marian runtimes assume.
     """
     from tqdm.auto import tqdm
 
@@ -230,6 +246,7 @@ def fit(model, tokenizer, train: list[data.Pair], dev: list[data.Pair], *, steps
     torch.set_flush_denormal(True)  # tiny gradients turn denormal and slow CPU matmuls several-fold
     examples = encode_pairs(tokenizer, train)
     freeze_positions(model)
+    pin_start_row(model)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     history, batches, step = [], [], 0
     bar = tqdm(total=steps, desc="train", disable=not progress, mininterval=2)
@@ -251,6 +268,7 @@ def fit(model, tokenizer, train: list[data.Pair], dev: list[data.Pair], *, steps
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        pin_start_row(model)  # AdamW's momentum and weight decay would move it off zero again
         step += 1
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         bar.update(1)
@@ -289,6 +307,37 @@ def train_teacher(cfg: TeacherConfig, out: Path, *, train: list[data.Pair] | Non
     return bundle
 
 
+@dataclass(frozen=True)
+class ZeroStartTune:
+    """A short fine-tune that brings a trained model's decoder-start row to zero (`pin_start_row`)."""
+
+    steps: int = 300
+    batch_size: int = 64
+    lr: float = 2e-4
+    warmup: int = 30
+    label_smoothing: float = 0.1
+    eval_sentences: int = 200
+    seed: int = 1
+
+
+def zero_start_finetune(bundle: Bundle, tune: ZeroStartTune = ZeroStartTune(), *, command: str = "",
+                        progress: bool = True) -> dict:
+    """Zero the start row of `bundle` and fine-tune it (in place) to recover; the record is appended to
+    bundle.meta["training"]["fine_tunes"] and returned."""
+    start, before = time.perf_counter(), start_row_norm(bundle.model)
+    train = random.Random(tune.seed).sample(data.load_split("train"), tune.steps * tune.batch_size)
+    history = fit(bundle.model, bundle.tokenizer, train, data.load_split("dev")[: tune.eval_sentences],
+                  steps=tune.steps, batch_size=tune.batch_size, lr=tune.lr, warmup=tune.warmup,
+                  eval_every=tune.steps, seed=tune.seed, label_smoothing=tune.label_smoothing, progress=progress)
+    record = {"purpose": "decoder-start (<pad>) embedding row pinned at zero, as Marian/CTranslate2 assume",
+              "command": command, "config": asdict(tune), "start_row_norm_before": round(before, 4),
+              "start_row_norm_after": start_row_norm(bundle.model), "wall_time_s": round(time.perf_counter() - start, 1),
+              "final_dev_bleu": round(history[-1]["dev_bleu"], 2), "history": history,
+              "torch": torch.__version__, "threads": torch.get_num_threads()}
+    bundle.meta.setdefault("training", {}).setdefault("fine_tunes", []).append(record)
+    return record
+
+
 def write_corpus(seed: int = 0, out_dir: Path = data.DATA_DIR) -> dict[str, int]:
     splits = generate_corpus(seed)
     for name, pairs in splits.items():
@@ -307,16 +356,28 @@ def train_command(argv: list[str] | None = None) -> int:
     t.add_argument("--steps", type=int)
     t.add_argument("--threads", type=int, default=2)
     t.add_argument("--out", type=Path, default=TEACHER_DIR)
+    z = sub.add_parser("zero-start", help="fine-tune a bundle with its decoder-start row pinned at zero")
+    z.add_argument("--bundle", type=Path, default=TEACHER_DIR)
+    z.add_argument("--steps", type=int, default=ZeroStartTune.steps)
+    z.add_argument("--lr", type=float, default=ZeroStartTune.lr)
+    z.add_argument("--threads", type=int, default=1)
+    z.add_argument("--out", type=Path, help="where to write it (default: over --bundle)")
     args = ap.parse_args(argv)
     if args.what == "corpus":
         print(write_corpus(args.seed, args.out))
         return 0
     torch.set_num_threads(args.threads)
+    command = "python -m labkit.compress.training " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.what == "zero-start":
+        bundle = load_bundle(args.bundle)
+        record = zero_start_finetune(bundle, ZeroStartTune(steps=args.steps, lr=args.lr), command=command)
+        bundle.save(args.out or args.bundle, dtype=torch.float16)
+        print(json.dumps({k: record[k] for k in ("start_row_norm_before", "wall_time_s", "final_dev_bleu")}))
+        return 0
     cfg = TeacherConfig.from_name(args.config)
     if args.steps:
         from dataclasses import replace
         cfg = replace(cfg, steps=args.steps, eval_every=min(cfg.eval_every, args.steps))
-    command = "python -m labkit.compress.training " + " ".join(sys.argv[1:] if argv is None else argv)
     bundle = train_teacher(cfg, args.out, command=command)
     print(json.dumps(bundle.meta["training"]["history"][-1]))
     return 0

@@ -97,6 +97,12 @@ def fingerprint(model: torch.nn.Module) -> str:
     return h.hexdigest()[:12]
 
 
+def start_row_norm(model: torch.nn.Module) -> float:
+    """L2 norm of the decoder's start-token embedding row: 0 in real Marian checkpoints, which (like
+    CTranslate2) start decoding from a zero vector; labkit.compress.training keeps it there."""
+    return float(model.get_decoder().embed_tokens.weight.detach()[model.config.decoder_start_token_id].norm())
+
+
 def load_bundle(path: Path | str) -> Bundle:
     """Load a bundle saved by `Bundle.save` (fp32 in memory whatever the storage dtype).
 

@@ -16,12 +16,31 @@ step (O(n) per token), "dynamic" grows a KV cache. Left out: sampling, and const
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 
 NEG_INF = -1.0e9  # what HF uses for "impossible" beam scores
+
+
+@functools.cache
+def _cache_argument(model_class: type) -> str:
+    forward = inspect.signature(model_class.forward).parameters  # follows the deprecation wrappers
+    return "cache" if "cache" in forward else "past_key_values"
+
+
+def cache_kwargs(model, cache) -> dict[str, Any]:
+    """The KV cache under the keyword this transformers takes: `cache` where the model has it
+    (`past_key_values` is deprecated there, to be removed in 5.40), else `past_key_values`."""
+    return {_cache_argument(type(model)): cache}
+
+
+def output_cache(out) -> Any:
+    """The KV cache a forward returned, read without the deprecated `past_key_values` alias."""
+    return out["cache"] if "cache" in out else out["past_key_values"]
 
 
 @dataclass
@@ -98,7 +117,7 @@ class TorchStepper:
         else:
             pos = tokens.shape[1] - 1
             out = self.model(encoder_outputs=enc, attention_mask=state.mask,
-                             decoder_input_ids=tokens[:, -1:], past_key_values=state.cache,
+                             decoder_input_ids=tokens[:, -1:], **cache_kwargs(self.model, state.cache),
                              use_cache=True, cache_position=torch.tensor([pos]))
         return out.logits[:, -1].float(), state
 

@@ -6,28 +6,28 @@
 
 `Translator` is the base every engine shares: a `labkit.core.decode.Stepper` backend (PyTorch by
 default, ONNX Runtime in labkit.engines.ort) plugs into `StepperTranslator`; CTranslate2, which
-runs its own search, subclasses `Translator` directly. Bad input never raises: empty or whitespace-only
-text (or an item that is not a string at all) gives an empty translation, control characters are dropped, over-long
-input is truncated to the model's limit, text without Chinese is translated as
-is; each of these is said in `notes`, one list per input, in order.
+runs its own search, subclasses `Translator` directly. Bad input never raises and every engine treats
+it the same way (labkit.core.inputs.prepare): empty, whitespace-only or non-text items give an empty
+translation, bytes are decoded as UTF-8, control characters are dropped, Traditional characters become
+Simplified, emoji and symbols are passed through around the translation, punctuation-only input gives
+its ASCII punctuation, text without Chinese comes back unchanged (unless `force=True`), characters
+outside the vocabulary are counted, over-long input is truncated to the model's limit; each of these
+is said in `notes`, one list per input, in order.
 Left out: sentence splitting of long documents, and caching (labkit.serve).
 """
 
 from __future__ import annotations
 
-import re
 import time
-import unicodedata
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
 from labkit.core.decode import DecodeConfig, Stepper, TorchStepper, decode
+from labkit.core.inputs import Prepared, prepare
 
 STAGES = ("normalize", "tokenize", "encode", "decode", "detokenize")
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\ufeff]")
-_HAN = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
 DEFAULT_MAX_INPUT_TOKENS = 256
 
 
@@ -43,27 +43,6 @@ class Result:
         return sum(self.timings_ms.values())
 
 
-def normalize(text: str) -> tuple[str, list[str]]:
-    """NFKC, control characters removed, whitespace collapsed; notes say what happened.
-
-    '  我\\x07喜欢 猫 ' -> ('我喜欢 猫', ['removed 1 control character(s)'])
-    None -> ('', ['not text (NoneType): nothing to translate'])
-    """
-    if not isinstance(text, str):  # a None or number from a data frame: one empty output, not a crash
-        return "", [f"not text ({type(text).__name__}): nothing to translate"]
-    notes = []
-    text = unicodedata.normalize("NFKC", text)
-    cleaned, n = _CONTROL.subn("", text)
-    if n:
-        notes.append(f"removed {n} control character(s)")
-    cleaned = " ".join(cleaned.split())
-    if not cleaned:
-        notes.append("empty input: nothing to translate")
-    elif not _HAN.search(cleaned):
-        notes.append("no Chinese characters: the model may not translate this meaningfully")
-    return cleaned, notes
-
-
 class Translator:
     """What every engine shares: normalize -> tokenize -> generate -> detokenize, timed, notes per input.
 
@@ -73,32 +52,35 @@ class Translator:
     """
 
     def __init__(self, tokenizer, decode: DecodeConfig | None = None, max_input_tokens: int | None = None,
-                 max_positions: int = DEFAULT_MAX_INPUT_TOKENS):
+                 max_positions: int = DEFAULT_MAX_INPUT_TOKENS, force: bool = False):
         self.tokenizer = tokenizer
         self.decode_cfg = decode or DecodeConfig()
         self.max_input_tokens = max_input_tokens or min(max_positions, DEFAULT_MAX_INPUT_TOKENS)
+        self.force = force  # translate text without Chinese characters too (else it is returned unchanged)
 
-    def translate(self, texts: list[str]) -> list[str]:
-        return self.run(texts).texts
+    def translate(self, texts: list[str], force: bool | None = None) -> list[str]:
+        return self.run(texts, force).texts
 
-    def run(self, texts: list[str]) -> Result:
-        if isinstance(texts, str):
+    def run(self, texts: list[str], force: bool | None = None) -> Result:
+        """One output per input, in order; `force` overrides the translator's own for this call."""
+        if isinstance(texts, str | bytes):
             raise TypeError("translate a list of strings, e.g. translator.translate(['我喜欢猫。'])")
+        force = self.force if force is None else force
         timings = dict.fromkeys(STAGES, 0.0)
         with _timed(timings, "normalize"):
-            cleaned, notes = zip(*(normalize(t) for t in texts)) if texts else ((), ())
-            notes = [list(n) for n in notes]
-            todo = [i for i, t in enumerate(cleaned) if t]
+            prepared: list[Prepared] = [prepare(t, force) for t in texts]
+            todo = [i for i, p in enumerate(prepared) if p.source]
         ids: list[list[int]] = [[] for _ in texts]
-        outputs = ["" for _ in texts]
+        outputs = [p.output for p in prepared]
+        notes = [p.notes for p in prepared]
         if todo:
             with _timed(timings, "tokenize"):
-                batch = self._tokenize([cleaned[i] for i in todo], [notes[i] for i in todo])
+                batch = self._tokenize([prepared[i].source for i in todo], [notes[i] for i in todo])
             generated = self._generate(batch, timings)
             with _timed(timings, "detokenize"):
                 decoded = self._detokenize(generated, [notes[i] for i in todo])
             for i, gen, text in zip(todo, generated, decoded):
-                ids[i], outputs[i] = gen, text
+                ids[i], outputs[i] = gen, prepared[i].wrap(text)
         return Result(outputs, ids, timings, notes)
 
     def _generate(self, batch: dict[str, torch.Tensor], timings: dict[str, float]) -> list[list[int]]:
@@ -120,7 +102,13 @@ class Translator:
         return self.tokenizer.batch_decode(rows, skip_special_tokens=True)
 
     def _tokenize(self, texts: list[str], notes: list[list[str]]) -> dict[str, torch.Tensor]:
-        """Pad to the longest; truncate past max_input_tokens and note it on that input."""
+        """Pad to the longest; note characters outside the vocabulary; truncate past max_input_tokens and
+        note it on that input."""
+        for text, note in zip(texts, notes):
+            unknown = self.unknown_characters(text)
+            if unknown:
+                shown = "".join(sorted(set(unknown)))[:10]
+                note.append(f"{len(unknown)} character(s) outside the model's vocabulary become <unk>: {shown!r}")
         enc = self.tokenizer(texts, truncation=True, max_length=self.max_input_tokens,
                              padding=True, return_tensors="pt", return_overflowing_tokens=False,
                              return_length=False)
@@ -131,15 +119,26 @@ class Translator:
                     note.append(f"truncated from {full} to {self.max_input_tokens} tokens")
         return enc
 
+    def unknown_characters(self, text: str) -> str:
+        """The characters of `text` (in order, repeats kept) the tokenizer maps to <unk>.
+
+        Sentencepiece keeps an unknown span as one piece ('歡貓' in '我們喜歡貓'), so pieces are counted by
+        their characters.
+        """
+        unk = self.tokenizer.unk_token_id
+        pieces = self.tokenizer.tokenize(text)
+        return "".join(p.replace("\u2581", "") for p, i in zip(pieces, self.tokenizer.convert_tokens_to_ids(pieces))
+                       if i == unk)
+
 
 class StepperTranslator(Translator):
     """A bundle behind any `labkit.core.decode.Stepper` (PyTorch by default, ONNX Runtime in
     labkit.engines.ort), decoded by the one greedy/beam loop."""
 
     def __init__(self, bundle, stepper: Stepper | None = None, decode: DecodeConfig | None = None,
-                 max_input_tokens: int | None = None):
+                 max_input_tokens: int | None = None, force: bool = False):
         limit = getattr(bundle.model.config, "max_position_embeddings", DEFAULT_MAX_INPUT_TOKENS)
-        super().__init__(bundle.tokenizer, decode, max_input_tokens, limit)
+        super().__init__(bundle.tokenizer, decode, max_input_tokens, limit, force)
         self.bundle = bundle
         self.stepper = stepper if stepper is not None else TorchStepper(bundle.model)
 

@@ -5,15 +5,16 @@
     peer.translate(["我喜欢猫。"])                   # same shape as labkit.core.translator.Translator
     peer.generate([[ids...]])                        # token ids, for agreement with labkit.core.decode
 
-Conversion reuses CTranslate2's Marian loader with one change. The stock loader
-drops <pad> from the vocabulary and starts the decoder from a zero vector; that
-equals Transformers only when the <pad> embedding row is zero. In a model with
-tied embeddings the LM head's gradient trains that row, so the embedded teacher
-(and anything trained from scratch) has a non-zero <pad> row and the stock
-conversion decodes something else from the first token on (0 % greedy agreement
-on the test fixture). `PadStartMarianLoader` keeps <pad> and starts from its
-embedding, as `generate` does; <pad> is then suppressed during search, as
-labkit.core.decode does.
+Conversion uses CTranslate2's stock Marian loader whenever the model is a faithful
+Marian model: its decoder-start (<pad>) embedding row is zero (as in real opus-mt
+checkpoints and every bundle labkit trains, labkit.compress.training.pin_start_row)
+and <pad> is the last id. The stock loader drops <pad> from the vocabulary and starts
+the decoder from a zero vector, which equals Transformers only when that row is zero.
+A model with a non-zero start row (one trained elsewhere with tied embeddings, where
+the LM head's gradient trains the row; labkit's teacher before its zero-start fine-tune)
+gets `PadStartMarianLoader` instead: it keeps <pad> and starts from its embedding, as
+`generate` does, and <pad> is suppressed during search, as labkit.core.decode does.
+`ct2.json` says which loader a conversion used.
 
 Models whose vocabulary is larger than their tokenizer's (opus-mt-shape: 65 001
 rows, the teacher's ~1 700 pieces) get placeholder tokens for the missing ids,
@@ -34,7 +35,7 @@ from pathlib import Path
 
 from labkit.config import Preset
 from labkit.core.artifacts import ensure, preset_dir, staging, write_json_atomic
-from labkit.core.bundle import Bundle, bundle_key, fingerprint
+from labkit.core.bundle import Bundle, bundle_key, fingerprint, start_row_norm
 from labkit.core.decode import DecodeConfig
 from labkit.core.translator import Translator, decode_config
 
@@ -113,6 +114,28 @@ def _pad_start_loader():
     return PadStartMarianLoader()
 
 
+def needs_pad_start(bundle) -> bool:
+    """True where CTranslate2's stock Marian loader would decode something else than Transformers:
+    a non-zero decoder-start row, or a <pad> that is not the last id (the stock loader drops the last row)."""
+    cfg = bundle.model.config
+    last = bundle.model.get_output_embeddings().out_features - 1
+    return start_row_norm(bundle.model) > 0 or cfg.pad_token_id != last or cfg.decoder_start_token_id != last
+
+
+def _stock_loader(bundle):
+    """CTranslate2's own MarianMTLoader, given labkit's id-preserving vocabulary (<pad> dropped, as it does)."""
+    from ctranslate2.converters.transformers import MarianMTLoader
+
+    class StockMarianLoader(MarianMTLoader):
+        def set_config(self, config, model, tokens):
+            super().set_config(config, model, bundle.tokenizer)
+
+        def set_vocabulary(self, spec, tokens):
+            super().set_vocabulary(spec, tokens[:-1])  # the <pad> row _remove_pad_weights dropped
+
+    return StockMarianLoader()
+
+
 def _converter(bundle):
     """A ctranslate2 Converter for an in-memory bundle (no Transformers round trip through disk)."""
     from ctranslate2.converters.converter import Converter
@@ -123,7 +146,7 @@ def _converter(bundle):
             # them in place, which would corrupt the caller's model.
             model = copy.deepcopy(bundle.model)
             tokens = vocabulary(bundle)
-            loader = _pad_start_loader()
+            loader = _pad_start_loader() if needs_pad_start(bundle) else _stock_loader(bundle)
             spec = loader.get_model_spec(model)
             loader.set_config(spec.config, model, tokens)
             loader.set_vocabulary(spec, tokens)
@@ -148,7 +171,9 @@ def convert_into(bundle, directory: Path, quantization: str = "float32") -> None
     bundle.tokenizer.save_pretrained(directory)
     cfg = bundle.model.config
     meta = {"schema": SCHEMA, "quantization": quantization, "ctranslate2": ctranslate2.__version__,
-            "start": "decoder starts from the <pad> embedding; <pad> suppressed in search",
+            "loader": "PadStartMarianLoader" if needs_pad_start(bundle) else "MarianMTLoader",
+            "start": ("decoder starts from the <pad> embedding; <pad> suppressed in search" if needs_pad_start(bundle)
+                      else "decoder starts from a zero vector (stock); <pad> dropped from the vocabulary"),
             "ids": {"start": cfg.decoder_start_token_id, "eos": cfg.eos_token_id, "pad": cfg.pad_token_id},
             "max_positions": cfg.max_position_embeddings,
             "convert_seconds": round(time.perf_counter() - start, 1),
@@ -177,14 +202,15 @@ def read_ct2_sidecar(directory: Path | str) -> dict:
 # --------------------------------------------------------------------------- runtime
 
 
-def search_options(cfg: DecodeConfig, pad_token: str) -> dict:
-    """labkit.core.decode's stopping rules as CTranslate2 options.
+def search_options(cfg: DecodeConfig, pad_token: str | None) -> dict:
+    """labkit.core.decode's stopping rules as CTranslate2 options (`pad_token` None: not in the vocabulary).
 
     generate forces </s> at step max_new_tokens, so at most max_new_tokens - 1 real tokens;
     forced_length=40 -> exactly 40 tokens (</s> banned until then).
     """
-    opts = {"beam_size": cfg.num_beams, "length_penalty": cfg.length_penalty,
-            "suppress_sequences": [[pad_token]], "return_scores": False}
+    opts = {"beam_size": cfg.num_beams, "length_penalty": cfg.length_penalty, "return_scores": False}
+    if pad_token is not None:
+        opts["suppress_sequences"] = [[pad_token]]
     if cfg.forced_length is not None:
         return opts | {"min_decoding_length": cfg.forced_length, "max_decoding_length": cfg.forced_length}
     return opts | {"max_decoding_length": cfg.max_new_tokens - 1}
@@ -198,21 +224,22 @@ class Ct2Translator(Translator):
     """
 
     def __init__(self, directory: Path | str, threads: int = 1, compute_type: str | None = None,
-                 decode: DecodeConfig | None = None, max_input_tokens: int | None = None):
+                 decode: DecodeConfig | None = None, max_input_tokens: int | None = None, force: bool = False):
         ctranslate2 = require_ctranslate2()
         from transformers import MarianTokenizer
 
         self.directory = Path(directory)
         self.meta = read_ct2_sidecar(self.directory)
         super().__init__(MarianTokenizer.from_pretrained(self.directory), decode, max_input_tokens,
-                         self.meta["max_positions"])
+                         self.meta["max_positions"], force)
         self.compute_type = compute_type or self.meta["quantization"]
         self.threads = threads
         self.engine = ctranslate2.Translator(str(self.directory), device="cpu", compute_type=self.compute_type,
                                              intra_threads=threads, inter_threads=1)
         self.tokens = json.loads((self.directory / VOCABULARY_FILE).read_text())
         self.ids = {t: i for i, t in enumerate(self.tokens)}
-        self.options = search_options(self.decode_cfg, self.tokens[self.meta["ids"]["pad"]])
+        pad = self.meta["ids"]["pad"]
+        self.options = search_options(self.decode_cfg, self.tokens[pad] if pad < len(self.tokens) else None)
 
     def generate(self, input_ids: list[list[int]]) -> list[list[int]]:
         """Source ids (with </s>, no padding) -> generated ids (no start token, no </s>)."""

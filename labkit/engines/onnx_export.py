@@ -27,6 +27,7 @@ from torch import nn
 from labkit.config import Preset
 from labkit.core.artifacts import ARTIFACT_KEY, ensure, preset_dir, staging
 from labkit.core.bundle import Bundle, bundle_key, fingerprint
+from labkit.core.decode import cache_kwargs, output_cache
 from labkit.engines.onnx_graphs import (
     EXTERNAL_DATA_MB,
     FILES,
@@ -253,10 +254,10 @@ def reference_outputs(model: nn.Module, graph: str, args: tuple) -> list[torch.T
             enc = BaseModelOutput(last_hidden_state=torch.zeros(b, s, model.config.d_model))
         past_len = 0 if cache is None else cache.get_seq_length()
         out = model(encoder_outputs=enc, attention_mask=args[1], decoder_input_ids=args[0],
-                    past_key_values=cache, use_cache=True,
+                    **cache_kwargs(model, cache), use_cache=True,
                     cache_position=torch.arange(past_len, past_len + args[0].shape[1]))
-    self_kv = [t for layer in out.past_key_values.self_attention_cache.layers for t in (layer.keys, layer.values)]
-    cross_kv = [t for layer in out.past_key_values.cross_attention_cache.layers for t in (layer.keys, layer.values)]
+    self_kv = [t for layer in output_cache(out).self_attention_cache.layers for t in (layer.keys, layer.values)]
+    cross_kv = [t for layer in output_cache(out).cross_attention_cache.layers for t in (layer.keys, layer.values)]
     logits = out.logits[:, -1]
     return [logits, *self_kv, *cross_kv] if graph == "decoder" else [logits, *self_kv]
 
