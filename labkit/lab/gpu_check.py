@@ -188,7 +188,7 @@ def add_gpu_check_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget-s", type=float, default=None, help="start no new step after this many seconds")
 
 
-def speedups(rows: list[dict]) -> None:
+def add_speedups_vs_eager(rows: list[dict]) -> None:
     """Add speedup_vs_fp32_eager (same run, same device) to every timed row, in place."""
     base = next((r for r in rows if r["variant"] == "torch-cuda-fp32-eager" and r.get("latency_ms")), None)
     for r in rows:
@@ -215,7 +215,7 @@ def run_check(preset: Preset, bundle_name: str = "teacher", dry_run: bool = Fals
             report["errors"].append({"step": step, "error": f"{type(exc).__name__}: {exc}",
                                      "traceback": traceback.format_exc()[-3000:]})
             log(f"gpu-check: {step} failed: {type(exc).__name__}: {exc}")
-    speedups(report["rows"])
+    add_speedups_vs_eager(report["rows"])
     report["targets"] = {v: {"aim_x": aim, "measured_x": next((r.get("speedup_vs_fp32_eager") for r in report["rows"]
                                                                 if r["variant"] == v), None)} for v, aim in TARGETS.items()}
     report["seconds"] = round(time.perf_counter() - clock.start, 1)
