@@ -39,8 +39,8 @@ class ReverseTranslator:
         return ["".join(map(chr, r)) for r in rows], [[] for _ in rows]
 
 
-def client_for(config=ServeConfig(), translator=None, gate: threading.Event | None = None) -> TestClient:
-    translator = translator or ReverseTranslator()
+def client_for(config: ServeConfig | None = None, translator=None, gate: threading.Event | None = None) -> TestClient:
+    translator, config = translator or ReverseTranslator(), config or ServeConfig()
 
     def load(metrics):
         if gate is not None:

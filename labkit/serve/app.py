@@ -152,8 +152,10 @@ def _add_routes(app: FastAPI, state: AppState) -> None:
 
     @app.get("/readyz")
     async def readyz():
-        if state.service is not None:
-            return {"status": "ready", "model": state.service.model_id}
+        if state.service is not None:  # the page reads the limits from here
+            limits = state.service.config.limits
+            return {"status": "ready", "model": state.service.model_id, "max_texts": limits.max_texts,
+                    "max_chars": limits.max_chars}
         status = "failed" if state.error else "loading"
         return JSONResponse({"status": status, "detail": state.error}, status_code=503,
                             headers={"Retry-After": str(RETRY_AFTER_S)})

@@ -4,7 +4,7 @@
 "use strict";
 
 const DEBOUNCE_MS = 400;  // wait this long after the last keystroke before translating
-const MAX_LINES = 32;     // the service's default limit of texts per request
+let maxLines = 32;        // texts per request: the service's limit, read from /readyz below
 
 const source = document.getElementById("source");
 const target = document.getElementById("target");
@@ -28,7 +28,8 @@ function showNotes(lines, notes) {
 }
 
 async function translate() {
-  const lines = source.value.split("\n").slice(0, MAX_LINES);
+  const all = source.value.split("\n");
+  const lines = all.slice(0, maxLines);
   if (!source.value.trim()) { target.value = ""; showStatus("", false); notesList.replaceChildren(); return; }
   const seq = ++latest;
   const started = performance.now();
@@ -45,7 +46,8 @@ async function translate() {
     const ms = performance.now() - started;
     const cached = body.cached.filter(Boolean).length;
     showStatus(`${ms.toFixed(0)} ms in the browser, ${body.timings_ms.total.toFixed(0)} ms in the server` +
-               (cached ? `, ${cached} from cache` : ""), false);
+               (cached ? `, ${cached} from cache` : "") +
+               (all.length > lines.length ? `; only the first ${lines.length} lines (the service's limit)` : ""), false);
     showNotes(lines, body.notes);
   } catch (err) {
     if (seq === latest) showStatus(`error: ${err}`, true);
@@ -60,4 +62,5 @@ source.addEventListener("input", () => {
 document.getElementById("translate").addEventListener("click", () => { clearTimeout(timer); translate(); });
 fetch("/readyz").then((r) => r.json()).then((b) => {
   document.getElementById("model").textContent = b.model ? `model: ${b.model}` : `model ${b.status}`;
+  if (b.max_texts) maxLines = b.max_texts;
 });
