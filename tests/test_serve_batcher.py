@@ -126,6 +126,33 @@ def test_a_batch_waits_at_most_max_wait_for_company():
     assert 0.02 <= alone_s < 1.0
 
 
+def test_closed_loop_clients_that_arrive_in_two_waves_end_up_in_one_batch():
+    """8 clients, 4 of them a little late: the first batch has 4, but once the model is free the
+    batch waits max_wait_ms for the 4 just answered, so the two waves merge instead of alternating
+    at 4 sentences per call forever."""
+
+    async def main():
+        stages = FakeStages(delay_s=0.06)
+        batcher = MicroBatcher(stages, BatchConfig(max_batch_size=8, max_wait_ms=20))
+        await batcher.start()
+
+        async def client(i):
+            for _ in range(6):
+                await asyncio.gather(*batcher.submit([[i]]))
+                await asyncio.sleep(0.002)  # the answer's way back and the next request's way in
+
+        async def late(i):
+            await asyncio.sleep(0.035)  # after the first batch left (20 ms), while it is in the model
+            await client(i)
+
+        await asyncio.gather(*(client(i) for i in range(4)), *(late(i) for i in range(4, 8)))
+        await batcher.close()
+        return [len(b) for b in stages.batches]
+
+    sizes = run(main())
+    assert sizes[0] == 4 and set(sizes[1:-1]) == {8}, sizes  # the late wave has one round left at the end
+
+
 def test_a_full_queue_refuses_the_whole_request_and_keeps_serving():
     async def main():
         stages = FakeStages(delay_s=0.05)
