@@ -19,8 +19,8 @@ from labkit.config import Preset
 from labkit.core.bundle import load_bundle
 from labkit.core.data import load_split
 from labkit.core.translator import translator_for
-from labkit.serve.loadtest import LoadSpec, TextPool, closed_loop, open_loop, require_loopback
-from labkit.serve.process import ServerProcess
+from labkit.serve.loadtest import LoadSpec, TextPool, closed_loop, open_loop
+from labkit.serve.process import ServerProcess, require_loopback
 
 pytestmark = pytest.mark.slow
 TEXTS = [p.zh for p in load_split("test", limit=24)]
@@ -108,6 +108,18 @@ def test_sigterm_drains_requests_in_flight_then_exits_0(tiny_bundle_dir, oracle)
     for i, r in answers.items():  # accepted before SIGTERM: answered in full, and correctly
         assert isinstance(r, httpx.Response) and r.status_code == 200, r
         assert r.json()["translations"] == [oracle[t] for t in TEXTS[i:i + 2]]
+
+
+def test_locust_and_labkit_loadtest_measure_the_same_server_alike(server):
+    """The cross-check (labkit loadtest --locust): an independent load generator, same clients,
+    same texts, one after the other. Loose bounds: they catch a load generator that miscounts
+    (errors as answers, a wrong time base), not the run-to-run noise of a shared machine."""
+    proc = subprocess.run([sys.executable, "-m", "labkit", "loadtest", "--url", server.url, "--concurrency", "4",
+                           "--duration", "4", "--pool", "24", "--locust"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    ratio = [line.split() for line in proc.stdout.splitlines() if line.strip().startswith("locust /")][0]
+    rps, p50 = float(ratio[3]), float(ratio[4])  # 'locust / labkit' rps p50 p95 p99
+    assert 1 / 3 < rps < 3 and 1 / 3 < p50 < 3, proc.stdout
 
 
 def test_a_model_that_cannot_load_exits_1_with_the_reason(tmp_path):

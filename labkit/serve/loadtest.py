@@ -33,18 +33,18 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
 
 import httpx
 
 from labkit.core.data import load_split
 from labkit.measure.timing import percentile
+from labkit.serve.crosscheck import LocustResult, compare_rows, run_locust
 from labkit.serve.metrics import parse as parse_metrics
+from labkit.serve.process import require_loopback
 
 if TYPE_CHECKING:
     import pandas as pd
 
-LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 HEALTH_PROBE_S = 0.1  # /healthz every 100 ms while load runs
 
 
@@ -134,14 +134,6 @@ class LoadPoint:
 
 
 # --------------------------------------------------------------------------- primitives
-
-
-def require_loopback(url: str) -> str:
-    """The URL without a trailing slash, if its host is loopback; else ValueError (no traffic elsewhere)."""
-    host = urlsplit(url).hostname
-    if host not in LOOPBACK:
-        raise ValueError(f"load tests go to this machine only (127.0.0.1, localhost, ::1), not {host!r}")
-    return url.rstrip("/")
 
 
 def batch_window(before: dict, after: dict) -> tuple[float, dict, float]:
@@ -326,6 +318,13 @@ def open_loop(url: str, pool: TextPool, rates, spec: LoadSpec = LoadSpec()) -> l
     return [_run(open_point(url, pool, float(r), spec)) for r in rates]
 
 
+def crosscheck(url: str, texts: list[str], users: int, duration_s: float) -> tuple[LoadPoint, LocustResult]:
+    """This closed loop, then locust's (labkit.serve.crosscheck), at the same concurrency and length."""
+    spec = LoadSpec(duration_s=duration_s, warmup_s=min(2.0, duration_s / 4))
+    (ours,) = closed_loop(url, TextPool(texts), [users], spec)
+    return ours, run_locust(url, texts, users, duration_s)
+
+
 COLUMNS = ("mode", "load", "requests", "rps", "sentences_per_s", "p50_ms", "p95_ms", "p99_ms", "mean_ms",
            "mean_batch_size", "cache_hit_rate", "errors", "sent", "answered", "lost", "duplicated", "dropped",
            "healthz_p50_ms", "healthz_max_ms")
@@ -356,6 +355,21 @@ def add_loadtest_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pool", type=int, default=200, help="test-split sentences to draw from")
     parser.add_argument("--zipf", type=float, default=None, help="draw with Zipf weights of this exponent (repeats)")
     parser.add_argument("--json", default=None, help="also write the points as JSON lines here")
+    parser.add_argument("--locust", action="store_true",
+                        help="cross-check: after each closed-loop point, locust headless at the same concurrency")
+
+
+def _print_crosscheck(url: str, texts: list[str], concurrency: list[int], duration_s: float) -> int:
+    """`--locust`: both tools per concurrency, side by side; the errors both saw."""
+    import pandas as pd
+
+    rows, errors = [], 0
+    for users in concurrency:
+        ours, theirs = crosscheck(url, texts, users, duration_s)
+        rows += compare_rows(ours, theirs)
+        errors += ours.lost + ours.duplicated + theirs.failures
+    print(pd.DataFrame(rows).to_string(index=False, na_rep="", float_format=lambda x: f"{x:.2f}"))
+    return errors
 
 
 def loadtest_command(args: argparse.Namespace) -> int:
@@ -368,6 +382,9 @@ def loadtest_command(args: argparse.Namespace) -> int:
         return 2
     spec = LoadSpec(duration_s=args.duration, warmup_s=args.warmup, texts_per_request=args.texts_per_request)
     pool = TextPool.from_split("test", limit=args.pool, zipf=args.zipf)
+    if args.locust:
+        broken = _print_crosscheck(url, pool.texts, concurrency, args.duration)
+        return 1 if broken else 0
     points = closed_loop(url, pool, concurrency, spec) + open_loop(url, pool, rates, spec)
     print(points_frame(points).drop(columns=["batch_sizes"]).to_string(index=False, float_format=lambda x: f"{x:.2f}"))
     if args.json:

@@ -22,12 +22,14 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 
 from labkit.core.artifacts import REPO_ROOT
 
 HOST = "127.0.0.1"
+LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
 def free_port(host: str = HOST) -> int:
@@ -35,6 +37,14 @@ def free_port(host: str = HOST) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def require_loopback(url: str) -> str:
+    """The URL without a trailing slash, if its host is loopback; else ValueError (no traffic elsewhere)."""
+    host = urlsplit(url).hostname
+    if host not in LOOPBACK:
+        raise ValueError(f"load tests go to this machine only (127.0.0.1, localhost, ::1), not {host!r}")
+    return url.rstrip("/")
 
 
 def _tail(path: Path, lines: int = 30) -> str:
