@@ -100,10 +100,11 @@ def artifact_for(variant: str, preset: Preset, bundle: Bundle):
     return ensure_ct2(preset, bundle, compute_type)
 
 
-def build_translator(variant: str, preset: Preset, threads: int, bundle: Bundle, artifact=None):
+def build_translator(variant: str, preset: Preset, threads: int, bundle: Bundle, artifact=None, spin: bool = True):
     """The Translator-shaped object of `variant`, decoding as the preset says.
 
-    `artifact` is the directory to run (default: `artifact_for`, which builds it if missing).
+    `artifact` is the directory to run (default: `artifact_for`, which builds it if missing);
+    `spin=False` lets ONNX Runtime's idle threads sleep (labkit.engines.ort.session_options: servers).
     """
     if variant != "torch" and artifact is None:
         artifact = artifact_for(variant, preset, bundle)
@@ -111,7 +112,7 @@ def build_translator(variant: str, preset: Preset, threads: int, bundle: Bundle,
         return Ct2Translator(artifact, threads=threads, decode=decode_config(preset))
     stepper = None
     if variant != "torch":
-        stepper = OrtStepper.from_dir(artifact, threads=threads)
+        stepper = OrtStepper.from_dir(artifact, threads=threads, spin=spin)
     # opus-mt-shape emits ids past the teacher tokenizer's pieces; the Translator drops them with a note.
     return translator_for(bundle, preset, stepper)
 
