@@ -106,24 +106,26 @@ def test_every_sentence_gets_its_own_answer_in_order(max_batch):
         assert max(len(b) for b in stages.batches) > 1, "concurrent sentences were never batched"
 
 
-def test_a_batch_waits_at_most_max_wait_for_company():
+def test_an_idle_model_starts_at_once_a_busy_one_waits_at_most_max_wait_for_company():
     async def main():
-        stages = FakeStages()
-        batcher = MicroBatcher(stages, BatchConfig(max_batch_size=8, max_wait_ms=30))
+        stages = FakeStages(delay_s=0.02)
+        batcher = MicroBatcher(stages, BatchConfig(max_batch_size=8, max_wait_ms=100))
         await batcher.start()
-        first = batcher.submit([[1]])
-        await asyncio.sleep(0.005)
-        second = batcher.submit([[2]])  # arrives within the first one's wait: same batch
-        await asyncio.gather(*first, *second)
         start = time.perf_counter()
-        await asyncio.gather(*batcher.submit([[3]]))  # alone: leaves after ~max_wait, not never
-        alone_s = time.perf_counter() - start
+        first = batcher.submit([[1]])  # the model is idle: no waiting tax
+        await asyncio.sleep(0.005)
+        second = batcher.submit([[2]])  # arrives while [1] is in the model
+        await asyncio.gather(*first)
+        first_s = time.perf_counter() - start
+        await asyncio.sleep(0.005)
+        third = batcher.submit([[3]])  # within max_wait of the model's return: joins [2]
+        await asyncio.gather(*second, *third)
         await batcher.close()
-        return stages, alone_s
+        return stages, first_s
 
-    stages, alone_s = run(main())
-    assert stages.batches[0] == [[1], [2]]
-    assert 0.02 <= alone_s < 1.0
+    stages, first_s = run(main())
+    assert stages.batches == [[[1]], [[2], [3]]]
+    assert first_s < 0.08  # 20 ms of model: [1] did not wait the 100 ms max_wait on an idle model
 
 
 def test_closed_loop_clients_that_arrive_in_two_waves_end_up_in_one_batch():

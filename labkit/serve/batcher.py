@@ -6,11 +6,11 @@
     done = await asyncio.gather(*futures)                     # Done(text, ids, notes, batch_size, ...)
     await batcher.close()                                     # finishes every sentence already queued
 
-Sentences from any number of requests wait in one queue. The loop takes a batch as soon as
-`max_batch_size` sentences wait or `max_wait_ms` passed since the oldest arrived or the model
-became free, whichever is later (see `_wait_for_batch`); it fills the batch with the sentences
+Sentences from any number of requests wait in one queue. An idle model takes what is queued at
+once; after each model call the next batch is held open until `max_batch_size` sentences wait or
+`max_wait_ms` passed (see `_wait_for_batch` for why). The batch is filled with the sentences
 closest in length to the oldest one (less padding; the oldest always goes, so nothing starves)
-and runs the model in a worker thread so the event loop keeps accepting requests.
+and the model runs in a worker thread so the event loop keeps accepting requests.
 Detokenization runs in a second thread while the model already computes the next batch;
 tokenization happened before `submit` (labkit.serve.service, in a third thread), so the three
 stages overlap. Each future gets its own sentence's result. `max_batch_size=1` is serial serving.
@@ -32,7 +32,7 @@ from typing import Protocol
 @dataclass(frozen=True)
 class BatchConfig:
     max_batch_size: int = 16  # sentences per model call; 1 = serial serving, one sentence at a time
-    max_wait_ms: float = 10.0  # how long the oldest waiting sentence holds a batch open for company
+    max_wait_ms: float = 10.0  # how long a batch is held open for company after the model returns
     max_queue: int = 512  # sentences waiting for the model; a request that would pass it is refused (503)
     length_groups: bool = True  # fill a batch with sentences close in length to the oldest (less padding)
 
@@ -120,7 +120,7 @@ class MicroBatcher:
         self._task: asyncio.Task | None = None
         self._finishing: set[asyncio.Task] = set()
         self._closing = False
-        self._model_free_at = 0.0  # perf_counter() when the last model call returned
+        self._model_free_at = 0.0  # perf_counter() when the last model call returned (0: never ran)
         # One model thread: a model call already uses every core (intra-op threads); two would fight.
         self._model_pool = ThreadPoolExecutor(1, thread_name_prefix="labkit-model")
         self._post_pool = ThreadPoolExecutor(1, thread_name_prefix="labkit-detokenize")
@@ -170,18 +170,18 @@ class MicroBatcher:
                 await self._run(batch)
 
     async def _wait_for_batch(self) -> bool:
-        """Until a batch is full or its oldest sentence waited max_wait_ms; False once drained."""
+        """Until a batch may leave (see the comment below); False once closed and drained."""
         while not self._pending:
             if self._closing:
                 return False
             self._wakeup.clear()
             await self._wakeup.wait()
-        # The wait counts from when the model became free, not only from the oldest arrival: under
-        # load the queue always holds sentences older than max_wait, and taking them at once splits
-        # N closed-loop clients into two cohorts that alternate at N/2 per batch forever (measured:
-        # 8 clients, mean batch 4.0). Lingering max_wait_ms lets the cohort just answered rejoin.
-        start = max(self._pending[0].enqueued, self._model_free_at)
-        deadline = start + self.config.max_wait_ms / 1e3
+        # An idle model takes what is queued at once: no waiting tax at low load. A model that has
+        # just returned holds the next batch open up to max_wait_ms for company: the sentences it
+        # just answered come back as new requests within milliseconds (closed-loop clients, users
+        # typing), and taking only those already queued splits N clients into two cohorts that
+        # alternate at N/2 per model call forever (measured: 8 clients, mean batch 4.0).
+        deadline = self._model_free_at + self.config.max_wait_ms / 1e3
         while len(self._pending) < self.config.max_batch_size and not self._closing:
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
