@@ -8,7 +8,10 @@ there are some, else the order measured on this machine (SERVING_ORDER). A varia
 missing and gated against its parent (labkit.engines.variants.check_chain) before it serves; a
 failed gate or a missing engine moves `auto` to the next and makes a named engine an error.
 `--artifact` skips the gate for a directory the caller already gated (the notebook gates once,
-then starts several servers on it).
+then starts several servers on it). ONNX Runtime's idle threads sleep instead of spinning
+(labkit.engines.ort.session_options: the event loop and tokenizer threads need those cores);
+for PyTorch the same is OMP_WAIT_POLICY=PASSIVE, which must be set before torch loads
+(labkit.serve.process sets it for the servers it starts).
 
 Left out: hot-swapping models in a running server.
 """
@@ -58,13 +61,14 @@ def gated_translator(preset: Preset, engine: str, threads: int, bundle_name: str
     on to the next; a named engine raises with the gate's reason.
     """
     if artifact is not None or engine == "torch":
-        return variants.build_translator(engine, preset, threads, bundle_name, artifact), engine
+        return variants.build_translator(engine, preset, threads, bundle_name, artifact, spin=False), engine
     candidates = engine_order(preset.name) if engine == "auto" else (engine,)
     reasons = []
     for candidate in candidates:
         check = variants.check_chain(preset, candidate, bundle_name)
         if check.status == "ok":
-            return variants.build_translator(candidate, preset, threads, bundle_name, check.artifact), candidate
+            translator = variants.build_translator(candidate, preset, threads, bundle_name, check.artifact, spin=False)
+            return translator, candidate
         reasons.append(f"{candidate} {check.status}: {check.reason}")
         log.warning("not serving %s", reasons[-1])
     raise RuntimeError("no engine passed its gate: " + "; ".join(reasons))
