@@ -123,9 +123,12 @@ class LoadPoint:
     answers: dict = field(default_factory=dict, repr=False)  # source -> first translation seen
     latencies_ms: list = field(default_factory=list, repr=False)  # of the ok answers inside the window
 
+    in_flight: float = float("nan")  # time-average of requests outstanding during the window (measured L)
+
     @property
     def littles_law_clients(self) -> float:
-        """L = λ·W: mean requests in the system implied by throughput and mean latency."""
+        """λ·W: the requests in the system Little's law implies from throughput and mean latency
+        (close to `in_flight` when the window is long against the latencies)."""
         return self.rps * self.mean_ms / 1e3
 
     def goodput(self, slo_ms: float) -> float:
@@ -179,6 +182,8 @@ def summarize(mode: str, load: float, samples: list[Sample], window: tuple[float
         rps=len(ok) / duration, sentences_per_s=sum(s.sentences for s in ok) / duration,
         mean_batch_size=mean_batch, batch_sizes=buckets, cache_hit_rate=hit_rate, answers=answers,
         latencies_ms=lat)
+    # L measured directly: the time each request spent outstanding inside the window, per second
+    point.in_flight = sum(max(0.0, min(s.end, end) - max(s.start, start)) for s in samples) / duration
     if lat:
         point.p50_ms, point.p95_ms, point.p99_ms = (percentile(lat, q) for q in (0.5, 0.95, 0.99))
         point.mean_ms = sum(lat) / len(lat)
@@ -327,7 +332,7 @@ def crosscheck(url: str, texts: list[str], users: int, duration_s: float) -> tup
 
 COLUMNS = ("mode", "load", "requests", "rps", "sentences_per_s", "p50_ms", "p95_ms", "p99_ms", "mean_ms",
            "mean_batch_size", "cache_hit_rate", "errors", "sent", "answered", "lost", "duplicated", "dropped",
-           "healthz_p50_ms", "healthz_max_ms")
+           "healthz_p50_ms", "healthz_max_ms", "in_flight")
 
 
 def points_frame(points: list[LoadPoint], **labels) -> pd.DataFrame:
