@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from labkit.config import Preset
 from labkit.core import data
 from labkit.measure import ledger
 
@@ -160,3 +161,21 @@ def test_tensorrt_graphs_are_gated_and_engines_skipped_with_reasons(ci_run):
         if record["backend"] == "tensorrt" and tensorrt.engines_unavailable():
             assert record["status"] == "skipped" and record["reason"] and record["metrics"] is None, record
         assert gated_honestly(record), record
+
+
+def test_serving_records_hold_serial_and_batched_points_per_concurrency(ci_run):
+    _, df = ci_run
+    serving = records(df, technique="serving")
+    modes = ("serial", "batched", "batched+cache")
+    assert {f"serve-{e}-{m}" for e in ("torch", "ort-int8") for m in modes} <= set(serving["variant"])
+    concurrency = set(Preset.from_name("ci").serve.concurrency)
+    for record in serving["record"]:
+        assert record["status"] == "ok" and record["gate"]["passed"], record["gate"]  # every request answered once
+        assert finite(record["metrics"]["qps"]) and finite(record["metrics"]["latency_ms"]["p95"])
+        points = {p["load"]: p for p in record["points"] if p["loop"] == "closed"}
+        assert set(points) == concurrency, points.keys()
+        for p in points.values():
+            assert all(finite(p[k]) for k in ("rps", "sentences_per_s", "p50_ms", "p95_ms", "p99_ms"))
+            assert p["p50_ms"] <= p["p95_ms"] <= p["p99_ms"] and p["lost"] == p["duplicated"] == 0
+    batched = serving[serving["variant"] == "serve-ort-int8-batched"]["record"].iloc[-1]
+    assert max(p["mean_batch_size"] for p in batched["points"]) > 1.5  # concurrent requests shared model calls
