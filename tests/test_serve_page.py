@@ -16,17 +16,17 @@ import pytest
 from labkit.config import Preset
 from labkit.core.bundle import load_bundle
 from labkit.core.translator import translator_for
+from labkit.measure import timing
 from labkit.serve.process import ServerProcess
 
 
 def browser_missing() -> str | None:
-    """Why no browser test can run here (None when it can)."""
+    """Why no browser test can run here (None when it can): Chromium, its driver, selenium."""
     if importlib.util.find_spec("selenium") is None:
         return "selenium is not installed (pip install -e '.[test]')"
-    for name in ("chromium", "chromedriver"):
-        if shutil.which(name) is None:
-            return f"{name} not found (apt-get install -y chromium chromium-driver)"
-    return None
+    if shutil.which("chromedriver") is None:
+        return "chromedriver not found (apt-get install -y chromium chromium-driver)"
+    return timing.unavailable("browser")
 
 
 pytestmark = [

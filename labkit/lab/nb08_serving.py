@@ -1,6 +1,6 @@
 """Notebook 08's study: serial vs dynamic batching vs batching + cache, per engine, under load.
 
-    checks = gate_engines(preset)                     # each engine gated against its parent first
+    checks = gate_engines(preset, teacher_for(preset))   # each engine gated against its parent first
     df = serving_sweep(preset, checks)                # one server per (engine, mode), closed loop per concurrency
     qps_table(df); serving_targets(df); serving_records(df, checks, preset, slo_ms=500)
     plot_serving(df, slo_ms=500).show(); plot_batch_sizes(df).show()
@@ -23,7 +23,8 @@ from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any
 
 from labkit.config import Preset, ServeBudget
-from labkit.engines.variants import VARIANTS, Check, check_variants
+from labkit.core.bundle import Bundle
+from labkit.engines.variants import VARIANTS, Check, ancestors, check_variants
 from labkit.measure.gates import exactly_once_gate
 from labkit.measure.ledger import make_record
 from labkit.serve.crosscheck import compare_rows
@@ -45,16 +46,11 @@ READY_TIMEOUT_S = 600  # several servers load at once on 2 cores
 # --------------------------------------------------------------------------- servers
 
 
-def gate_engines(preset: Preset, engines: tuple[str, ...] | None = None) -> dict[str, Check]:
+def gate_engines(preset: Preset, bundle: Bundle, engines: tuple[str, ...] | None = None) -> dict[str, Check]:
     """Build and gate each engine (and its parents) once: {engine: Check}; only "ok" ones are served."""
     engines = engines or preset.serve.engines
-    chain = []
-    for e in engines:
-        v = e
-        while v is not None:
-            chain.insert(0, v)
-            v = VARIANTS[v].parent
-    checks = check_variants(preset, list(dict.fromkeys(chain)))
+    chain = [v for e in engines for v in ancestors(e)]
+    checks = check_variants(preset, list(dict.fromkeys(chain)), bundle)
     return {e: checks[e] for e in engines}
 
 

@@ -22,7 +22,7 @@ import argparse
 import logging
 
 from labkit.config import Preset
-from labkit.core.bundle import load_bundle
+from labkit.core.bundle import Bundle, bundle_for, load_bundle
 from labkit.core.data import load_split
 from labkit.core.translator import translator_for
 from labkit.engines import variants
@@ -53,21 +53,20 @@ def engine_order(preset_name: str) -> tuple[str, ...]:
     return measured + tuple(e for e in SERVING_ORDER if e not in measured)
 
 
-def gated_translator(preset: Preset, engine: str, threads: int, bundle_name: str = "teacher",
-                     artifact: str | None = None):
+def gated_translator(preset: Preset, engine: str, threads: int, bundle: Bundle, artifact: str | None = None):
     """(translator, engine) for `engine`, or for the fastest gated one when engine is 'auto'.
 
     A variant whose gate fails (or whose engine is not installed) is never served: 'auto' moves
     on to the next; a named engine raises with the gate's reason.
     """
     if artifact is not None or engine == "torch":
-        return variants.build_translator(engine, preset, threads, bundle_name, artifact, spin=False), engine
+        return variants.build_translator(engine, preset, threads, bundle, artifact, spin=False), engine
     candidates = engine_order(preset.name) if engine == "auto" else (engine,)
     reasons = []
     for candidate in candidates:
-        check = variants.check_chain(preset, candidate, bundle_name)
+        check = variants.check_chain(preset, candidate, bundle)
         if check.status == "ok":
-            translator = variants.build_translator(candidate, preset, threads, bundle_name, check.artifact, spin=False)
+            translator = variants.build_translator(candidate, preset, threads, bundle, check.artifact, spin=False)
             return translator, candidate
         reasons.append(f"{candidate} {check.status}: {check.reason}")
         log.warning("not serving %s", reasons[-1])
@@ -81,7 +80,8 @@ def load_translator(args: argparse.Namespace):
     pin_threads(preset.threads)
     if args.bundle_dir:  # a bundle directory served as is with PyTorch (tests, experiments)
         return translator_for(load_bundle(args.bundle_dir), preset), f"{args.bundle_dir}/torch"
-    translator, engine = gated_translator(preset, args.engine, preset.threads, args.bundle, args.artifact)
+    bundle = bundle_for(preset, args.bundle)
+    translator, engine = gated_translator(preset, args.engine, preset.threads, bundle, args.artifact)
     return translator, f"{preset.name}/{args.bundle}/{engine}"
 
 
