@@ -4,6 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 PRESET ?= ci
 STAMP := $(VENV)/.installed
+# pip extras; CI adds ray (`make test EXTRAS=test,peer,graphs,serve,ray`) to run the Ray Serve test
+EXTRAS ?= test,peer,graphs,serve
 
 .PHONY: lab test setup jupyter clean
 
@@ -13,7 +15,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[test,peer,graphs]"
+	$(BIN)/pip install --quiet -e ".[$(EXTRAS)]"
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (labkit)" > /dev/null
 	touch $(STAMP)
 

@@ -1,7 +1,9 @@
 """The `labkit` command: `labkit run --preset P [--only 00,01]` runs the notebooks headless.
 
 Subcommands live in COMMANDS (name -> (add_arguments, handler, help)): `run`, `bench`
-(labkit.lab.bench: engines timed in their own processes) and `gpu-check` (labkit.lab.gpu_check). Left out on purpose: configuration files and environment-variable options (a preset
+(labkit.lab.bench: engines timed in their own processes), `gpu-check` (labkit.lab.gpu_check), `serve`
+and `loadtest` (labkit.serve, the optional `serve` extra: without it they say how to install it).
+Left out on purpose: configuration files and environment-variable options (a preset
 name is the one knob; everything else has a flag with a default).
 """
 
@@ -15,6 +17,14 @@ from labkit.config import PRESETS
 from labkit.lab import gpu_check
 from labkit.lab.bench import add_arguments, bench_command
 from labkit.lab.runner import RunnerError, run_notebooks
+
+try:  # fastapi, uvicorn, prometheus-client, httpx: the optional `serve` extra
+    from labkit.serve.loadtest import add_loadtest_arguments, loadtest_command
+    from labkit.serve.server import add_serve_arguments, serve_command
+
+    SERVE_MISSING = None
+except ImportError as exc:  # every other command works without it
+    SERVE_MISSING = f"{exc} (install the serve extra: pip install -e '.[serve]')"
 
 
 def known_presets() -> list[str]:
@@ -64,6 +74,18 @@ def bench(args: argparse.Namespace) -> int:
     return bench_command(args)
 
 
+def _needs_serve(add_command_arguments, handler):
+    """(add_arguments, handler) of a labkit.serve command, or ones that explain the missing extra."""
+    if SERVE_MISSING is None:
+        return add_command_arguments, handler
+
+    def missing(args: argparse.Namespace) -> int:
+        print(f"labkit {args.command}: {SERVE_MISSING}", file=sys.stderr)
+        return 2
+
+    return (lambda parser: parser.add_argument("rest", nargs=argparse.REMAINDER)), missing
+
+
 Handler = Callable[[argparse.Namespace], int]
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Handler, str]] = {
     "run": (add_run_arguments, run, "execute the lab notebooks in order with papermill"),
@@ -71,6 +93,10 @@ COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Handler, st
               "time translation engines, each in its own process, with ratios vs torch eager"),
     "gpu-check": (gpu_check.add_gpu_check_arguments, gpu_check.gpu_check_command,
                   "on a CUDA machine: the torch GPU rung and TensorRT engines, gated and timed, in one JSON"),
+    "serve": (*_needs_serve(lambda p: add_serve_arguments(p), lambda a: serve_command(a)),
+              "serve a gated translator over HTTP with dynamic batching (FastAPI; --backend ray: Ray Serve)"),
+    "loadtest": (*_needs_serve(lambda p: add_loadtest_arguments(p), lambda a: loadtest_command(a)),
+                 "closed- and open-loop load against a local `labkit serve`: QPS, p50/p95/p99, batch sizes"),
 }
 
 

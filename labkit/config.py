@@ -7,9 +7,10 @@
 
 Presets are registry entries (`PRESETS`), never copied dicts: a notebook's `PRESET = "ci"`
 parameter becomes `Preset.from_name(PRESET)`, and every stage reads its budget from it
-(`preset.prune`, `preset.distill`, `preset.quant`, `preset.kv`, `preset.profile`, `preset.trt`). An unknown
-name is a KeyError that lists the known ones. Left out: configuration files (a preset is code,
-reviewed like code) and per-machine overrides (use `preset.with_(...)` in a notebook).
+(`preset.prune`, `preset.distill`, `preset.quant`, `preset.kv`, `preset.profile`, `preset.trt`,
+`preset.serve`). An unknown name is a KeyError that lists the known ones. Left out: configuration
+files (a preset is code, reviewed like code) and per-machine overrides (use `preset.with_(...)` in
+a notebook).
 """
 
 from __future__ import annotations
@@ -131,6 +132,23 @@ class TrtBudget:
 
 
 @dataclass(frozen=True)
+class ServeBudget:
+    """Notebook 08: which servers are started and how long each load point runs."""
+
+    engines: tuple[str, ...] = ("torch", "ort-int8")  # variants served (each gated first)
+    modes: tuple[str, ...] = ("serial", "batched", "batched+cache")  # labkit.lab.nb08_serving.MODES
+    concurrency: tuple[int, ...] = (1, 2, 5, 8, 16, 32)  # closed-loop clients per point
+    rates: tuple[float, ...] = (2.0, 5.0, 10.0, 20.0)  # open-loop Poisson arrivals/s (batched mode only)
+    duration_s: float = 10.0  # measured window per point
+    warmup_s: float = 2.0  # load before the window, not counted
+    max_batch_size: int = 16  # sentences per model call in the batched modes
+    max_wait_ms: float = 10.0  # how long a batch is held open for company
+    pool_sentences: int = 400  # test sentences the requests draw from
+    zipf: float = 1.1  # draw exponent: repeats the translation cache can catch (0 = uniform)
+    locust_s: float = 10.0  # duration of the locust cross-check point (0 = skip it)
+
+
+@dataclass(frozen=True)
 class Preset:
     name: str
     model: ModelSpec  # which model the whole sequence optimizes
@@ -141,6 +159,7 @@ class Preset:
     profile_shape: ProfileBudget  # notebook 01 on the opus-mt-shape side (a forced 40-token decode)
     kv: KvBudget = KvBudget()
     trt: TrtBudget = TrtBudget()  # notebook 06 and labkit gpu-check
+    serve: ServeBudget = ServeBudget()  # notebook 08
     quality: bool = True  # False: random weights, BLEU is meaningless and decoding is forced
     forced_length: int | None = None  # decode exactly this many tokens (speed-only presets)
     eval_sentences: int | None = 200  # test-split sentences scored for BLEU; None = all
@@ -203,6 +222,10 @@ PRESETS: dict[str, Preset] = {
         # ~60 s on 2 cores; the no-cache mode only greedy batch 1 (it is the O(n^2) one)
         kv=KvBudget(tokens=128, repeats=1, warmup=0, settings=(Setting(1, 1), Setting(4, 1), Setting(1, 8)),
                     none_settings=(Setting(1, 1),)),
+        # ~90 s on 2 idle cores: 6 servers (2 engines x 3 modes) starting together, then 2 points each
+        # of 3 s after 1 s of warm-up (shorter windows swing by 2x on a busy machine)
+        serve=ServeBudget(concurrency=(1, 8), rates=(), duration_s=3.0, warmup_s=1.0, pool_sentences=200,
+                          locust_s=0.0),
     ),
     "workshop": Preset(
         "workshop", TEACHER, eval_sentences=None, bench_sentences=64, bench_repeats=10,

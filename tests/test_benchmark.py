@@ -11,6 +11,7 @@ import torch
 
 from labkit.config import Preset
 from labkit.core.bundle import load_bundle
+from labkit.engines import variants
 from labkit.lab import bench
 from labkit.measure import ledger
 
@@ -98,7 +99,7 @@ def test_a_variant_failing_its_gate_is_recorded_failed_and_not_timed(tiny_bundle
     export(load_bundle(tiny_bundle_dir), tmp_path / "ci" / "onnx-tiny", exporters=("torchscript",))
     monkeypatch.setattr(ort_int8, "ensure_blocks", lambda *a, **k: {"blocks": ["ffn"], "basis": "test: ffn only"})
     failing = {"name": "bleu-drop<=1.0", "passed": False, "detail": "BLEU 20.00 vs fp32 parent 31.50: drop 11.50"}
-    monkeypatch.setattr(bench, "variant_gate", lambda *a, **k: dict(failing))
+    monkeypatch.setattr(variants, "variant_gate", lambda *a, **k: dict(failing))
     df = bench.run_bench(Preset.from_name("ci"), load_bundle(tmp_path / "ci" / "tiny"), ["torch", "ort-fp32", "ort-int8"], threads=1,
                              progress=False).set_index("variant")
     assert fake_workers == ["torch", "ort-fp32"]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from labkit.config import Preset
 from labkit.core import data
 from labkit.measure import ledger
 
@@ -171,3 +172,21 @@ def test_profiling_runs_on_the_opus_mt_shape_preset_it_lists(tmp_path):
     assert proc.returncode == 0, f"notebook 01 on opus-mt-shape failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     profile = records(ledger.read(tmp_path / "opus-mt-shape" / "ledger.jsonl"), variant="teacher-profile").iloc[-1]
     assert profile["forced_length"] == 40 and all(p["output_tokens"] == 40 for p in profile["length_curve"])
+
+
+def test_serving_records_hold_serial_and_batched_points_per_concurrency(ci_run):
+    _, df = ci_run
+    serving = records(df, technique="serving")
+    modes = ("serial", "batched", "batched+cache")
+    assert {f"serve-{e}-{m}" for e in ("torch", "ort-int8") for m in modes} <= set(serving["variant"])
+    concurrency = set(Preset.from_name("ci").serve.concurrency)
+    for record in serving["record"]:
+        assert record["status"] == "ok" and record["gate"]["passed"], record["gate"]  # every request answered once
+        assert finite(record["metrics"]["qps"]) and finite(record["metrics"]["latency_ms"]["p95"])
+        points = {p["load"]: p for p in record["points"] if p["loop"] == "closed"}
+        assert set(points) == concurrency, points.keys()
+        for p in points.values():
+            assert all(finite(p[k]) for k in ("rps", "sentences_per_s", "p50_ms", "p95_ms", "p99_ms"))
+            assert p["p50_ms"] <= p["p95_ms"] <= p["p99_ms"] and p["lost"] == p["duplicated"] == 0
+    batched = serving[serving["variant"] == "serve-ort-int8-batched"]["record"].iloc[-1]
+    assert max(p["mean_batch_size"] for p in batched["points"]) > 1.5  # concurrent requests shared model calls

@@ -19,7 +19,7 @@ def requirement_name(spec: str) -> str:
 def test_environment_yml_mirrors_pyproject():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
-    wanted = list(project["dependencies"]) + extras["peer"] + extras["graphs"] + extras["test"]
+    wanted = list(project["dependencies"]) + extras["peer"] + extras["graphs"] + extras["serve"] + extras["test"]
     pip_lines = [line.strip()[2:] for line in (ROOT / "environment.yml").read_text().splitlines()
                  if line.strip().startswith("- ") and line.startswith("      ")]
     pip = {requirement_name(s): s for s in pip_lines if not s.startswith("-e")}

@@ -209,6 +209,17 @@ def test_every_engine_treats_bad_input_the_same_way(fixture_ct2):
         True, True, True, True, False, False, False]
 
 
+@requires_ct2
+def test_stages_one_by_one_equal_run(fixture_ct2):
+    """token_ids -> generate -> detokenize (how labkit.serve schedules them) gives run()'s output."""
+    _, dirs = fixture_ct2
+    translator = ct2.Ct2Translator(dirs["float32"])
+    texts = [p.zh for p in load_split("test", limit=5)]
+    expected = translator.run(texts)
+    generated = translator.generate([translator.token_ids(t)[0] for t in texts])
+    assert generated == expected.ids and translator.detokenize(generated)[0] == expected.texts
+
+
 def test_missing_ctranslate2_says_how_to_install(monkeypatch):
     """Runs with or without CTranslate2: a None entry in sys.modules makes the import fail."""
     monkeypatch.setitem(sys.modules, "ctranslate2", None)

@@ -60,8 +60,7 @@ def test_batch_equals_one_by_one(translator):
 def test_ids_past_the_tokenizer_vocabulary_are_dropped_with_a_note(translator):
     known = len(translator.tokenizer)
     valid = translator.tokenizer("我喜欢猫。", add_special_tokens=False)["input_ids"][:2]
-    notes = [[]]
-    (text,) = translator._detokenize([[valid[0], known + 7, valid[1]]], notes)
+    (text,), notes = translator.detokenize([[valid[0], known + 7, valid[1]]])
     assert text == translator.tokenizer.decode(valid, skip_special_tokens=True)
     assert notes[0] and "outside the tokenizer" in notes[0][0]
 
@@ -70,3 +69,23 @@ def test_items_that_are_not_text_give_an_empty_output_with_a_note(translator):
     result = translator.run(["我喜欢猫。", None, 42])
     assert result.texts[1:] == ["", ""] and result.texts[0]
     assert result.notes[1] == ["not text (NoneType): nothing to translate"] and "int" in result.notes[2][0]
+
+
+def test_the_stages_one_by_one_equal_run(translator):
+    """token_ids -> generate -> detokenize (how labkit.serve schedules them) gives run()'s output,
+    for any batch composition: rows padded together with longer ones decode the same."""
+    texts = [p.zh for p in data.load_split("test", limit=6)]
+    expected = translator.run(texts)
+    rows = [translator.token_ids(t)[0] for t in texts]
+    generated = translator.generate(rows[::-1])[::-1]  # another order: other padding partners
+    assert generated == expected.ids
+    assert translator.detokenize(generated)[0] == expected.texts
+    beam2 = StepperTranslator(translator.bundle, decode=DecodeConfig(max_new_tokens=12, num_beams=2))
+    assert translator.generate(rows[:2], beams=2) == beam2.run(texts[:2]).ids
+
+
+def test_token_ids_note_a_cut_text(translator):
+    ids, notes = translator.token_ids("我喜欢猫。" * 80)
+    assert len(ids) == translator.max_input_tokens and notes and notes[0].startswith("truncated from")
+    assert translator.token_ids("我喜欢猫。")[1] == []
+

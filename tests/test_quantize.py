@@ -324,11 +324,11 @@ def test_ensure_quantized_rebuilds_a_stale_copy(root):
 def test_the_all_blocks_copy_lives_beside_the_default_and_says_why(root, monkeypatch):
     """ort-int8-all quantizes every block into its own directory: building it never replaces the
     measured default recipe, and its recipe carries the reason it exists."""
-    from labkit.lab import bench
+    from labkit.engines import variants
 
     monkeypatch.setattr(Q, "sensitivity", fake_sensitivity([], {"ffn": 29.5}))
     default = Q.ensure_quantized(CI, tiny(root), "dynamic")
-    every = bench.artifact_for("ort-int8-all", CI, tiny(root))
+    every = variants.artifact_for("ort-int8-all", CI, tiny(root))
     assert every != default and every.name.endswith("-all")
     assert Q.recipe_of(every)["blocks"] == list(B.BLOCKS) and Q.recipe_of(every)["blocks_basis"] == Q.ALL_BLOCKS_BASIS
     assert Q.recipe_of(Q.ensure_quantized(CI, tiny(root), "dynamic"))["blocks"] == ["ffn"]  # still the default

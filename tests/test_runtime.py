@@ -149,6 +149,10 @@ def test_session_options():
     assert opts.intra_op_num_threads == 2 and opts.inter_op_num_threads == 1
     with pytest.raises(ValueError, match="optimization must be one of"):
         ort.session_options(optimization="max")
+    # a server lets idle intra-op threads sleep; measurements keep ORT's default (spinning)
+    assert ort.session_options(spin=False).get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    with pytest.raises(RuntimeError, match="does not have configuration"):  # unset: ORT's default, spinning
+        opts.get_session_config_entry("session.intra_op.allow_spinning")
 
 
 def test_bad_io_mode_is_an_error(setup):

@@ -12,7 +12,8 @@ translation, bytes are decoded as UTF-8, control characters are dropped, Traditi
 Simplified, emoji and symbols are passed through around the translation, punctuation-only input gives
 its ASCII punctuation, text without Chinese comes back unchanged (unless `force=True`), characters
 outside the vocabulary are counted, over-long input is truncated to the model's limit; each of these
-is said in `notes`, one list per input, in order.
+is said in `notes`, one list per input, in order. The stages are also public one by one
+(`token_ids`, `generate`, `detokenize`) for callers that schedule them themselves (labkit.serve).
 Left out: sentence splitting of long documents, and caching (labkit.serve).
 """
 
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -46,7 +47,7 @@ class Result:
 class Translator:
     """What every engine shares: normalize -> tokenize -> generate -> detokenize, timed, notes per input.
 
-    An engine subclass implements only `_generate(batch, timings) -> ids per row` (and records its
+    An engine subclass implements only `_generate(batch, timings, cfg) -> ids per row` (and records its
     "encode"/"decode" time there); the base handles bad input, truncation and vocabulary notes the
     same way for every engine, so torch, ONNX Runtime and CTranslate2 say the same things.
     """
@@ -75,49 +76,71 @@ class Translator:
         notes = [p.notes for p in prepared]
         if todo:
             with _timed(timings, "tokenize"):
-                batch = self._tokenize([prepared[i].source for i in todo], [notes[i] for i in todo])
-            generated = self._generate(batch, timings)
+                rows = []
+                for i in todo:
+                    row, more = self.token_ids(prepared[i].source)
+                    rows.append(row)
+                    notes[i] += more
+                batch = self.pad(rows)
+            generated = self._generate(batch, timings, self.decode_cfg)
             with _timed(timings, "detokenize"):
-                decoded = self._detokenize(generated, [notes[i] for i in todo])
-            for i, gen, text in zip(todo, generated, decoded):
+                decoded, more = self.detokenize(generated)
+            for i, gen, text, note in zip(todo, generated, decoded, more):
                 ids[i], outputs[i] = gen, prepared[i].wrap(text)
+                notes[i] += note
         return Result(outputs, ids, timings, notes)
 
-    def _generate(self, batch: dict[str, torch.Tensor], timings: dict[str, float]) -> list[list[int]]:
-        """Generated ids per row (no start token, no </s>) for a padded batch; adds to timings' encode/decode."""
-        raise NotImplementedError
+    # The stages one by one, for callers that schedule them (labkit.serve tokenizes each request
+    # as it arrives, batches sentences from many requests, and detokenizes beside the next batch).
 
-    def _detokenize(self, generated: list[list[int]], notes: list[list[str]]) -> list[str]:
-        """Text per row; ids past the tokenizer's vocabulary are dropped, with a note.
+    def token_ids(self, text: str) -> tuple[list[int], list[str]]:
+        """Source ids of one prepared text (ending in </s>), cut to max_input_tokens, with notes on
+        characters outside the vocabulary and on truncation.
+
+        '我喜欢猫。' -> ([ids..., 0], []); a 300-token text -> (256 ids, ['truncated from 300 to 256 tokens'])
+        """
+        notes = []
+        unknown = self.unknown_characters(text)
+        if unknown:
+            shown = "".join(sorted(set(unknown)))[:10]
+            notes.append(f"{len(unknown)} character(s) outside the model's vocabulary become <unk>: {shown!r}")
+        ids = self.tokenizer(text, truncation=True, max_length=self.max_input_tokens)["input_ids"]
+        if len(ids) >= self.max_input_tokens:
+            full = len(self.tokenizer(text, verbose=False)["input_ids"])
+            if full > self.max_input_tokens:
+                notes.append(f"truncated from {full} to {self.max_input_tokens} tokens")
+        return ids, notes
+
+    def pad(self, rows: list[list[int]]) -> dict[str, torch.Tensor]:
+        """Rows of source ids -> input_ids and attention_mask, padded to the longest (the tokenizer's side)."""
+        return self.tokenizer.pad({"input_ids": rows}, padding=True, return_tensors="pt")
+
+    def generate(self, rows: list[list[int]], beams: int | None = None) -> list[list[int]]:
+        """Generated ids (no start token, no </s>) for rows of source ids of any lengths; `beams`
+        overrides the decoding's beam count for this call."""
+        cfg = self.decode_cfg if beams in (None, self.decode_cfg.num_beams) else replace(self.decode_cfg, num_beams=beams)
+        return self._generate(self.pad(rows), dict.fromkeys(STAGES, 0.0), cfg)
+
+    def detokenize(self, generated: list[list[int]]) -> tuple[list[str], list[list[str]]]:
+        """(text, notes) per row; ids past the tokenizer's vocabulary are dropped, with a note.
 
         Only a model whose embedding is larger than its tokenizer (opus-mt-shape: 65 001 rows,
         random weights, the teacher's ~1 700 pieces) emits such ids; sentencepiece would raise.
         """
         known = len(self.tokenizer)
+        notes: list[list[str]] = [[] for _ in generated]
         for row, note in zip(generated, notes):
             unknown = sum(t >= known for t in row)
             if unknown:
                 note.append(f"{unknown} generated ids outside the tokenizer's {known}-piece vocabulary dropped")
         rows = [[t for t in row if t < known] for row in generated]
-        return self.tokenizer.batch_decode(rows, skip_special_tokens=True)
+        return self.tokenizer.batch_decode(rows, skip_special_tokens=True), notes
 
-    def _tokenize(self, texts: list[str], notes: list[list[str]]) -> dict[str, torch.Tensor]:
-        """Pad to the longest; note characters outside the vocabulary; truncate past max_input_tokens and
-        note it on that input."""
-        for text, note in zip(texts, notes):
-            unknown = self.unknown_characters(text)
-            if unknown:
-                shown = "".join(sorted(set(unknown)))[:10]
-                note.append(f"{len(unknown)} character(s) outside the model's vocabulary become <unk>: {shown!r}")
-        enc = self.tokenizer(texts, truncation=True, max_length=self.max_input_tokens,
-                             padding=True, return_tensors="pt", return_overflowing_tokens=False,
-                             return_length=False)
-        for text, note, row in zip(texts, notes, enc["attention_mask"]):
-            if int(row.sum()) >= self.max_input_tokens:
-                full = len(self.tokenizer(text, verbose=False)["input_ids"])
-                if full > self.max_input_tokens:
-                    note.append(f"truncated from {full} to {self.max_input_tokens} tokens")
-        return enc
+    def _generate(self, batch: dict[str, torch.Tensor], timings: dict[str, float],
+                  cfg: DecodeConfig) -> list[list[int]]:
+        """Generated ids per row (no start token, no </s>) for a padded batch, decoding as `cfg` says;
+        adds to timings' encode/decode."""
+        raise NotImplementedError
 
     def unknown_characters(self, text: str) -> str:
         """The characters of `text` (in order, repeats kept) the tokenizer maps to <unk>.
@@ -142,11 +165,12 @@ class StepperTranslator(Translator):
         self.bundle = bundle
         self.stepper = stepper if stepper is not None else TorchStepper(bundle.model)
 
-    def _generate(self, batch: dict[str, torch.Tensor], timings: dict[str, float]) -> list[list[int]]:
+    def _generate(self, batch: dict[str, torch.Tensor], timings: dict[str, float],
+                  cfg: DecodeConfig) -> list[list[int]]:
         with _timed(timings, "encode"):
             state = self.stepper.encode(batch["input_ids"], batch["attention_mask"])
         with _timed(timings, "decode"):
-            return decode(self.stepper, batch["input_ids"], batch["attention_mask"], self.decode_cfg, state)
+            return decode(self.stepper, batch["input_ids"], batch["attention_mask"], cfg, state)
 
 
 @contextmanager

@@ -241,16 +241,18 @@ class Ct2Translator(Translator):
         pad = self.meta["ids"]["pad"]
         self.options = search_options(self.decode_cfg, self.tokens[pad] if pad < len(self.tokens) else None)
 
-    def generate(self, input_ids: list[list[int]]) -> list[list[int]]:
-        """Source ids (with </s>, no padding) -> generated ids (no start token, no </s>)."""
+    def generate(self, input_ids: list[list[int]], beams: int | None = None) -> list[list[int]]:
+        """Source ids (with </s>, no padding) -> generated ids (no start token, no </s>); `beams`
+        overrides the decoding's beam count for this call. CTranslate2 takes ragged rows: no padding."""
         source = [[self.tokens[i] for i in row] for row in input_ids]
-        results = self.engine.translate_batch(source, **self.options)
+        options = self.options if beams in (None, self.decode_cfg.num_beams) else self.options | {"beam_size": beams}
+        results = self.engine.translate_batch(source, **options)
         return [[self.ids[t] for t in r.hypotheses[0]] for r in results]
 
-    def _generate(self, batch, timings: dict[str, float]) -> list[list[int]]:
+    def _generate(self, batch, timings: dict[str, float], cfg: DecodeConfig) -> list[list[int]]:
         rows = [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
         start = time.perf_counter()
-        generated = self.generate(rows)
+        generated = self.generate(rows, cfg.num_beams)
         timings["decode"] += (time.perf_counter() - start) * 1e3
         return generated
 

@@ -3,7 +3,8 @@
     labkit bench --preset opus-mt-shape --variants torch,ort-fp32,ort-int8,ct2-int8
     df = run_bench("ci", ["torch", "ort-int8", "ct2-int8"])    # the same from a notebook
 
-First every variant is built and checked against its parent (`check_variants`),
+First every variant is built and checked against its parent (`check_variants`, from
+labkit.engines.variants, which `labkit serve` gates with too),
 before any timing: ort-fp32 by the export's parity gate, int8 and CTranslate2
 variants by `labkit.measure.gates.variant_gate` on the preset's gate sentences (BLEU
 drop on quality presets, token agreement at the forced length on speed-only
@@ -35,7 +36,7 @@ import json
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -44,22 +45,16 @@ from labkit.config import PRESETS, Preset
 from labkit.core.artifacts import REPO_ROOT
 from labkit.core.bundle import Bundle, bundle_for, bundle_key
 from labkit.core.data import load_split
-from labkit.core.translator import decode_config, translator_for
-from labkit.engines.ct2 import COMPUTE_TYPES_SHORT, Ct2Translator, ensure_ct2, missing_reason
-from labkit.engines.onnx_export import ensure_onnx
-from labkit.engines.onnx_graphs import read_sidecar
-from labkit.engines.ort import OrtStepper
-from labkit.engines.ort_int8 import (
-    ALL_BLOCKS_BASIS,
-    BLOCKS,
-    ensure_quantized,
-    evaluate_translator,
-    gate_pairs,
-    recipe_of,
+from labkit.engines.variants import (  # building and gating live with the engines; this module times
+    VARIANTS,
+    Check,
+    build_translator,
+    check_variants,
+    ledger_variant,
+    parse_variants,
 )
 from labkit.lab import gpu_check, nb06_tensorrt
 from labkit.measure import ledger, timing
-from labkit.measure.gates import onnx_parity_gate, variant_gate
 from labkit.measure.ledger import json_number
 from labkit.measure.quality import agreement, bench_texts, latency, throughput
 from labkit.measure.timing import CommandError
@@ -68,27 +63,6 @@ if TYPE_CHECKING:
     import pandas as pd
 
 
-@dataclass(frozen=True)
-class Variant:
-    backend: str  # torch | onnxruntime | ctranslate2
-    technique: str  # ledger technique of its record
-    precision: str
-    parent: str | None  # the variant it is compared with
-    what: str  # one line for the table
-
-
-VARIANTS: dict[str, Variant] = {
-    "torch": Variant("torch", "baseline", "fp32", None, "PyTorch eager, Hugging Face KV cache"),
-    "ort-fp32": Variant("onnxruntime", "onnx", "fp32", "torch", "ONNX Runtime, exported graphs"),
-    "ort-int8": Variant("onnxruntime", "quantization", "int8", "ort-fp32",
-                        "ONNX Runtime, optimized + dynamic int8 (labkit.engines.ort_int8 'dynamic')"),
-    "ort-int8-all": Variant("onnxruntime", "quantization", "int8", "ort-fp32",
-                            "ONNX Runtime, dynamic int8 of every block, LM head and embeddings included"),
-    "ort-int8-qdq": Variant("onnxruntime", "quantization", "int8", "ort-fp32",
-                            "ONNX Runtime, static symmetric QDQ int8 (labkit.engines.ort_int8 'qdq')"),
-    "ct2-fp32": Variant("ctranslate2", "peer", "fp32", "torch", "CTranslate2 float32"),
-    "ct2-int8": Variant("ctranslate2", "peer", "int8", "torch", "CTranslate2 int8"),
-}
 BASELINE = "torch"
 DEFAULT_VARIANTS = ("torch", "ort-fp32", "ort-int8", "ct2-int8")
 # Where the default int8 recipe keeps the LM head in float because nothing could be measured (random
@@ -113,147 +87,13 @@ class BenchSpec:
 SPEC = BenchSpec()
 
 
-@dataclass(frozen=True)
-class Check:
-    """What a variant's gate said before anything was timed; only status "ok" is timed."""
-
-    status: str  # ok | failed (gate not passed) | skipped (engine not installed, or parent not ok)
-    gate: dict | None = None  # {name, passed, detail}; None for the baseline and for skips
-    reason: str | None = None  # why failed or skipped
-    artifact: str | None = None  # what the worker loads (None: torch, or nothing was built)
-    info: dict = field(default_factory=dict)  # gate-subset metrics, the int8 recipe
-
-
 # --------------------------------------------------------------------------- primitives
-
-
-def parse_variants(text: str | list[str] | tuple[str, ...]) -> list[str]:
-    """'torch, ort-int8' -> ['torch', 'ort-int8']; unknown names raise with the known ones."""
-    names = [v.strip() for v in text.split(",")] if isinstance(text, str) else list(text)
-    names = [v for v in names if v]
-    unknown = [v for v in names if v not in VARIANTS]
-    if unknown or not names:
-        raise ValueError(f"unknown variant(s) {unknown or names}; known: {', '.join(VARIANTS)}")
-    return list(dict.fromkeys(names))
-
-
-def artifact_for(variant: str, preset: Preset, bundle: Bundle):
-    """Build (if missing or stale) what `variant` runs from `bundle` and return its path (None for torch)."""
-    if variant == "torch":
-        return None
-    if variant == "ort-fp32":
-
-        return ensure_onnx(preset, bundle)
-    if variant == "ort-int8-all":
-
-        # The LM head is the largest matrix of a 65k-vocabulary model: where int8 pays most, and
-        # what the default recipe keeps in float until it is measured safe. Its own gate still applies.
-        return ensure_quantized(preset, bundle, "dynamic", blocks=BLOCKS, tag="all", basis=ALL_BLOCKS_BASIS)
-    if variant.startswith("ort-int8"):
-
-        return ensure_quantized(preset, bundle, "qdq" if variant.endswith("qdq") else "dynamic")
-
-    compute_type = {short: full for full, short in COMPUTE_TYPES_SHORT.items()}[VARIANTS[variant].precision]
-    return ensure_ct2(preset, bundle, compute_type)
-
-
-def build_translator(variant: str, preset: Preset, threads: int, bundle: Bundle, artifact=None):
-    """The Translator-shaped object of `variant`, decoding as the preset says.
-
-    `artifact` is the directory to run (default: `artifact_for`, which builds it if missing).
-    """
-
-    if variant != "torch" and artifact is None:
-        artifact = artifact_for(variant, preset, bundle)
-    if VARIANTS[variant].backend == "ctranslate2":
-
-        return Ct2Translator(artifact, threads=threads, decode=decode_config(preset))
-
-    stepper = None
-    if variant != "torch":
-
-        stepper = OrtStepper.from_dir(artifact, threads=threads)
-    # opus-mt-shape emits ids past the teacher tokenizer's pieces; the Translator drops them with a note.
-    return translator_for(bundle, preset, stepper)
 
 
 def bench_inputs(preset) -> tuple[list[str], list[str]]:
     """(latency sentences, throughput sentences): the first N of the test split, for every variant."""
 
     return bench_texts(preset), [p.zh for p in load_split("test", limit=SPEC.throughput_sentences)]
-
-
-# --------------------------------------------------------------------------- gates (parent, before timing)
-
-
-def _depth(variant: str) -> int:
-    """Parents before children: torch 0, ort-fp32 and ct2-* 1, ort-int8* 2."""
-    parent = VARIANTS[variant].parent
-    return 0 if parent is None else 1 + _depth(parent)
-
-
-class _Evaluations:
-    """Each engine translates the gate sentences once, with one thread (a parent serves several children)."""
-
-    def __init__(self, preset: Preset, bundle: Bundle):
-        self.preset, self.bundle = preset, bundle
-        self.pairs, self.results = gate_pairs(preset), {}
-
-    def __call__(self, variant: str, artifact=None) -> dict:
-
-        if variant not in self.results:
-            translator = build_translator(variant, self.preset, 1, self.bundle, artifact)
-            self.results[variant] = evaluate_translator(translator, self.preset, self.pairs)
-        return self.results[variant]
-
-
-def check_variant(variant: str, preset: Preset, evaluations: _Evaluations, parent: Check | None = None,
-                  gate: dict | None = None) -> Check:
-    """Build `variant` and gate it against its parent: Check(status ok | failed | skipped, gate, ...).
-
-    `parent` is the parent's own Check when it is benched too (a failed parent fails its children
-    without building them); `gate` is one the caller already measured on the same artifact.
-    """
-
-    spec = VARIANTS[variant]
-    if spec.parent is None:
-        return Check("ok")
-    if parent is not None and parent.status != "ok":
-        why = f"its parent {spec.parent} {parent.status}: {parent.reason}"
-        return Check(parent.status, {"name": "parent", "passed": False, "detail": why} if parent.status == "failed"
-                     else None, why)
-    if spec.backend == "ctranslate2":
-
-        reason = missing_reason()
-        if reason:
-            return Check("skipped", reason=reason)
-    try:
-        artifact = artifact_for(variant, preset, evaluations.bundle)
-    except AssertionError as exc:  # a gate inside the build: export parity, no int8-safe block
-        name = "onnx-parity" if variant == "ort-fp32" else "build"
-        return Check("failed", {"name": name, "passed": False, "detail": str(exc)}, str(exc))
-    info = {"recipe": recipe_of(artifact)} if spec.technique == "quantization" else {}
-    if variant == "ort-fp32":
-        gate = onnx_parity_gate(read_sidecar(artifact)["parity"])
-    elif gate is None:
-        result, base = evaluations(variant, artifact), evaluations(spec.parent, parent and parent.artifact)
-        gate = variant_gate(result, base, spec.precision, preset, parent_name=spec.parent)
-        info["gate_metrics"] = {k: result[k] for k in ("bleu", "chrf")} | {"parent_bleu": base["bleu"],
-                                                                          "sentences": len(base["ids"])}
-    passed = bool(gate["passed"])
-    return Check("ok" if passed else "failed", dict(gate), None if passed else gate["detail"], str(artifact), info)
-
-
-def check_variants(preset: Preset, variants, bundle: Bundle,
-                   gates: Mapping[str, dict] | None = None) -> dict[str, Check]:
-    """Build and gate every variant, parents first, before any timing; {variant: Check} in `variants` order."""
-
-    evaluations = _Evaluations(preset, bundle)
-    checks: dict[str, Check] = {}
-    for v in sorted(variants, key=_depth):
-        checks[v] = check_variant(v, preset, evaluations, checks.get(VARIANTS[v].parent),
-                                  (gates or {}).get(v))
-    return {v: checks[v] for v in variants}
 
 
 # --------------------------------------------------------------------------- worker (child process)
@@ -364,11 +204,6 @@ def results_frame(results: dict[str, dict], checks: Mapping[str, Check] | None =
     for col in ("gate", "gate_passed", "reason", "gate_detail"):  # pandas stores a missing text as NaN
         df[col] = df[col].astype(object).where(df[col].notna(), None)
     return df
-
-
-def ledger_variant(variant: str) -> str:
-    """Ledger name of a bench row: 'ort-int8' -> 'bench-ort-int8' (notebook records keep theirs)."""
-    return f"bench-{variant}"
 
 
 def _row_metrics(row) -> dict | None:

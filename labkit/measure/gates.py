@@ -140,3 +140,14 @@ def masked_parity_gate(max_diff: float, same_tokens: bool, sentences: int, atol:
                 f"max |logit diff| {max_diff:.1e} (tolerance {atol:g}) and greedy tokens "
                 f"{'identical' if same_tokens else 'DIFFERENT'} vs the teacher with the same heads gated "
                 f"to zero, on {sentences} sentences")
+
+
+# ---------------------------------------------------------------- serving
+
+
+def exactly_once_gate(sent: int, answered: int, lost: int, duplicated: int, points: int) -> Gate:
+    """Every request a load test sent got exactly one answer, its own: 120 sent, 120 answered, 0 lost, 0 duplicated."""
+    detail = (f"{sent} requests sent over {points} load points, {answered} answered; {lost} lost (no answer), "
+              f"{duplicated} duplicated or another request's")
+    return gate("served-exactly-once", lost == 0 and duplicated == 0 and answered == sent, detail)
+

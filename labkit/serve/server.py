@@ -1,0 +1,118 @@
+"""`labkit serve`: one process, one gated translator, the micro-batcher, uvicorn on a local port.
+
+    labkit serve --preset ci --engine ort-int8 --host 127.0.0.1 --port 8000
+    labkit serve --preset ci --max-batch-size 1          # serial serving, for comparison
+    labkit serve --preset ci --backend ray               # the same app as a Ray Serve deployment
+
+`--engine` is any gated variant (torch, ort-fp32, ort-int8, ct2-int8; `auto`, the default, is
+the fastest whose gate passes: labkit.serve.engine). The model loads and warms in a thread while
+the server already answers /healthz. SIGTERM drains requests in flight and exits 0.
+
+Left out: process managers and multiple workers per port (scale out with `--backend ray`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Callable
+
+from labkit.config import PRESETS
+from labkit.serve import ray_app
+from labkit.serve.app import create_app
+from labkit.serve.batcher import BatchConfig
+from labkit.serve.engine import ENGINES, load_translator, warm_texts
+from labkit.serve.metrics import Metrics
+from labkit.serve.service import Limits, ServeConfig, TranslationService
+
+
+def make_loader(args: argparse.Namespace, config: ServeConfig) -> Callable[[Metrics], TranslationService]:
+    """What the app calls in a worker thread at start-up: build, gate, warm."""
+
+    def load(metrics: Metrics) -> TranslationService:
+        translator, model_id = load_translator(args)
+        service = TranslationService(translator, model_id, config, metrics)
+        service.warm(warm_texts(), config.batch.max_batch_size)
+        return service
+
+    return load
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def config_from_args(args: argparse.Namespace) -> ServeConfig:
+    batch = BatchConfig(max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue)
+    limits = Limits(max_texts=args.max_texts, max_chars=args.max_chars, deadline_s=args.deadline_s)
+    return ServeConfig(batch, limits, token_cache=args.token_cache, translation_cache=args.translation_cache)
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    d, lim = BatchConfig(), Limits()
+    parser.add_argument("--preset", default="ci", help=f"{', '.join(PRESETS)} (decoding, threads, artifacts)")
+    parser.add_argument("--engine", default="auto", choices=("auto", *ENGINES),
+                        help="the translator; auto = the fastest whose gate passes")
+    parser.add_argument("--artifact", default=None, help="an already gated directory to serve with --engine")
+    parser.add_argument("--bundle", default="teacher", help="bundle name under the preset's artifacts")
+    parser.add_argument("--bundle-dir", default=None, help="serve this bundle directory with PyTorch instead")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the preset's)")
+    parser.add_argument("--max-batch-size", type=int, default=d.max_batch_size, help="1 = serial serving")
+    parser.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms)
+    parser.add_argument("--max-queue", type=int, default=d.max_queue, help="sentences waiting before 503")
+    parser.add_argument("--token-cache", type=int, default=ServeConfig.token_cache, help="entries; 0 = off")
+    parser.add_argument("--translation-cache", type=int, default=ServeConfig.translation_cache, help="entries; 0 = off")
+    parser.add_argument("--max-texts", type=int, default=lim.max_texts, help="texts per request")
+    parser.add_argument("--max-chars", type=int, default=lim.max_chars, help="characters per text (cut beyond)")
+    parser.add_argument("--deadline-s", type=float, default=lim.deadline_s, help="per request, then 504")
+    parser.add_argument("--backend", default="local", choices=("local", "ray"), help="ray: a Ray Serve deployment")
+    parser.add_argument("--replicas", type=int, default=1, help="ray: most replicas the autoscaler may start")
+    parser.add_argument("--ray-address", default=None, help="ray: join this cluster (default: start one here)")
+    parser.add_argument("--replica-cpus", type=float, default=1.0, help="ray: CPUs reserved per replica (fractions ok)")
+    parser.add_argument("--log-level", default="warning")
+
+
+def _exit_cleanly_on_sigterm() -> None:
+    """uvicorn drains on SIGTERM, then re-raises it: exit 0 then, not 'killed by signal 15'."""
+    def handler(signum, frame):
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    """Handler of `labkit serve`: 0 after a drained shutdown, 1 when the model failed to load, 2 on bad input."""
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.preset not in PRESETS:
+        print(f"labkit serve: unknown preset {args.preset!r}; known: {', '.join(PRESETS)}", file=sys.stderr)
+        return 2
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        print(f"labkit serve: {exc}", file=sys.stderr)
+        return 2
+    if args.backend == "ray":
+        return ray_app.run_ray(args, config)
+    failed: list[BaseException] = []
+    server_box: list = []
+
+    def on_load_error(exc: BaseException) -> None:
+        failed.append(exc)
+        if server_box:
+            server_box[0].should_exit = True
+
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(create_app(make_loader(args, config), on_load_error), host=args.host,
+                                           port=args.port, log_level=args.log_level,
+                                           timeout_graceful_shutdown=int(config.limits.deadline_s) + 5))
+    server_box.append(server)
+    _exit_cleanly_on_sigterm()
+    try:
+        server.run()
+    except SystemExit as exc:
+        return 1 if failed else int(exc.code or 0)
+    return 1 if failed else 0

@@ -1,0 +1,127 @@
+"""`labkit serve` as a real process on a loopback port: the tiny model's answers, load, SIGTERM.
+
+The oracle is the same model's Translator in this process: what the service answers under
+concurrent load must be what `Translator.run` gives for that text.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+import httpx
+import pytest
+
+from labkit.config import Preset
+from labkit.core.bundle import load_bundle
+from labkit.core.data import load_split
+from labkit.core.translator import translator_for
+from labkit.serve.loadtest import LoadSpec, TextPool, closed_loop, open_loop
+from labkit.serve.process import ServerProcess, require_loopback
+
+pytestmark = pytest.mark.slow
+TEXTS = [p.zh for p in load_split("test", limit=24)]
+
+
+def serve_args(bundle_dir, *more) -> list[str]:
+    return ["--preset", "ci", "--bundle-dir", str(bundle_dir), "--threads", "1", *more]
+
+
+@pytest.fixture(scope="module")
+def oracle(tiny_bundle_dir) -> dict[str, str]:
+    translator = translator_for(load_bundle(tiny_bundle_dir), Preset.from_name("ci"))
+    return dict(zip(TEXTS, (translator.run([t]).texts[0] for t in TEXTS)))
+
+
+@pytest.fixture(scope="module")
+def server(tiny_bundle_dir):
+    with ServerProcess.start(serve_args(tiny_bundle_dir, "--max-batch-size", "8", "--translation-cache", "0"),
+                             threads=1) as s:
+        yield s
+
+
+def test_answers_are_the_translators(server, oracle):
+    r = httpx.post(server.url + "/v1/translate", json={"texts": TEXTS[:6]}, timeout=60)
+    assert r.status_code == 200 and r.json()["translations"] == [oracle[t] for t in TEXTS[:6]]
+
+
+def test_closed_loop_loses_nothing_and_batches(server, oracle):
+    spec = LoadSpec(duration_s=2.0, warmup_s=0.5, timeout_s=60)
+    (point,) = closed_loop(server.url, TextPool(TEXTS), [6], spec)
+    assert point.requests > 0 and point.lost == 0 and point.duplicated == 0 and point.errors == {}
+    assert point.sent == point.answered
+    assert point.mean_batch_size > 1, "six clients never shared a model call"
+    assert 0 < point.p50_ms <= point.p95_ms <= point.p99_ms
+    assert point.healthz_max_ms < 1000, point.healthz_max_ms  # the loop stays free while the model runs
+    # every answer is its own text's translation: batching with other sentences changed none of them
+    assert point.answers and all(oracle[src] == out for src, out in point.answers.items())
+
+
+def test_open_loop_keeps_up_with_a_low_rate(server):
+    spec = LoadSpec(duration_s=1.5, warmup_s=0.3, timeout_s=60)
+    (point,) = open_loop(server.url, TextPool(TEXTS, zipf=1.1), [10.0], spec)
+    assert point.sent > 5 and point.lost == point.duplicated == point.dropped == 0 and point.errors == {}
+
+
+def test_loadtest_command_prints_a_table_and_refuses_other_hosts(server, tmp_path):
+    out = tmp_path / "points.jsonl"
+    run = [sys.executable, "-m", "labkit", "loadtest", "--concurrency", "2", "--duration", "1", "--warmup", "0.2",
+           "--pool", "10"]
+    proc = subprocess.run([*run, "--url", server.url, "--json", str(out)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "sentences_per_s" in proc.stdout and len(out.read_text().splitlines()) == 1
+    refused = subprocess.run([*run, "--url", "http://192.0.2.1:8000"], capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "this machine only" in refused.stderr
+    with pytest.raises(ValueError):
+        require_loopback("http://example.com")
+
+
+def test_sigterm_drains_requests_in_flight_then_exits_0(tiny_bundle_dir, oracle):
+    server = ServerProcess.start(serve_args(tiny_bundle_dir, "--max-batch-size", "2", "--translation-cache", "0"),
+                                 threads=1)
+    try:
+        answers: dict[int, httpx.Response | Exception] = {}
+
+        def post(i):
+            try:
+                answers[i] = httpx.post(server.url + "/v1/translate", json={"texts": TEXTS[i:i + 2]}, timeout=60)
+            except httpx.HTTPError as exc:
+                answers[i] = exc
+
+        threads = [threading.Thread(target=post, args=(i,)) for i in range(10)]
+        for t in threads:
+            t.start()
+        deadline = 50
+        while deadline and httpx.get(server.url + "/metrics").text.count("labkit_inflight_requests 0.0"):
+            deadline -= 1  # wait until requests are in flight before pulling the plug
+        os.kill(server.pid, signal.SIGTERM)
+        for t in threads:
+            t.join(60)
+        assert server.process.wait(60) == 0, server.log_tail()
+    finally:
+        server.stop()
+    assert sorted(answers) == list(range(10))
+    for i, r in answers.items():  # accepted before SIGTERM: answered in full, and correctly
+        assert isinstance(r, httpx.Response) and r.status_code == 200, r
+        assert r.json()["translations"] == [oracle[t] for t in TEXTS[i:i + 2]]
+
+
+def test_locust_and_labkit_loadtest_measure_the_same_server_alike(server):
+    """The cross-check (labkit loadtest --locust): an independent load generator, same clients,
+    same texts, one after the other. Loose bounds: they catch a load generator that miscounts
+    (errors as answers, a wrong time base), not the run-to-run noise of a shared machine."""
+    proc = subprocess.run([sys.executable, "-m", "labkit", "loadtest", "--url", server.url, "--concurrency", "4",
+                           "--duration", "4", "--pool", "24", "--locust"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    ratio = [line.split() for line in proc.stdout.splitlines() if line.strip().startswith("locust /")][0]
+    rps, p50 = float(ratio[3]), float(ratio[4])  # 'locust / labkit' rps p50 p95 p99
+    assert 1 / 3 < rps < 3 and 1 / 3 < p50 < 3, proc.stdout
+
+
+def test_a_model_that_cannot_load_exits_1_with_the_reason(tmp_path):
+    with pytest.raises(RuntimeError, match="exited with 1"):
+        ServerProcess.start(["--preset", "ci", "--bundle-dir", str(tmp_path / "missing")], ready_timeout_s=120)
