@@ -70,7 +70,7 @@ class Runner(Protocol):
 
 
 @dataclass(frozen=True)
-class Prepared:
+class Tokenized:
     cleaned: str  # what the model translates ('' = nothing goes to the model; `output` is the answer)
     ids: tuple[int, ...]  # source token ids (empty when cleaned is '')
     notes: tuple[str, ...]  # what limits, input preparation and tokenization did
@@ -128,7 +128,7 @@ class TranslationService:
 
     # ----------------------------------------------------------------- one request
 
-    def prepare(self, text: str) -> Prepared:
+    def prepare(self, text: str) -> Tokenized:
         """Limit, normalize and tokenize one text (the tokenizer's result comes from the LRU when seen)."""
         limit = self.config.limits.max_chars
         notes = []
@@ -138,15 +138,15 @@ class TranslationService:
         ready = prepare_input(text)  # the same preparation and notes as every Translator
         notes += ready.notes
         if not ready.source:
-            return Prepared("", (), tuple(notes), output=ready.output)
+            return Tokenized("", (), tuple(notes), output=ready.output)
         hit = self.tokens.get(ready.source)
         if hit is None:
             ids, token_notes = self.translator.token_ids(ready.source)
             hit = (tuple(ids), tuple(token_notes))
             self.tokens.put(ready.source, hit)
-        return Prepared(ready.source, hit[0], tuple(notes) + hit[1], prefix=ready.prefix, suffix=ready.suffix)
+        return Tokenized(ready.source, hit[0], tuple(notes) + hit[1], prefix=ready.prefix, suffix=ready.suffix)
 
-    def _prepare_all(self, texts: list[str]) -> list[Prepared]:
+    def _prepare_all(self, texts: list[str]) -> list[Tokenized]:
         hits = self.tokens.hits
         prepared = [self.prepare(t) for t in texts]
         lookups = sum(1 for p in prepared if p.cleaned)
@@ -157,7 +157,7 @@ class TranslationService:
     def _cache_key(self, cleaned: str, beams: int) -> tuple:
         return (cleaned, self.model_id, self.decoding, beams)
 
-    def _from_cache(self, prepared: list[Prepared], beams: int) -> tuple[list[Translation | None], list[int]]:
+    def _from_cache(self, prepared: list[Tokenized], beams: int) -> tuple[list[Translation | None], list[int]]:
         """Answers for empty and cached texts; the indices still to translate."""
         out: list[Translation | None] = [None] * len(prepared)
         todo = []
