@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from labkit.core.decode import TorchState, TorchStepper
+from labkit.core.decode import TorchState, TorchStepper, cache_kwargs
 from labkit.engines.onnx_graphs import attend, feed_forward, last_logits, project_kv, split_heads
 
 RUNG = ("torch-fp32-eager", "torch-fp16-eager", "torch-fp16-cudagraph")
@@ -57,7 +57,7 @@ class DeviceStepper(TorchStepper):
         pos = tokens.shape[1] - 1
         out = self.model(encoder_outputs=BaseModelOutput(last_hidden_state=state.encoder_out),
                          attention_mask=state.mask, decoder_input_ids=tokens[:, -1:].to(self.device),
-                         past_key_values=state.cache, use_cache=True,
+                         **cache_kwargs(self.model, state.cache), use_cache=True,
                          cache_position=torch.tensor([pos], device=self.device))
         return out.logits[:, -1].float().cpu(), state
 
