@@ -138,6 +138,7 @@ def qps_table(df: pd.DataFrame, slo_ms: float | None = None) -> pd.DataFrame:
     c = closed(df)
     out = c[["engine", "mode", "concurrency", "rps", "sentences_per_s", "p50_ms", "p95_ms", "p99_ms", "errors",
              "lost", "duplicated", "mean_batch_size", "cache_hit_rate", "healthz_p50_ms", "healthz_max_ms"]].copy()
+    out["error_kinds"] = out["errors"]  # {status or transport error: count}
     out["errors"] = out["errors"].map(lambda e: sum(e.values()))
     out["in_flight"] = [p.in_flight for p in c["point"]]  # L measured: mean requests outstanding
     out["lambda_W"] = [p.littles_law_clients for p in c["point"]]  # L as Little's law computes it
@@ -151,8 +152,11 @@ def serving_targets(df: pd.DataFrame, engine: str = "ort-int8", concurrency: int
     while saturated, and lost/duplicated answers over every point of every run."""
     c = closed(df)
     at = c[(c["engine"] == engine) & (c["concurrency"] == concurrency)].set_index("mode")
+    broken = df[(df["lost"] > 0) | (df["duplicated"] > 0)]
     out: dict[str, Any] = {"engine": engine, "concurrency": concurrency,
-                           "lost": int(df["lost"].sum()), "duplicated": int(df["duplicated"].sum())}
+                           "lost": int(df["lost"].sum()), "duplicated": int(df["duplicated"].sum()),
+                           "broken_points": [f"{r.engine} {r.mode} {r.loop} {r.load:g}: {r.errors}"
+                                             for r in broken.itertuples()]}
     if {"serial", "batched"} <= set(at.index):
         s, b = at.loc["serial"], at.loc["batched"]
         out |= {"serial_sentences_per_s": s.sentences_per_s, "batched_sentences_per_s": b.sentences_per_s,

@@ -242,8 +242,15 @@ async def _window_metrics(client: httpx.AsyncClient, window: tuple[float, float]
 # --------------------------------------------------------------------------- the two loops
 
 
+CLIENT_KEEPALIVE_S = 1.0  # idle connections are dropped well before the server's keep-alive ends
+
+
 def _client(url: str, connections: int, spec: LoadSpec) -> httpx.AsyncClient:
-    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    # The client gives up an idle connection long before the server does (labkit serve: 20 s,
+    # uvicorn's default 5 s, httpx's default expiry also 5 s): reusing one the server is closing at
+    # that instant fails as "server disconnected", which would count as a lost request.
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections,
+                          keepalive_expiry=CLIENT_KEEPALIVE_S)
     return httpx.AsyncClient(base_url=url, timeout=spec.timeout_s, limits=limits)
 
 

@@ -27,6 +27,10 @@ from labkit.serve.engine import ENGINES, load_translator, warm_texts
 from labkit.serve.metrics import Metrics
 from labkit.serve.service import Limits, ServeConfig, TranslationService
 
+# Idle keep-alive connections live this long: longer than clients keep theirs (httpx: 5 s), so a
+# client never sends on a connection the server is closing at that moment (uvicorn's default: 5 s).
+KEEP_ALIVE_S = 20
+
 
 def make_loader(args: argparse.Namespace, config: ServeConfig) -> Callable[[Metrics], TranslationService]:
     """What the app calls in a worker thread at start-up: build, gate, warm."""
@@ -107,7 +111,7 @@ def serve_command(args: argparse.Namespace) -> int:
     import uvicorn
 
     server = uvicorn.Server(uvicorn.Config(create_app(make_loader(args, config), on_load_error), host=args.host,
-                                           port=args.port, log_level=args.log_level,
+                                           port=args.port, log_level=args.log_level, timeout_keep_alive=KEEP_ALIVE_S,
                                            timeout_graceful_shutdown=int(config.limits.deadline_s) + 5))
     server_box.append(server)
     _exit_cleanly_on_sigterm()
