@@ -69,9 +69,10 @@ def test_translate_answers_each_text_in_order_with_notes(client):
     assert r.status_code == 200
     body = r.json()
     assert body["id"] == "r1" and body["model"] == "fake/reverse"
-    assert body["translations"] == ["猫欢喜我", "", "cba", "你 爱我"]
+    # text without Chinese comes back unchanged, as from every Translator (labkit.core.inputs): never invented
+    assert body["translations"] == ["猫欢喜我", "", "abc", "你 爱我"]
     assert body["notes"][1] == ["empty input: nothing to translate"]
-    assert "no Chinese" in body["notes"][2][0] and body["notes"][3] == ["removed 1 control character(s)"]
+    assert "no Chinese characters: returned unchanged" in body["notes"][2][0] and body["notes"][3] == ["removed 1 control character(s)"]
     assert body["cached"] == [False] * 4 and body["timings_ms"]["total"] > 0
     assert client.post("/v1/translate", json={"texts": []}).json()["translations"] == []
 
