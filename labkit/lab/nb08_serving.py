@@ -18,6 +18,7 @@ process would not) and tuning max_batch_size/max_wait_ms (parameters of the note
 
 from __future__ import annotations
 
+import math
 import time
 from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any
@@ -172,13 +173,18 @@ def serving_targets(df: pd.DataFrame, engine: str = "ort-int8", concurrency: int
 # --------------------------------------------------------------------------- ledger
 
 
+def _num(x, digits: int = 3) -> float | None:
+    """A number as the ledger holds it: None for NaN or inf (no model call, no answer, a failed probe)."""
+    return round(float(x), digits) if x is not None and math.isfinite(x) else None
+
+
 def _point_summary(p: LoadPoint, slo_ms: float) -> dict:
-    return {"loop": p.mode, "load": p.load, "requests": p.requests, "rps": round(p.rps, 3),
-            "sentences_per_s": round(p.sentences_per_s, 3), "p50_ms": round(p.p50_ms, 2),
-            "p95_ms": round(p.p95_ms, 2), "p99_ms": round(p.p99_ms, 2), "errors": p.errors, "lost": p.lost,
-            "duplicated": p.duplicated, "mean_batch_size": round(p.mean_batch_size, 3),
-            "cache_hit_rate": round(p.cache_hit_rate, 3) if p.cache_hit_rate == p.cache_hit_rate else None,
-            "healthz_max_ms": round(p.healthz_max_ms, 2), "goodput_rps": round(p.goodput(slo_ms), 3)}
+    return {"loop": p.mode, "load": p.load, "requests": p.requests, "rps": _num(p.rps),
+            "sentences_per_s": _num(p.sentences_per_s), "p50_ms": _num(p.p50_ms, 2), "p95_ms": _num(p.p95_ms, 2),
+            "p99_ms": _num(p.p99_ms, 2), "errors": p.errors, "sent": p.sent, "lost": p.lost,
+            "duplicated": p.duplicated, "dropped": p.dropped, "mean_batch_size": _num(p.mean_batch_size),
+            "cache_hit_rate": _num(p.cache_hit_rate), "in_flight": _num(p.in_flight),
+            "healthz_max_ms": _num(p.healthz_max_ms, 2), "goodput_rps": _num(p.goodput(slo_ms))}
 
 
 def _headline(group: pd.DataFrame, concurrency: int) -> LoadPoint:
@@ -211,9 +217,9 @@ def serving_records(df: pd.DataFrame, checks: dict[str, Check], preset: Preset, 
                                      sum(p.lost for p in points), sum(p.duplicated for p in points), len(points))
             records.append(make_record(
                 **common, gate=gate, engine_gate=check.gate,
-                metrics={"latency_ms": {"p50": head.p50_ms, "p95": head.p95_ms, "n": head.requests},
-                         "qps": head.rps, "sentences_per_s": head.sentences_per_s},
-                concurrency=int(head.load), p99_ms=head.p99_ms, slo_ms=slo_ms,
+                metrics={"latency_ms": {"p50": head.p50_ms, "p95": head.p95_ms, "n": head.requests}
+                         if head.requests else None, "qps": head.rps, "sentences_per_s": head.sentences_per_s},
+                concurrency=int(head.load), p99_ms=_num(head.p99_ms, 2), slo_ms=slo_ms,
                 serving={"max_batch_size": MODES[mode][0] or preset.serve.max_batch_size,
                          "max_wait_ms": preset.serve.max_wait_ms, "translation_cache": MODES[mode][1],
                          "threads": preset.threads, "duration_s": preset.serve.duration_s,
