@@ -73,6 +73,7 @@ def test_translate_answers_each_text_in_order_with_notes(client):
     assert body["translations"] == ["猫欢喜我", "", "abc", "你 爱我"]
     assert body["notes"][1] == ["empty input: nothing to translate"]
     assert "no Chinese characters: returned unchanged" in body["notes"][2][0] and body["notes"][3] == ["removed 1 control character(s)"]
+    assert body["batch_sizes"][2] is None  # the model never saw it
     assert body["cached"] == [False] * 4 and body["timings_ms"]["total"] > 0
     assert client.post("/v1/translate", json={"texts": []}).json()["translations"] == []
 

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import httpx
 import pytest
@@ -20,6 +21,7 @@ from labkit.core.bundle import load_bundle
 from labkit.core.data import load_split
 from labkit.core.translator import translator_for
 from labkit.serve.loadtest import LoadSpec, TextPool, closed_loop, open_loop
+from labkit.serve.metrics import parse
 from labkit.serve.process import ServerProcess, require_loopback
 
 pytestmark = pytest.mark.slow
@@ -80,34 +82,45 @@ def test_loadtest_command_prints_a_table_and_refuses_other_hosts(server, tmp_pat
         require_loopback("http://example.com")
 
 
+def _in_flight(url: str) -> float:
+    return parse(httpx.get(url + "/metrics", timeout=10).text)["labkit_inflight_requests"][()]
+
+
 def test_sigterm_drains_requests_in_flight_then_exits_0(tiny_bundle_dir, oracle):
-    server = ServerProcess.start(serve_args(tiny_bundle_dir, "--max-batch-size", "2", "--translation-cache", "0"),
+    """Ten requests of eight texts, one sentence per model call (so they take a while); SIGTERM once
+    they are in flight. Every accepted request is answered in full and correctly, the server exits 0;
+    a request that had not connected yet is refused at the door, never half-answered."""
+    server = ServerProcess.start(serve_args(tiny_bundle_dir, "--max-batch-size", "1", "--translation-cache", "0"),
                                  threads=1)
     try:
         answers: dict[int, httpx.Response | Exception] = {}
 
         def post(i):
             try:
-                answers[i] = httpx.post(server.url + "/v1/translate", json={"texts": TEXTS[i:i + 2]}, timeout=60)
+                answers[i] = httpx.post(server.url + "/v1/translate", json={"texts": TEXTS[i:i + 8]}, timeout=120)
             except httpx.HTTPError as exc:
                 answers[i] = exc
 
         threads = [threading.Thread(target=post, args=(i,)) for i in range(10)]
         for t in threads:
             t.start()
-        deadline = 50
-        while deadline and httpx.get(server.url + "/metrics").text.count("labkit_inflight_requests 0.0"):
-            deadline -= 1  # wait until requests are in flight before pulling the plug
+        deadline = time.monotonic() + 30
+        while _in_flight(server.url) < 10 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        in_flight = _in_flight(server.url)
         os.kill(server.pid, signal.SIGTERM)
         for t in threads:
-            t.join(60)
-        assert server.process.wait(60) == 0, server.log_tail()
+            t.join(120)
+        assert server.process.wait(120) == 0, server.log_tail()
     finally:
         server.stop()
-    assert sorted(answers) == list(range(10))
-    for i, r in answers.items():  # accepted before SIGTERM: answered in full, and correctly
-        assert isinstance(r, httpx.Response) and r.status_code == 200, r
-        assert r.json()["translations"] == [oracle[t] for t in TEXTS[i:i + 2]]
+    answered = {i: r for i, r in answers.items() if isinstance(r, httpx.Response)}
+    refused = [r for r in answers.values() if not isinstance(r, httpx.Response)]
+    assert in_flight >= 5 and len(answered) >= in_flight, (in_flight, answers)
+    assert all(isinstance(r, httpx.ConnectError) for r in refused), refused
+    for i, r in answered.items():  # accepted: answered in full, and correctly
+        assert r.status_code == 200, r.text
+        assert r.json()["translations"] == [oracle[t] for t in TEXTS[i:i + 8]]
 
 
 def test_locust_and_labkit_loadtest_measure_the_same_server_alike(server):
