@@ -48,3 +48,18 @@ def tiny_bundle_dir(tmp_path_factory):
 def tiny_bundle(tiny_bundle_dir) -> Bundle:
     """A fresh copy per test, so a test may prune or quantize it in place."""
     return load_bundle(tiny_bundle_dir)
+
+
+@pytest.fixture(scope="module")
+def tiny_module_bundle(tiny_bundle_dir) -> Bundle:
+    """One copy of the tiny fixture per test module (for modules that only read it)."""
+    torch.set_num_threads(1)
+    return load_bundle(tiny_bundle_dir)
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx_dir(tiny_module_bundle, tmp_path_factory):
+    """The tiny fixture's TorchScript export (seconds; ModelOpt and TensorRT checks convert either exporter's graphs)."""
+    from labkit.engines.onnx_export import export
+
+    return export(tiny_module_bundle, tmp_path_factory.mktemp("onnx") / "fp32", exporters=("torchscript",))

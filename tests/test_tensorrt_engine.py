@@ -16,12 +16,11 @@ import pytest
 import torch
 
 from labkit.config import Preset
-from labkit.core.bundle import load_bundle
 from labkit.core.data import load_split
 from labkit.core.decode import DecodeConfig, decode
 from labkit.engines import tensorrt as T
 from labkit.engines import trt_profiles as P
-from labkit.engines.onnx_export import PARITY_CASES, export
+from labkit.engines.onnx_export import PARITY_CASES
 from labkit.engines.onnx_graphs import read_sidecar
 from labkit.engines.ort import OrtStepper, load_sessions
 from labkit.engines.trt_verify import compare, random_feeds
@@ -29,17 +28,6 @@ from labkit.engines.trt_verify import compare, random_feeds
 SHAPE = {"decoder_layers": 2, "heads": [4, 2], "cross_heads": [4, 4], "head_dim": 8, "d_model": 32,
          "vocab_size": 100, "max_positions": 512, "start_id": 99, "eos_id": 0, "pad_id": 99}
 AXES = P.Axes(batch=P.Dim(1, 1, 16), source=P.Dim(1, 12, 256), target=P.Dim(1, 1, 64), past=P.Dim(0, 6, 64))
-
-
-@pytest.fixture(scope="module")
-def bundle(tiny_bundle_dir):
-    torch.set_num_threads(1)
-    return load_bundle(tiny_bundle_dir)
-
-
-@pytest.fixture(scope="module")
-def onnx_dir(bundle, tmp_path_factory):
-    return export(bundle, tmp_path_factory.mktemp("onnx") / "fp32", exporters=("torchscript",))
 
 
 # --------------------------------------------------------------------------- profiles and commands
@@ -62,17 +50,17 @@ def test_graph_profile_per_input_hand_checked():
     assert P.graph_profile("decoder", AXES, SHAPE)["encoder_hidden_states"]["max"] == [16, 256, 32]
 
 
-def test_profile_axes_follow_the_preset_and_the_median_sentence(bundle):
+def test_profile_axes_follow_the_preset_and_the_median_sentence(tiny_module_bundle):
     """Oracle: the median test sentence counted directly with the tokenizer."""
     preset = Preset.from_name("ci")
     pairs = load_split("test", limit=preset.eval_sentences)
-    source = statistics.median_low(len(x) for x in bundle.tokenizer([p.zh for p in pairs])["input_ids"])
-    target = statistics.median_low(len(x) for x in bundle.tokenizer(text_target=[p.en for p in pairs])["input_ids"])
-    axes = P.profile_axes(preset, bundle.tokenizer, {**SHAPE, "max_positions": 512})
+    source = statistics.median_low(len(x) for x in tiny_module_bundle.tokenizer([p.zh for p in pairs])["input_ids"])
+    target = statistics.median_low(len(x) for x in tiny_module_bundle.tokenizer(text_target=[p.en for p in pairs])["input_ids"])
+    axes = P.profile_axes(preset, tiny_module_bundle.tokenizer, {**SHAPE, "max_positions": 512})
     assert axes.batch == P.Dim(1, 1, preset.batch_size)
     assert axes.source == P.Dim(1, source, 256)  # the Translator truncates to 256 tokens
     assert axes.past == P.Dim(0, target // 2, preset.max_new_tokens)
-    speed = P.profile_axes(Preset.from_name("opus-mt-shape"), bundle.tokenizer, SHAPE)
+    speed = P.profile_axes(Preset.from_name("opus-mt-shape"), tiny_module_bundle.tokenizer, SHAPE)
     assert speed.past == P.Dim(0, 20, 40)  # forced 40 tokens: the middle of every decode
 
 
@@ -84,19 +72,19 @@ def test_trtexec_command_is_strongly_typed_without_precision_flags():
     assert "--saveEngine=encoder_model.plan" in cmd and "--timingCacheFile=timing.cache" in cmd
 
 
-def test_written_profiles_hold_runnable_polygraphy_commands(onnx_dir, tmp_path):
+def test_written_profiles_hold_runnable_polygraphy_commands(tiny_onnx_dir, tmp_path):
     """The polygraphy command of every graph parses and runs the ONNX Runtime side here (its --trt half needs
     TensorRT): flags, shapes and value ranges are what polygraphy accepts, at the opt shapes."""
     polygraphy = str(Path(sys.executable).parent / "polygraphy")
     if not Path(polygraphy).exists():
         pytest.skip("polygraphy is not installed (the graphs extra)")
-    record = P.write_profiles(onnx_dir, P.Axes(P.Dim(1, 2, 4), P.Dim(1, 12, 256), P.Dim(1, 1, 64), P.Dim(0, 6, 64)),
+    record = P.write_profiles(tiny_onnx_dir, P.Axes(P.Dim(1, 2, 4), P.Dim(1, 12, 256), P.Dim(1, 1, 64), P.Dim(0, 6, 64)),
                               1e-3, 2e-2)
-    assert P.read_profiles(onnx_dir) == json.loads(json.dumps(record))
+    assert P.read_profiles(tiny_onnx_dir) == json.loads(json.dumps(record))
     for graph, cmd in record["polygraphy"].items():
         assert " --trt --onnxrt --strongly-typed " in cmd
         cpu_side = cmd.replace(" --trt ", " ").replace("polygraphy ", f"{polygraphy} ", 1)
-        proc = subprocess.run(cpu_side, shell=True, cwd=onnx_dir, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(cpu_side, shell=True, cwd=tiny_onnx_dir, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0 and "PASSED" in proc.stdout + proc.stderr, (graph, proc.stderr[-2000:])
 
 
@@ -128,9 +116,9 @@ def test_stale_reason(stored, reason):
     assert T.stale_reason(stored, WANTED) == reason
 
 
-def test_engine_identity_tracks_the_graph_bytes(onnx_dir, tmp_path):
+def test_engine_identity_tracks_the_graph_bytes(tiny_onnx_dir, tmp_path):
     graph = tmp_path / "g.onnx"
-    shutil.copyfile(onnx_dir / "encoder_model.onnx", graph)
+    shutil.copyfile(tiny_onnx_dir / "encoder_model.onnx", graph)
     device = {"gpu": "NVIDIA H200", "compute_capability": "9.0"}
     before = T.engine_identity(graph, {}, 4096, "10.8.0", device)
     graph.write_bytes(graph.read_bytes() + b"\0")
@@ -196,27 +184,27 @@ class OrtRunner:
 
 
 @pytest.mark.parametrize("beams", [1, 3])
-def test_trt_stepper_buffers_decode_like_ort(onnx_dir, bundle, beams):
+def test_trt_stepper_buffers_decode_like_ort(tiny_onnx_dir, tiny_module_bundle, beams):
     """Oracle: OrtStepper over the same graphs. TrtStepper's swapped K/V buffers, once-per-source cross K/V and
     beam reorders must give the same tokens."""
-    sessions, meta = load_sessions(onnx_dir), read_sidecar(onnx_dir)
-    enc = bundle.tokenizer([p.zh for p in load_split("test", limit=6)], padding=True, return_tensors="pt")
+    sessions, meta = load_sessions(tiny_onnx_dir), read_sidecar(tiny_onnx_dir)
+    enc = tiny_module_bundle.tokenizer([p.zh for p in load_split("test", limit=6)], padding=True, return_tensors="pt")
     cfg = DecodeConfig(max_new_tokens=24, num_beams=beams)
     want = decode(OrtStepper(sessions, meta), enc["input_ids"], enc["attention_mask"], cfg)
     stepper = T.TrtStepper({g: OrtRunner(s) for g, s in sessions.items()}, meta, "cpu", capacity=25)
     assert decode(stepper, enc["input_ids"], enc["attention_mask"], cfg) == want
 
 
-def test_engine_session_compares_like_an_ort_session(onnx_dir, bundle):
+def test_engine_session_compares_like_an_ort_session(tiny_onnx_dir, tiny_module_bundle):
     """EngineSession (numpy in and out around a runner) lets trt_verify.compare check engines: with ONNX
     Runtime behind it, it must reproduce ONNX Runtime exactly."""
-    sessions, meta = load_sessions(onnx_dir), read_sidecar(onnx_dir)
+    sessions, meta = load_sessions(tiny_onnx_dir), read_sidecar(tiny_onnx_dir)
 
     class Runner(OrtRunner):
         dtypes: dict = {}
 
     stand_in = {g: T.EngineSession(Runner(s), g, meta["model"], device="cpu") for g, s in sessions.items()}
-    result = compare(sessions, stand_in, random_feeds(sessions, bundle.model, PARITY_CASES[:1]), atol=1e-12, rtol=0.0)
+    result = compare(sessions, stand_in, random_feeds(sessions, tiny_module_bundle.model, PARITY_CASES[:1]), atol=1e-12, rtol=0.0)
     assert result["passed"] and result["worst"]["max_abs"] == 0.0
 
 
@@ -224,18 +212,18 @@ def test_engine_session_compares_like_an_ort_session(onnx_dir, bundle):
 
 
 @pytest.mark.tensorrt
-def test_engines_build_and_decode_like_ort(onnx_dir, bundle, tmp_path):
+def test_engines_build_and_decode_like_ort(tiny_onnx_dir, tiny_module_bundle, tmp_path):
     directory = tmp_path / "fp32"
-    shutil.copytree(onnx_dir, directory)
+    shutil.copytree(tiny_onnx_dir, directory)
     P.write_profiles(directory, P.Axes(P.Dim(1, 1, 4), P.Dim(1, 8, 64), P.Dim(1, 1, 24), P.Dim(0, 6, 24)),
                      1e-3, 2e-2)
     logs = []
     plans = T.ensure_engines(directory, {"name": "fp32", "passed": True, "detail": ""}, logs.append)
     assert set(plans) == {"encoder", "decoder", "decoder_with_past"} and all("no engine yet" in m for m in logs)
     assert T.ensure_engines(directory, {"passed": True}, logs.append) == plans and len(logs) == 3  # reused
-    enc = bundle.tokenizer([p.zh for p in load_split("test", limit=4)], padding=True, return_tensors="pt")
+    enc = tiny_module_bundle.tokenizer([p.zh for p in load_split("test", limit=4)], padding=True, return_tensors="pt")
     cfg = DecodeConfig(max_new_tokens=20)
-    want = decode(OrtStepper(load_sessions(onnx_dir), read_sidecar(onnx_dir)), enc["input_ids"],
+    want = decode(OrtStepper(load_sessions(tiny_onnx_dir), read_sidecar(tiny_onnx_dir)), enc["input_ids"],
                   enc["attention_mask"], cfg)
     assert decode(T.TrtStepper.from_dir(directory), enc["input_ids"], enc["attention_mask"], cfg) == want
     assert np.isfinite(T.read_engine_sidecar(plans["encoder"])["build_seconds"])

@@ -11,16 +11,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from labkit.config import Preset
-from labkit.core.bundle import load_bundle
 from labkit.core.data import load_split
 from labkit.core.decode import DecodeConfig
 from labkit.engines import trt_graphs as G
 from labkit.engines import trt_verify as V
-from labkit.engines.onnx_export import export
 from labkit.engines.onnx_graphs import FILES, read_sidecar
 from labkit.engines.ort import load_sessions
 from labkit.engines.ort_int8 import calibration_feeds, evaluate_dir, gate_pairs
@@ -30,42 +27,30 @@ modelopt = pytest.importorskip("modelopt.onnx.autocast", reason="needs the graph
 
 
 @pytest.fixture(scope="module")
-def bundle(tiny_bundle_dir):
-    torch.set_num_threads(1)
-    return load_bundle(tiny_bundle_dir)
-
-
-@pytest.fixture(scope="module")
-def onnx_dir(bundle, tmp_path_factory):
-    """The tiny fixture's TorchScript export (seconds; ModelOpt converts either exporter's graphs)."""
-    return export(bundle, tmp_path_factory.mktemp("onnx") / "fp32", exporters=("torchscript",))
-
-
-@pytest.fixture(scope="module")
-def feeds(onnx_dir, bundle):
+def feeds(tiny_onnx_dir, tiny_module_bundle):
     texts = [p.zh for p in load_split("train", limit=12)]
-    return calibration_feeds(onnx_dir, bundle.tokenizer, texts, DecodeConfig(max_new_tokens=16), batch=6, keep_every=3)
+    return calibration_feeds(tiny_onnx_dir, tiny_module_bundle.tokenizer, texts, DecodeConfig(max_new_tokens=16), batch=6, keep_every=3)
 
 
 @pytest.fixture(scope="module")
-def ranges(onnx_dir, feeds):
-    return G.measure_ranges(onnx_dir, feeds)
+def ranges(tiny_onnx_dir, feeds):
+    return G.measure_ranges(tiny_onnx_dir, feeds)
 
 
 @pytest.fixture(scope="module")
-def fp16_dir(onnx_dir, ranges, tmp_path_factory):
-    return G.make_fp16(onnx_dir, tmp_path_factory.mktemp("fp16") / "g", G.keep_fp32(onnx_dir, ranges))
+def fp16_dir(tiny_onnx_dir, ranges, tmp_path_factory):
+    return G.make_fp16(tiny_onnx_dir, tmp_path_factory.mktemp("fp16") / "g", G.keep_fp32(tiny_onnx_dir, ranges))
 
 
 @pytest.fixture(scope="module")
-def int8_dir(onnx_dir, feeds, tmp_path_factory):
-    return G.make_int8(onnx_dir, tmp_path_factory.mktemp("int8") / "g", feeds, "modelopt")
+def int8_dir(tiny_onnx_dir, feeds, tmp_path_factory):
+    return G.make_int8(tiny_onnx_dir, tmp_path_factory.mktemp("int8") / "g", feeds, "modelopt")
 
 
 @pytest.fixture(scope="module")
-def test_feeds(onnx_dir, bundle):
+def test_feeds(tiny_onnx_dir, tiny_module_bundle):
     """Real decode feeds of unseen (test) sentences: what int8 parity is checked on."""
-    return V.decode_feeds(onnx_dir, bundle.tokenizer, [p.zh for p in load_split("test", limit=6)],
+    return V.decode_feeds(tiny_onnx_dir, tiny_module_bundle.tokenizer, [p.zh for p in load_split("test", limit=6)],
                           DecodeConfig(max_new_tokens=16))
 
 
@@ -127,13 +112,13 @@ def test_covering_feeds_add_longer_decoder_prefixes(feeds):
     assert {1, *G.COVER_TARGETS} <= lengths and covered["encoder"] is feeds["encoder"]
 
 
-def test_the_masks_overflow_and_stay_fp32(onnx_dir, ranges):
+def test_the_masks_overflow_and_stay_fp32(tiny_onnx_dir, ranges):
     """The export's attention masks hold finfo(float32).min: measured as overflow, in every graph, and the
     causal mask of the first-step decoder too (it exists only for prefixes longer than one token)."""
     overflow = {(r.graph, r.op) for r in ranges if r.flag == "overflow"}
     assert {g for g, _ in overflow} == set(FILES)
-    keep = G.keep_fp32(onnx_dir, ranges)
-    model = onnx.load(str(onnx_dir / FILES["decoder"]))
+    keep = G.keep_fp32(tiny_onnx_dir, ranges)
+    model = onnx.load(str(tiny_onnx_dir / FILES["decoder"]))
     softmax = {n.name for n in model.graph.node if n.op_type == "Softmax"}
     assert softmax and softmax <= set(keep["decoder"]), "every decoder softmax reads a masked score"
 
@@ -141,24 +126,24 @@ def test_the_masks_overflow_and_stay_fp32(onnx_dir, ranges):
 # --------------------------------------------------------------------------- fp16 copies
 
 
-def test_fp16_copy_keeps_the_measured_nodes_and_passes_its_checks(onnx_dir, fp16_dir, ranges, bundle):
-    keep = G.keep_fp32(onnx_dir, ranges)
-    checks = [V.fp16_structure(fp16_dir, keep), V.ort_parity(onnx_dir, fp16_dir, bundle.model, "fp16"),
-              V.fp16_numerics(onnx_dir, fp16_dir, bundle.model)]
+def test_fp16_copy_keeps_the_measured_nodes_and_passes_its_checks(tiny_onnx_dir, fp16_dir, ranges, tiny_module_bundle):
+    keep = G.keep_fp32(tiny_onnx_dir, ranges)
+    checks = [V.fp16_structure(fp16_dir, keep), V.ort_parity(tiny_onnx_dir, fp16_dir, tiny_module_bundle.model, "fp16"),
+              V.fp16_numerics(tiny_onnx_dir, fp16_dir, tiny_module_bundle.model)]
     assert all(c.passed for c in checks), checks
     assert read_sidecar(fp16_dir)["precision"] == "fp16" and read_sidecar(fp16_dir)["fp16"]["keep_fp32"] == keep
     assert checks[2].where == V.REFERENCE and checks[1].where == V.ORT
 
 
-def test_reference_session_matches_onnxruntime_on_fp32(onnx_dir, bundle):
+def test_reference_session_matches_onnxruntime_on_fp32(tiny_onnx_dir, tiny_module_bundle):
     """The true-fp16 runner is only as good as its adapter: on fp32 graphs it must match ORT to rounding."""
-    parent = load_sessions(onnx_dir)
-    feeds = V.random_feeds(parent, bundle.model, V.PARITY_CASES[:1])
-    result = V.compare(parent, V.reference_sessions(onnx_dir), feeds, atol=1e-5, rtol=1e-5)
+    parent = load_sessions(tiny_onnx_dir)
+    feeds = V.random_feeds(parent, tiny_module_bundle.model, V.PARITY_CASES[:1])
+    result = V.compare(parent, V.reference_sessions(tiny_onnx_dir), feeds, atol=1e-5, rtol=1e-5)
     assert result["passed"], result
 
 
-def test_fp16_parity_fails_a_perturbed_layer_norm(onnx_dir, fp16_dir, bundle, tmp_path):
+def test_fp16_parity_fails_a_perturbed_layer_norm(tiny_onnx_dir, fp16_dir, tiny_module_bundle, tmp_path):
     """The fp16 tolerance is tight enough to catch a real error: the encoder's last LayerNorm scale x 1.05
     (its output is the graph's, so it moves by ~5 % of max|x|; fp16 rounding moves it ~0.1 %)."""
     broken = tmp_path / "broken"
@@ -174,22 +159,22 @@ def test_fp16_parity_fails_a_perturbed_layer_norm(onnx_dir, fp16_dir, bundle, tm
     meta = read_sidecar(fp16_dir)
     meta["file_bytes"][FILES["encoder"]] = path.stat().st_size
     (broken / "onnx.json").write_text(json.dumps(meta))
-    assert not V.ort_parity(onnx_dir, broken, bundle.model, "fp16").passed
+    assert not V.ort_parity(tiny_onnx_dir, broken, tiny_module_bundle.model, "fp16").passed
 
 
-def test_fp16_tokens_in_true_fp16_match_fp32(onnx_dir, fp16_dir, bundle):
+def test_fp16_tokens_in_true_fp16_match_fp32(tiny_onnx_dir, fp16_dir, tiny_module_bundle):
     preset = Preset.from_name("ci").with_(max_new_tokens=16)
     pairs = gate_pairs(preset)[:3]
-    fp32 = evaluate_dir(onnx_dir, bundle, preset, pairs)
-    check = V.fp16_tokens(fp16_dir, bundle, preset, [p.zh for p in pairs], fp32["ids"])
+    fp32 = evaluate_dir(tiny_onnx_dir, tiny_module_bundle, preset, pairs)
+    check = V.fp16_tokens(fp16_dir, tiny_module_bundle, preset, [p.zh for p in pairs], fp32["ids"])
     assert check.where == V.REFERENCE and check.passed, check
 
 
 # --------------------------------------------------------------------------- int8 copies
 
 
-def test_int8_copy_is_symmetric_qdq_and_close_on_real_feeds(onnx_dir, int8_dir, bundle, test_feeds):
-    checks = [V.int8_structure(int8_dir), V.ort_parity(onnx_dir, int8_dir, bundle.model, "int8", test_feeds)]
+def test_int8_copy_is_symmetric_qdq_and_close_on_real_feeds(tiny_onnx_dir, int8_dir, tiny_module_bundle, test_feeds):
+    checks = [V.int8_structure(int8_dir), V.ort_parity(tiny_onnx_dir, int8_dir, tiny_module_bundle.model, "int8", test_feeds)]
     assert all(c.passed for c in checks), checks
     assert read_sidecar(int8_dir)["quantization"]["tool"] == "modelopt"
 
@@ -210,7 +195,7 @@ def test_int8_structure_catches_a_nonzero_zero_point(int8_dir, tmp_path):
     assert not V.int8_structure(broken).passed
 
 
-def test_labkit_qdq_fallback_passes_the_same_checks(onnx_dir, tiny_bundle_dir, tmp_path):
+def test_labkit_qdq_fallback_passes_the_same_checks(tiny_onnx_dir, tiny_bundle_dir, tmp_path):
     """Notebook 05's QDQ where ModelOpt is absent. In its own process: ModelOpt's PTQ, run by other tests
     here, patches onnxruntime.quantization in place."""
     code = f"""
@@ -222,11 +207,11 @@ from labkit.engines import trt_graphs as G, trt_verify as V
 from labkit.engines.ort_int8 import calibration_feeds
 b = load_bundle({str(tiny_bundle_dir)!r})
 cfg = DecodeConfig(max_new_tokens=16)
-feeds = calibration_feeds({str(onnx_dir)!r}, b.tokenizer, [p.zh for p in load_split("train", limit=12)], cfg, batch=6,
+feeds = calibration_feeds({str(tiny_onnx_dir)!r}, b.tokenizer, [p.zh for p in load_split("train", limit=12)], cfg, batch=6,
                           keep_every=3)
-out = G.make_int8({str(onnx_dir)!r}, {str(tmp_path / "qdq")!r}, feeds, "labkit-qdq")
-test = V.decode_feeds({str(onnx_dir)!r}, b.tokenizer, [p.zh for p in load_split("test", limit=6)], cfg)
-checks = [V.int8_structure(out), V.ort_parity({str(onnx_dir)!r}, out, b.model, "int8", test)]
+out = G.make_int8({str(tiny_onnx_dir)!r}, {str(tmp_path / "qdq")!r}, feeds, "labkit-qdq")
+test = V.decode_feeds({str(tiny_onnx_dir)!r}, b.tokenizer, [p.zh for p in load_split("test", limit=6)], cfg)
+checks = [V.int8_structure(out), V.ort_parity({str(tiny_onnx_dir)!r}, out, b.model, "int8", test)]
 assert all(c.passed for c in checks), checks
 """
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -251,18 +236,18 @@ def test_gate_of_fails_on_one_failed_check_and_says_where():
     assert V.gate_of("int8", [ok])["passed"] is True
 
 
-def test_ensure_trt_graphs_builds_once_and_calibrates_at_most_once(onnx_dir, bundle, feeds, tmp_path, monkeypatch):
+def test_ensure_trt_graphs_builds_once_and_calibrates_at_most_once(tiny_onnx_dir, tiny_module_bundle, feeds, tmp_path, monkeypatch):
     """One builder shape: the second call reuses ranges, fp16 and int8 copies without decoding a sentence."""
     monkeypatch.setenv("LABKIT_ARTIFACTS", str(tmp_path))
-    monkeypatch.setattr(G, "ensure_onnx", lambda preset, bundle: onnx_dir)
+    monkeypatch.setattr(G, "ensure_onnx", lambda preset, bundle: tiny_onnx_dir)
     calls = []
 
     def feeds_fn():
         calls.append(1)
         return feeds
 
-    first = G.ensure_trt_graphs(Preset.from_name("ci"), bundle, feeds_fn)
+    first = G.ensure_trt_graphs(Preset.from_name("ci"), tiny_module_bundle, feeds_fn)
     assert len(calls) == 1 and first.fp16.exists() and first.int8.exists()
-    second = G.ensure_trt_graphs(Preset.from_name("ci"), bundle, feeds_fn)
+    second = G.ensure_trt_graphs(Preset.from_name("ci"), tiny_module_bundle, feeds_fn)
     assert len(calls) == 1 and second.keep == first.keep and second.ranges == first.ranges
     assert read_sidecar(second.fp16)["artifact"]["recipe"]["keep_fp32"] == first.keep
