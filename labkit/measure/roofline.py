@@ -16,8 +16,8 @@ What is counted (`StepBytes`), from what a variant actually runs, never from its
   every step after the first), at their stored dtype (fp32 4 bytes, int8/uint8 1 byte, with their
   scales and zero points). An initializer read only by Gather/GatherND (an embedding lookup) costs
   one row per token; one also read by a MatMul/Gemm (a tied LM head) costs its whole size. Parts:
-  `layer.i` (name, exporter scope metadata, or the position in the graph before layer i's named
-  norms/biases), `lm_head` (named so, or everything after the last layer: head, final bias),
+  `layer.i` (name, exporter scope metadata, or the nearest named bias/norm downstream of the weight's
+  reader), `lm_head` (named so, or nothing named downstream: the head and its final bias),
   `embeddings` (lookups), `other`. Cross-attention K/V projections are not in that graph (they run
   once per sentence), so they are not counted.
 - PyTorch (`torch_step_bytes`): the decoder's parameters and buffers at their dtype, minus the
@@ -176,23 +176,39 @@ def _sort_parts(parts: dict) -> dict:
 # ONNX ------------------------------------------------------------------------
 
 
-def _node_text(node, inits) -> str:
-    """Everything on a node that can name its module: name, exporter scope metadata, initializer inputs."""
+def _node_text(node, named) -> str:
+    """Everything on a node that can name its module: name, exporter scope metadata, initializer inputs.
+
+    `named` holds the initializers whose name may label their reader: ORT's optimizer merges identical
+    constants (the all-ones norms of a random-weight model), so a shared 'layers.0...' name says nothing.
+    """
     meta = " ".join(p.value for p in node.metadata_props)
-    return " ".join([node.name, meta, *(i for i in node.input if i in inits)])
+    return " ".join([node.name, meta, *(i for i in node.input if i in named)])
 
 
-def _node_parts(nodes, inits) -> list[str]:
-    """Part of every node: its own label, else the next labelled node's (a layer's MatMuls precede its
-    named norms and biases), 'lm_head' after the last layer (head and final bias), 'other' if no labels."""
-    own = [("lm_head" if "lm_head" in t else layer_part(t)) for t in (_node_text(n, inits) for n in nodes)]
-    seen_layer = any(p and p.startswith("layer.") for p in own)
-    out, nxt = [None] * len(nodes), "lm_head" if seen_layer else "other"
-    for i in range(len(nodes) - 1, -1, -1):
-        if own[i] and own[i].startswith("layer."):
-            nxt = own[i]
-        out[i] = own[i] or nxt
-    return out
+def _own_part(node, named) -> str | None:
+    """'lm_head' or 'layer.i' when the node's name, scope or (unshared) weights say so, else None."""
+    text = _node_text(node, named)
+    return "lm_head" if "lm_head" in text else layer_part(text)
+
+
+def _downstream_part(node, consumers: dict, own: dict, fallback: str, limit: int = 64) -> str:
+    """The part of the nearest node downstream of `node` (breadth-first over data edges) that names its own
+    part: a layer's MatMul feeds its named bias, norm or residual add. Optimizers reorder nodes, so the
+    graph's node order alone does not say which layer a weight belongs to."""
+    frontier, seen = [node], {id(node)}
+    for _ in range(limit):
+        nxt = []
+        for n in frontier:
+            for c in (c for o in n.output for c in consumers.get(o, []) if id(c) not in seen):
+                if own[id(c)]:
+                    return own[id(c)]
+                seen.add(id(c))
+                nxt.append(c)
+        if not nxt:
+            break
+        frontier = nxt
+    return fallback
 
 
 def _final_consumers(name: str, consumers: dict, inits, depth: int = 4) -> list:
@@ -226,7 +242,10 @@ def onnx_step_bytes(model, gathered_rows: Mapping[str, int] | None = None, sourc
     for node in graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
-    node_part = dict(zip((id(n) for n in graph.node), _node_parts(list(graph.node), inits), strict=True))
+    named = {i for i in inits if len(consumers.get(i, [])) == 1}
+    own = {id(n): _own_part(n, named) for n in graph.node}
+    # Weights downstream of no named node come after the last layer: the LM head and its bias.
+    fallback = "lm_head" if any(p and p.startswith("layer.") for p in own.values()) else "other"
     parts: dict[str, dict[str, int]] = {}
     for name, init in inits.items():
         dtype = tensor_dtype_to_np_dtype(init.data_type)
@@ -239,7 +258,8 @@ def onnx_step_bytes(model, gathered_rows: Mapping[str, int] | None = None, sourc
         elif "lm_head" in name:
             part = "lm_head"
         else:
-            part = layer_part(name) or node_part[id(readers[0])]
+            reader = readers[0]
+            part = layer_part(name) or own[id(reader)] or _downstream_part(reader, consumers, own, fallback)
         _add(parts, part, str(dtype), nbytes)
     return StepBytes(_sort_parts(parts), source, "initializers at stored dtype; lookup-only tables one row per token")
 
