@@ -157,7 +157,7 @@ def agreement_with(result: dict, baseline: dict | None) -> float | None:
 
 def run_bench(preset: Preset, bundle: Bundle, variants=None, threads: int | None = None,
               write_ledger: bool = True, notebook: str = "labkit-bench", progress: bool = True,
-              gates: Mapping[str, dict] | None = None) -> pd.DataFrame:
+              gates: Mapping[str, dict] | None = None, bandwidth: roofline.Bandwidth | None = None) -> pd.DataFrame:
     """Gate every variant, then time those that passed, each in its own process; one row per variant.
 
     Columns: variant, status (ok | failed | skipped), gate, gate_passed, reason, backend,
@@ -166,12 +166,16 @@ def run_bench(preset: Preset, bundle: Bundle, variants=None, threads: int | None
     and skipped rows are not timed: their numbers are NaN. Ratios are NaN without a torch row.
     `gates` ({variant: gate}) are gates the caller measured on the same artifacts (notebook 05).
     `variants` default to `default_variants(preset)`. Workers load the bundle again by its key.
+    Roofline columns (labkit.lab.bench_roofline) use `bandwidth`, else one measured here in its own
+    process; `df.attrs["bandwidth"]` holds it.
     """
     threads = threads or preset.threads
     variants = parse_variants(variants or default_variants(preset))
     checks = check_variants(preset, variants, bundle, gates)  # every gate before any timing
     results = {}
-    bw = roofline.bandwidth_in_process(threads) if any(c.status == "ok" for c in checks.values()) else None
+    bw = bandwidth
+    if bw is None and any(c.status == "ok" for c in checks.values()):
+        bw = roofline.bandwidth_in_process(threads)
     if progress and bw is not None:
         print(f"bench {preset.name}: {bw}", file=sys.stderr, flush=True)
     for v, check in checks.items():

@@ -69,7 +69,7 @@ def add_roofline(df: pd.DataFrame, checks: Mapping[str, Check], bundle: Bundle,
                         "bytes_by_part": sb.by_part()}
         rows.append(out)
     out = df.reset_index(drop=True).join(pd.DataFrame(rows))
-    out.attrs["bandwidth"] = None if bw is None else bw.as_dict()
+    out.attrs["bandwidth"] = bw  # the measurement itself: a notebook reuses it for a second run_bench
     return out
 
 
@@ -85,8 +85,8 @@ def roofline_metrics(row) -> dict:
 
 def footer(df: pd.DataFrame) -> list[str]:
     """The table's closing lines on the limit: the bandwidth with its spread, and what the columns mean."""
-    bw = df.attrs.get("bandwidth")
-    if not bw:
+    if df.attrs.get("bandwidth") is None:
         return []
+    bw = df.attrs["bandwidth"].as_dict()
     return [f"memory bandwidth (torch.sum over {bw['buffer_mb']:.0f} MB, {bw['threads']} threads, own process): "
             f"{bw['median_gbps']:.1f} GB/s, p5-p95 {bw['p5_gbps']:.1f}-{bw['p95_gbps']:.1f}, n={bw['n']}", FOOTER]
