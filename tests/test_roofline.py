@@ -126,6 +126,7 @@ def test_bandwidth_is_a_positive_number_with_its_threads():
     assert all(math.isfinite(g) and g > 0 for g in bw.gbps)
     lo, hi = bw.spread
     assert lo <= bw.median_gbps <= hi and "1 threads" in str(bw)
+    assert bw.cpu_share > 0  # how much CPU the reads got: a busy machine says so
 
 
 def test_bench_rows_get_roofline_columns_and_ledger_keys(tmp_path, monkeypatch):

@@ -37,7 +37,8 @@ caches (a model whose weights fit in L2/L3 is not bandwidth-bound: the ci teache
 
 How `bandwidth` measures: `torch.sum` over a 256 MB float32 tensor (too big for any cache) with
 `threads` intra-op threads, after warm-up, repeated; GB/s = bytes / time (10^9 bytes), median and
-p5-p95 spread. `bandwidth_in_process` runs it in a child process with the thread env pinned, as the
+p5-p95 spread, and the share of its threads' CPU time it got: on shared cores (other jobs running)
+a read is preempted and the number is the busy machine's, not the memory's; it says so. `bandwidth_in_process` runs it in a child process with the thread env pinned, as the
 bench runs its workers (`python -m labkit.measure.roofline --threads N`).
 """
 
@@ -50,6 +51,7 @@ import os
 import re
 import struct
 import sys
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +77,7 @@ class Bandwidth:
     gbps: tuple[float, ...]  # one per timed read of the whole buffer
     threads: int  # intra-op threads while reading
     buffer_mb: float  # size of the buffer read (MB = 2^20 bytes)
+    cpu_share: float | None = None  # process CPU time / (wall time x threads) while timed: < ~0.9 = cores shared
 
     @property
     def median_gbps(self) -> float:
@@ -88,12 +91,15 @@ class Bandwidth:
     def as_dict(self) -> dict[str, Any]:
         lo, hi = self.spread
         return {"median_gbps": self.median_gbps, "p5_gbps": lo, "p95_gbps": hi, "n": len(self.gbps),
-                "threads": self.threads, "buffer_mb": self.buffer_mb}
+                "threads": self.threads, "buffer_mb": self.buffer_mb, "cpu_share": self.cpu_share}
 
     def __str__(self) -> str:
         lo, hi = self.spread
+        busy = "" if self.cpu_share is None else f"; it got {100 * self.cpu_share:.0f} % of its {self.threads} threads' CPU"
+        if self.cpu_share is not None and self.cpu_share < 0.8:
+            busy += ": the cores were shared, so this is a busy machine's bandwidth, not the memory's"
         return (f"memory bandwidth {self.median_gbps:.1f} GB/s (p5-p95 {lo:.1f}-{hi:.1f}, n={len(self.gbps)}, "
-                f"{self.threads} threads, torch.sum over {self.buffer_mb:.0f} MB float32)")
+                f"{self.threads} threads, torch.sum over {self.buffer_mb:.0f} MB float32{busy})")
 
 
 def bandwidth(threads: int, buffer_mb: float = 256, warmup: int = 3, repeats: int = 15) -> Bandwidth:
@@ -104,11 +110,15 @@ def bandwidth(threads: int, buffer_mb: float = 256, warmup: int = 3, repeats: in
     torch.set_num_threads(threads)
     try:
         x = torch.ones(int(buffer_mb * 2**20) // 4, dtype=torch.float32)  # touched: every page is resident
-        m = timing.measure(lambda: float(x.sum()), warmup=warmup, repeats=repeats)
+        for _ in range(warmup):
+            float(x.sum())
+        cpu = time.process_time()
+        m = timing.measure(lambda: float(x.sum()), warmup=0, repeats=repeats)
+        share = (time.process_time() - cpu) / (sum(m.times_ms) / 1e3 * threads)
     finally:
         torch.set_num_threads(before)
     nbytes = x.numel() * 4
-    return Bandwidth(tuple(nbytes / (t / 1e3) / 1e9 for t in m.times_ms), threads, buffer_mb)
+    return Bandwidth(tuple(nbytes / (t / 1e3) / 1e9 for t in m.times_ms), threads, buffer_mb, round(share, 3))
 
 
 def bandwidth_in_process(threads: int, buffer_mb: float = 256, timeout: float = 300) -> Bandwidth:
@@ -118,7 +128,7 @@ def bandwidth_in_process(threads: int, buffer_mb: float = 256, timeout: float = 
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     out = timing.time_command([sys.executable, "-m", "labkit.measure.roofline", "--threads", threads,
                                "--buffer-mb", buffer_mb], timeout=timeout, env=env)
-    return Bandwidth(tuple(out["gbps"]), int(out["threads"]), float(out["buffer_mb"]))
+    return Bandwidth(tuple(out["gbps"]), int(out["threads"]), float(out["buffer_mb"]), out.get("cpu_share"))
 
 
 # --------------------------------------------------------------------------- bytes per decode step
@@ -399,7 +409,8 @@ def _main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     timing.pin_threads(args.threads)
     bw = bandwidth(args.threads, args.buffer_mb)
-    print(json.dumps({"gbps": list(bw.gbps), "threads": bw.threads, "buffer_mb": bw.buffer_mb}))
+    print(json.dumps({"gbps": list(bw.gbps), "threads": bw.threads, "buffer_mb": bw.buffer_mb,
+                      "cpu_share": bw.cpu_share}))
     return 0
 
 
