@@ -79,6 +79,8 @@ def tune_threads(preset: Preset, bundle: Bundle, variants=DEFAULT_TUNED, threads
             rows.append({"variant": v, "setting": trial.setting, "intra": intra, "inter": trial.inter,
                          "p50_ms": r["p50"], "p95_ms": r["p95"], "noisy": r["noisy"],
                          "sentences_per_s": r["sentences_per_s"]})
+            if progress:  # a long trial on a busy machine still leaves its rows behind
+                print(f"tune-threads {preset.name}: {rows[-1]}", file=sys.stderr, flush=True)
     return pd.DataFrame(rows)
 
 
