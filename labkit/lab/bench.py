@@ -90,6 +90,9 @@ class BenchSpec:
 
 
 SPEC = BenchSpec()
+# ONNX Runtime's idle intra-op threads sleep instead of spinning in bench workers: on shared cores spinning
+# cost ort-int8 2.3x at batch 1 (`labkit bench --preset opus-mt-shape --tune-threads`, labkit.lab.bench_threads).
+ORT_SPIN = False
 
 
 # --------------------------------------------------------------------------- primitives
@@ -105,7 +108,7 @@ def bench_inputs(preset) -> tuple[list[str], list[str]]:
 
 
 def worker(variant: str, preset_name: str, threads: int, bundle_name: str = "teacher",
-           artifact: str | None = None, spin: bool = True, inter_threads: int = 1) -> dict[str, Any]:
+           artifact: str | None = None, spin: bool = ORT_SPIN, inter_threads: int = 1) -> dict[str, Any]:
     """Load one variant (the gated `artifact`), translate, time; the dict is the child's one JSON line.
 
     `spin` (ONNX Runtime) and `inter_threads` (CTranslate2) are the engines' own thread settings."""
@@ -361,10 +364,11 @@ def _worker_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, required=True)
     parser.add_argument("--bundle", default="teacher")
     parser.add_argument("--artifact", default=None, help="the gated directory to run (default: artifact_for)")
-    parser.add_argument("--no-spin", action="store_true", help="ONNX Runtime: idle intra-op threads sleep")
+    parser.add_argument("--spin", choices=("on", "off"), default="on" if ORT_SPIN else "off",
+                        help="ONNX Runtime: idle intra-op threads spin (on) or sleep (off)")
     parser.add_argument("--inter-threads", type=int, default=1, help="CTranslate2: batches run in parallel")
     args = parser.parse_args(argv)
-    result = worker(args.worker, args.preset, args.threads, args.bundle, args.artifact, spin=not args.no_spin,
+    result = worker(args.worker, args.preset, args.threads, args.bundle, args.artifact, spin=args.spin == "on",
                     inter_threads=args.inter_threads)
     print(json.dumps(result))
     return 0

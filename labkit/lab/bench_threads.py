@@ -5,14 +5,21 @@
 
 Each trial is one bench worker (labkit.lab.bench.worker: batch-1 p50/p95 over the bench sentences,
 sentences/s at batch 16) with one setting changed, after the variant passed its gate:
-- ONNX Runtime: intra-op spinning on (the default) or off (`session.intra_op.allow_spinning=0`).
+- ONNX Runtime: intra-op spinning on, or off (`session.intra_op.allow_spinning=0`, the bench's default).
 - CTranslate2: `intra_threads` x `inter_threads` (2x1, or 1x2: two batches in parallel, one thread
   each) and the OpenMP wait policy of its thread pool (`OMP_WAIT_POLICY` unset, PASSIVE, ACTIVE).
 
-What the bench uses, and why (`DEFAULTS`): measured on this machine (2 shared cores, opus-mt-shape,
-2 threads) with `labkit bench --preset opus-mt-shape --tune-threads`; the numbers are in README.md.
-The bench keeps ORT spinning and CTranslate2 at intra = threads, inter = 1 with the wait policy
-unset, because no other setting was faster beyond the noise at batch 1 or batch 16 (see README).
+What the bench uses, and why: ONNX Runtime without spinning (`labkit.lab.bench.ORT_SPIN`), CTranslate2
+at intra = threads, inter = 1 with the OpenMP wait policy unset: each engine's fastest batch-1 setting
+in this trial (PASSIVE's batch-16 edge, 10.5 vs 9.2 sentences/s, is inside the noise). Measured with `labkit bench --preset opus-mt-shape --tune-threads` (2 threads, 8 sentences x 3
+passes at batch 1, 32 sentences at batch 16) on the shared 2-core machine while other jobs ran (load
+average ~20, so every row but two is flagged noisy and the trials, run one after another, saw different
+load): batch-1 p50 ms / sentences/s at batch 16 —
+    ort-int8  spin 4009 / 1.54;  no spin 1711 / 2.10
+    ct2-int8  OMP_WAIT_POLICY unset 376 / 9.24;  PASSIVE 807 / 10.53;  ACTIVE 1900 / 3.71;  intra 1 x inter 2 1724 / 4.49
+Not spinning agrees with labkit.engines.ort.session_options' own measurement on busy cores; on an idle
+machine it costs "a hair". inter = 2 halves the threads per batch and the bench sends one batch at a
+time, so it can only lose. Rerun the trial on an idle machine before trusting the CTranslate2 ordering.
 Left out: torch's OpenMP settings (the baseline runs as shipped), thread counts other than the
 bench's (notebook 01 sweeps those), and core pinning (taskset).
 """
@@ -46,7 +53,7 @@ class Trial:
 
 
 TRIALS = {
-    "onnxruntime": (Trial("spin (default)"), Trial("no spin", spin=False)),
+    "onnxruntime": (Trial("spin"), Trial("no spin (default)", spin=False)),
     "ctranslate2": (Trial("intra=T inter=1, OMP_WAIT_POLICY unset (default)"),
                     Trial("intra=T inter=1, OMP_WAIT_POLICY=PASSIVE", env={"OMP_WAIT_POLICY": "PASSIVE"}),
                     Trial("intra=T inter=1, OMP_WAIT_POLICY=ACTIVE", env={"OMP_WAIT_POLICY": "ACTIVE"}),
@@ -55,8 +62,8 @@ TRIALS = {
 
 
 def trial_args(trial: Trial) -> tuple:
-    """Worker flags of a trial: Trial('no spin', spin=False) -> ('--no-spin', '--inter-threads', 1)."""
-    return (*(() if trial.spin else ("--no-spin",)), "--inter-threads", trial.inter)
+    """Worker flags of a trial: Trial('no spin', spin=False) -> ('--spin', 'off', '--inter-threads', 1)."""
+    return ("--spin", "on" if trial.spin else "off", "--inter-threads", trial.inter)
 
 
 def tune_threads(preset: Preset, bundle: Bundle, variants=DEFAULT_TUNED, threads: int | None = None,
