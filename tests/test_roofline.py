@@ -147,3 +147,14 @@ def test_bench_rows_get_roofline_columns_and_ledger_keys(tmp_path, monkeypatch):
     record = bench.write_records(df, bench.Preset.from_name("ci"))[0]
     assert record["metrics"]["bytes_per_token_mb"] == pytest.approx(1413e-6)
     assert record["metrics"]["pct_of_bandwidth_limit"] == pytest.approx(row.pct_of_limit)
+
+
+def test_roofline_chart_draws_the_bound_and_one_point_per_variant():
+    from labkit.measure import plots
+
+    table = pd.DataFrame({"variant": ["ort-fp32", "ort-int8"], "bytes_per_token_mb": [200.0, 50.0],
+                          "ms_per_token": [12.0, 4.0]})
+    fig = plots.roofline_chart(table, 25.0, (20.0, 30.0))
+    bound = fig.data[0]
+    assert list(bound.y) == [x / 25.0 for x in bound.x]  # ms = MB / (GB/s)
+    assert [t.name for t in fig.data[3:]] == ["ort-fp32", "ort-int8"] and fig.data[3].y == (12.0,)
