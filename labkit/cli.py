@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from labkit.config import PRESETS
-from labkit.lab import gpu_check
+from labkit.lab import bench_threads, gpu_check
 from labkit.lab.bench import add_arguments, bench_command
 from labkit.lab.runner import RunnerError, run_notebooks
 
@@ -66,11 +66,14 @@ def run(args: argparse.Namespace) -> int:
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
     add_arguments(parser)
+    bench_threads.add_tune_argument(parser)
 
 
 def bench(args: argparse.Namespace) -> int:
-    """Handler of `labkit bench` (labkit.lab.bench.main): 0 ok, 1 a worker failed, 2 bad input."""
-
+    """Handler of `labkit bench` (labkit.lab.bench.main): 0 ok, 1 a worker failed, 2 bad input;
+    `--tune-threads`: the thread-settings trial (labkit.lab.bench_threads) instead."""
+    if getattr(args, "tune_threads", False) and args.preset in PRESETS:
+        return bench_threads.tune_command(args)
     return bench_command(args)
 
 

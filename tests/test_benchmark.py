@@ -13,7 +13,7 @@ from labkit.config import Preset
 from labkit.core.bundle import load_bundle
 from labkit.engines import variants
 from labkit.lab import bench
-from labkit.measure import ledger
+from labkit.measure import ledger, roofline
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +82,7 @@ def fake_workers(monkeypatch):
         return {**_result(100.0 if variant != "torch" else 300.0, 10.0, [[1]]), "threads": threads}
 
     monkeypatch.setattr(bench, "run_variant", run_variant)
+    monkeypatch.setattr(roofline, "bandwidth_in_process", lambda threads, **k: roofline.Bandwidth((10.0,), threads, 8))
     return started
 
 
@@ -117,6 +118,10 @@ def test_a_variant_failing_its_gate_is_recorded_failed_and_not_timed(tiny_bundle
     table = bench.bench_table(df.reset_index())
     assert "ort-int8: bleu-drop<=1.0 FAILED, not timed" in table
     assert "fastest within its gate: ort-fp32" in table
+    # roofline columns from what each ran: the torch decoder and the TorchScript export read the same fp32 bytes
+    assert df.loc["ort-fp32", "bytes_per_token_mb"] == pytest.approx(df.loc["torch", "bytes_per_token_mb"], rel=0.01)
+    assert df.loc["torch", "bound_ms"] == pytest.approx(df.loc["torch", "bytes_per_token_mb"] / 10.0)
+    assert record["metrics"] is None and newest.loc["bench-torch", "record"]["metrics"]["bytes_per_token_mb"] > 0
 
 
 def test_missing_ctranslate2_is_a_recorded_skip(artifacts, monkeypatch, fake_workers, capsys):

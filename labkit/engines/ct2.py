@@ -224,7 +224,8 @@ class Ct2Translator(Translator):
     """
 
     def __init__(self, directory: Path | str, threads: int = 1, compute_type: str | None = None,
-                 decode: DecodeConfig | None = None, max_input_tokens: int | None = None, force: bool = False):
+                 decode: DecodeConfig | None = None, max_input_tokens: int | None = None, force: bool = False,
+                 inter_threads: int = 1):
         ctranslate2 = require_ctranslate2()
         from transformers import MarianTokenizer
 
@@ -235,7 +236,7 @@ class Ct2Translator(Translator):
         self.compute_type = compute_type or self.meta["quantization"]
         self.threads = threads
         self.engine = ctranslate2.Translator(str(self.directory), device="cpu", compute_type=self.compute_type,
-                                             intra_threads=threads, inter_threads=1)
+                                             intra_threads=threads, inter_threads=inter_threads)
         self.tokens = json.loads((self.directory / VOCABULARY_FILE).read_text())
         self.ids = {t: i for i, t in enumerate(self.tokens)}
         pad = self.meta["ids"]["pad"]

@@ -100,16 +100,18 @@ def artifact_for(variant: str, preset: Preset, bundle: Bundle):
     return ensure_ct2(preset, bundle, compute_type)
 
 
-def build_translator(variant: str, preset: Preset, threads: int, bundle: Bundle, artifact=None, spin: bool = True):
+def build_translator(variant: str, preset: Preset, threads: int, bundle: Bundle, artifact=None, spin: bool = True,
+                     inter_threads: int = 1):
     """The Translator-shaped object of `variant`, decoding as the preset says.
 
     `artifact` is the directory to run (default: `artifact_for`, which builds it if missing);
-    `spin=False` lets ONNX Runtime's idle threads sleep (labkit.engines.ort.session_options: servers).
+    `spin=False` lets ONNX Runtime's idle threads sleep (labkit.engines.ort.session_options: servers);
+    `inter_threads` is CTranslate2's count of batches run in parallel (labkit.lab.bench_threads tries both).
     """
     if variant != "torch" and artifact is None:
         artifact = artifact_for(variant, preset, bundle)
     if VARIANTS[variant].backend == "ctranslate2":
-        return Ct2Translator(artifact, threads=threads, decode=decode_config(preset))
+        return Ct2Translator(artifact, threads=threads, decode=decode_config(preset), inter_threads=inter_threads)
     stepper = None
     if variant != "torch":
         stepper = OrtStepper.from_dir(artifact, threads=threads, spin=spin)

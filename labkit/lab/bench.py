@@ -22,7 +22,9 @@ translates the bench sentences once at batch 1 and returns the ids, which the
 parent compares with the PyTorch baseline (agreement), then measures batch-1
 end-to-end latency (p50/p95 over the preset's repeats) and sentences/s at batch
 16, and prints one JSON line. Speed-only presets decode a fixed number of tokens
-(preset.forced_length), so every engine does the same work.
+(preset.forced_length), so every engine does the same work. The memory bandwidth is measured once
+per run in its own process at the same thread count, and every timed row gets the roofline columns
+(bytes of weights per token of what it ran, the bound, achieved GB/s, % of the limit: labkit.lab.bench_roofline).
 
 `--device cuda` times the GPU rung and TensorRT engines instead (labkit.lab.gpu_check).
 Left out: GPU engines in worker processes, concurrency and serving
@@ -54,7 +56,10 @@ from labkit.engines.variants import (  # building and gating live with the engin
     parse_variants,
 )
 from labkit.lab import gpu_check, nb06_tensorrt
-from labkit.measure import ledger, timing
+from labkit.lab.bench_roofline import COLUMNS as ROOFLINE_COLUMNS
+from labkit.lab.bench_roofline import add_roofline, roofline_metrics
+from labkit.lab.bench_roofline import footer as roofline_footer
+from labkit.measure import ledger, roofline, timing
 from labkit.measure.ledger import json_number
 from labkit.measure.quality import agreement, bench_texts, latency, throughput
 from labkit.measure.timing import CommandError
@@ -85,6 +90,9 @@ class BenchSpec:
 
 
 SPEC = BenchSpec()
+# ONNX Runtime's idle intra-op threads sleep instead of spinning in bench workers: on shared cores spinning
+# cost ort-int8 2.3x at batch 1 (`labkit bench --preset opus-mt-shape --tune-threads`, labkit.lab.bench_threads).
+ORT_SPIN = False
 
 
 # --------------------------------------------------------------------------- primitives
@@ -100,13 +108,16 @@ def bench_inputs(preset) -> tuple[list[str], list[str]]:
 
 
 def worker(variant: str, preset_name: str, threads: int, bundle_name: str = "teacher",
-           artifact: str | None = None) -> dict[str, Any]:
-    """Load one variant (the gated `artifact`), translate, time; the dict is the child's one JSON line."""
+           artifact: str | None = None, spin: bool = ORT_SPIN, inter_threads: int = 1) -> dict[str, Any]:
+    """Load one variant (the gated `artifact`), translate, time; the dict is the child's one JSON line.
+
+    `spin` (ONNX Runtime) and `inter_threads` (CTranslate2) are the engines' own thread settings."""
 
     timing.pin_threads(threads)
     preset = Preset.from_name(preset_name).with_(threads=threads)
     start = time.perf_counter()
-    translator = build_translator(variant, preset, threads, bundle_for(preset, bundle_name), artifact)
+    translator = build_translator(variant, preset, threads, bundle_for(preset, bundle_name), artifact,
+                                  spin=spin, inter_threads=inter_threads)
     load_s = time.perf_counter() - start
     texts, batch_texts = bench_inputs(preset)
     ids = [translator.run([t]).ids[0] for t in texts]  # also the first warm-up
@@ -114,7 +125,7 @@ def worker(variant: str, preset_name: str, threads: int, bundle_name: str = "tea
     sps = throughput(translator, batch_texts, preset, batch_size=SPEC.batch_size)
     return {"variant": variant, "threads": threads, "load_s": load_s, "p50": m.p50, "p95": m.p95,
             "iqr": m.iqr, "n": m.n, "noisy": m.noisy, "sentences_per_s": sps,
-            "peak_rss_mb": timing.peak_rss_mb(), "ids": ids,
+            "peak_rss_mb": timing.peak_rss_mb(), "ids": ids, "spin": spin, "inter_threads": inter_threads,
             "tokens": sum(len(i) for i in ids) / max(1, len(ids))}
 
 
@@ -122,16 +133,20 @@ def worker(variant: str, preset_name: str, threads: int, bundle_name: str = "tea
 
 
 def run_variant(variant: str, preset_name: str, threads: int, bundle_name: str = "teacher",
-                artifact: str | None = None) -> dict[str, Any]:
-    """One worker process: `python -m labkit.lab.bench --worker VARIANT ...` -> its JSON result."""
-    import os
+                artifact: str | None = None, env_extra: Mapping[str, str] | None = None,
+                worker_args: tuple = ()) -> dict[str, Any]:
+    """One worker process: `python -m labkit.lab.bench --worker VARIANT ...` -> its JSON result.
 
+    `env_extra` (e.g. OMP_WAIT_POLICY) and `worker_args` (e.g. ("--no-spin",)) are thread-setting trials."""
+    import os
 
     env = dict(os.environ)
     env.update({var: str(threads) for var in timing.THREAD_ENV_VARS})
+    env.update(env_extra or {})
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     argv = [sys.executable, "-m", "labkit.lab.bench", "--worker", variant, "--preset", preset_name,
-            "--threads", threads, "--bundle", bundle_name, *(["--artifact", artifact] if artifact else [])]
+            "--threads", threads, "--bundle", bundle_name, *(["--artifact", artifact] if artifact else []),
+            *worker_args]
     return timing.time_command(argv, timeout=SPEC.timeout_s, env=env)
 
 
@@ -145,7 +160,7 @@ def agreement_with(result: dict, baseline: dict | None) -> float | None:
 
 def run_bench(preset: Preset, bundle: Bundle, variants=None, threads: int | None = None,
               write_ledger: bool = True, notebook: str = "labkit-bench", progress: bool = True,
-              gates: Mapping[str, dict] | None = None) -> pd.DataFrame:
+              gates: Mapping[str, dict] | None = None, bandwidth: roofline.Bandwidth | None = None) -> pd.DataFrame:
     """Gate every variant, then time those that passed, each in its own process; one row per variant.
 
     Columns: variant, status (ok | failed | skipped), gate, gate_passed, reason, backend,
@@ -154,18 +169,25 @@ def run_bench(preset: Preset, bundle: Bundle, variants=None, threads: int | None
     and skipped rows are not timed: their numbers are NaN. Ratios are NaN without a torch row.
     `gates` ({variant: gate}) are gates the caller measured on the same artifacts (notebook 05).
     `variants` default to `default_variants(preset)`. Workers load the bundle again by its key.
+    Roofline columns (labkit.lab.bench_roofline) use `bandwidth`, else one measured here in its own
+    process; `df.attrs["bandwidth"]` holds it.
     """
     threads = threads or preset.threads
     variants = parse_variants(variants or default_variants(preset))
     checks = check_variants(preset, variants, bundle, gates)  # every gate before any timing
     results = {}
+    bw = bandwidth
+    if bw is None and any(c.status == "ok" for c in checks.values()):
+        bw = roofline.bandwidth_in_process(threads)
+    if progress and bw is not None:
+        print(f"bench {preset.name}: {bw}", file=sys.stderr, flush=True)
     for v, check in checks.items():
         if progress:
             state = f"({threads} threads) ..." if check.status == "ok" else f"not timed, {check.status}: {check.reason}"
             print(f"bench {preset.name}: {v} {state}", file=sys.stderr, flush=True)
         if check.status == "ok":
             results[v] = run_variant(v, preset.name, threads, bundle_key(bundle), check.artifact)
-    df = results_frame(results, checks).assign(model=bundle.name)
+    df = add_roofline(results_frame(results, checks).assign(model=bundle.name), checks, bundle, bw)
     if write_ledger:
         write_records(df, preset, notebook, bundle.name)
     return df
@@ -212,7 +234,7 @@ def _row_metrics(row) -> dict | None:
         return None
     return {"latency_ms": {"p50": row.p50_ms, "p95": row.p95_ms, "n": int(row.n)},
             "sentences_per_s": row.sentences_per_s, "peak_rss_mb": json_number(row.peak_rss_mb),
-            "agreement": None if _absent(row.agreement) else float(row.agreement)}
+            "agreement": None if _absent(row.agreement) else float(row.agreement), **roofline_metrics(row)}
 
 
 def write_records(df: pd.DataFrame, preset, notebook: str = "labkit-bench", bundle_name: str = "teacher") -> list[dict]:
@@ -254,7 +276,7 @@ def bench_table(df: pd.DataFrame) -> str:
     the fastest variant that passed its gate.
     """
     cols = ["variant", "status", "p50_ms", "p95_ms", "speedup", "sentences_per_s", "throughput_ratio",
-            "agreement", "noisy"]
+            "agreement", "noisy", *(c for c in ROOFLINE_COLUMNS if c in df)]
     shown = df[cols].assign(status=df["status"].map({"ok": "ok", "failed": "FAILED", "skipped": "skipped"}))
     lines = [shown.to_string(index=False, na_rep="-", float_format=lambda x: f"{x:.2f}"), "",
              "gates (checked before timing):"]
@@ -272,7 +294,7 @@ def bench_table(df: pd.DataFrame) -> str:
         verdict = ("no optimized variant beats torch eager" if best["variant"] == BASELINE
                    else f"fastest within its gate: {best['variant']} ({best['speedup']:.2f}x torch eager at batch 1)")
         lines.append(verdict)
-    return "\n".join(lines)
+    return "\n".join(lines + roofline_footer(df))
 
 
 # --------------------------------------------------------------------------- command line
@@ -342,8 +364,12 @@ def _worker_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, required=True)
     parser.add_argument("--bundle", default="teacher")
     parser.add_argument("--artifact", default=None, help="the gated directory to run (default: artifact_for)")
+    parser.add_argument("--spin", choices=("on", "off"), default="on" if ORT_SPIN else "off",
+                        help="ONNX Runtime: idle intra-op threads spin (on) or sleep (off)")
+    parser.add_argument("--inter-threads", type=int, default=1, help="CTranslate2: batches run in parallel")
     args = parser.parse_args(argv)
-    result = worker(args.worker, args.preset, args.threads, args.bundle, args.artifact)
+    result = worker(args.worker, args.preset, args.threads, args.bundle, args.artifact, spin=args.spin == "on",
+                    inter_threads=args.inter_threads)
     print(json.dumps(result))
     return 0
 

@@ -1,18 +1,38 @@
 """Notebook 05's study: the sensitivity figure and the ledger records of the int8 recipes and the peer.
 
     records = ledger_records(recorded, dirs, scores, gates, fp32, timed, peer, peer_skip, pairs, bundle, "minmax")
+    roof = roofline_table(preset, bundle, speed, gates)      # section 6: bytes/token vs the bandwidth bound
 
 The mechanism (quantizing, calibrating, choosing blocks) lives in labkit.engines.ort_int8 and the
-rules in labkit.measure.gates; this module only reports. Left out: timing (labkit.lab.bench does it).
+rules in labkit.measure.gates; this module only reports, and gathers the roofline rows (bytes of weights
+per token against the bandwidth bound, labkit.measure.roofline). Left out: timing (labkit.lab.bench does it).
 """
 
 from __future__ import annotations
 
 from labkit.engines.onnx_graphs import size_mb
 from labkit.engines.ort_int8 import recipe_of
+from labkit.lab import bench
+from labkit.lab.bench_roofline import COLUMNS as ROOFLINE_COLUMNS
+from labkit.lab.bench_roofline import roofline_metrics
 from labkit.measure import ledger
 
 NOTEBOOK = "05_int8_quantization"
+ROOFLINE_VARIANTS = ("torch", "ort-fp32", "ort-int8", "ort-int8-all")  # fp32 twice (two engines), int8 twice
+
+
+def roofline_table(preset, bundle, speed, gates: dict, variants=ROOFLINE_VARIANTS):
+    """The roofline rows of `variants`: section 5's timed rows where it timed them, the others benched now
+    (gated first, own processes) against section 5's bandwidth, so every point shares one bound line."""
+    import pandas as pd
+
+    missing = [v for v in variants if v not in speed.index or speed.loc[v, "status"] != "ok"]
+    rows = [speed.loc[[v for v in variants if v not in missing]]]
+    if missing:
+        rows.append(bench.run_bench(preset, bundle, missing, write_ledger=False, progress=False, gates=gates,
+                                    bandwidth=speed.attrs["bandwidth"]).set_index("variant"))
+    table = pd.concat(rows).loc[list(variants)]
+    return table[table["status"] == "ok"][["precision", *ROOFLINE_COLUMNS]].reset_index()
 
 
 def plot_sensitivity(rows: list[dict]):
@@ -34,7 +54,8 @@ def _timed_metrics(timed, variant: str) -> dict:
     if variant not in timed.index:
         return {}
     r = timed.loc[variant]
-    return {"latency_ms": {"p50": r.p50_ms, "p95": r.p95_ms, "n": int(r.n)}, "sentences_per_s": r.sentences_per_s}
+    return {"latency_ms": {"p50": r.p50_ms, "p95": r.p95_ms, "n": int(r.n)}, "sentences_per_s": r.sentences_per_s,
+            **roofline_metrics(r)}
 
 
 def int8_records(recorded: dict, dirs: dict, scores: dict, gates: dict, fp32: dict, timed, pairs, bundle,

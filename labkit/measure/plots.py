@@ -256,3 +256,28 @@ def speedup_bar(table: pd.DataFrame, title: str = "Speedup over the teacher, mea
                       yaxis=dict(categoryorder="array", categoryarray=rows["variant"].tolist()),
                       height=160 + 24 * max(len(rows), 1), legend_title="technique", margin=dict(r=90))
     return fig
+
+
+# ---------------------------------------------------------------- the bandwidth limit
+
+
+def roofline_chart(table: pd.DataFrame, gbps: float, spread: tuple[float, float] | None = None,
+                   title: str = "ms per token vs MB of weights per token: the memory-bandwidth limit") -> go.Figure:
+    """Each variant a point (x bytes_per_token_mb, y ms_per_token, labelled by `variant`), and the
+    bound ms = MB / (GB/s) as a line (dotted lines at the bandwidth's p5/p95 `spread`). Log-log axes:
+    a point on the line streams its weights at the measured bandwidth; one below it was miscounted."""
+    go = _go()
+    colors = series_colors(table["variant"])
+    xs = [table["bytes_per_token_mb"].min() / 2, table["bytes_per_token_mb"].max() * 2]
+    fig = go.Figure()
+    for name, bw, dash in [(f"bound at {gbps:.1f} GB/s", gbps, "solid"),
+                           *((f"bound at {g:.1f} GB/s (p{q})", g, "dot") for g, q in zip(spread or (), (5, 95)))]:
+        fig.add_trace(go.Scatter(x=xs, y=[x / bw for x in xs], mode="lines", name=name,
+                                 line=dict(color="#444444", dash=dash)))
+    for row in table.itertuples(index=False):
+        fig.add_trace(go.Scatter(x=[row.bytes_per_token_mb], y=[row.ms_per_token], mode="markers+text",
+                                 name=row.variant, text=[row.variant], textposition="top center",
+                                 marker=dict(color=colors[row.variant], size=11)))
+    fig.update_layout(title=title, xaxis=dict(type="log", title="MB of weights read per decode step"),
+                      yaxis=dict(type="log", title="ms per token (batch-1 p50 / tokens)"), height=480)
+    return fig
