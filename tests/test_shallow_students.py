@@ -77,7 +77,7 @@ def test_step_costs_by_hand(tiny_bundle, monkeypatch):
 
     def fake_latency(translator, texts, preset, label=""):
         layers = translator.bundle.model.config.decoder_layers
-        return Measurement((10.0 + preset.forced_length * layers,) * 3, threads=1)
+        return Measurement((10.0 + translator.decode_cfg.forced_length * layers,) * 3, threads=1)
 
     monkeypatch.setattr(nb03_distillation.quality, "latency", fake_latency)
     costs = nb03_distillation.step_costs({"teacher": tiny_bundle, "student-2-1": student}, CI, ["a"], (8, 32))
