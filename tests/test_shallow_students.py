@@ -14,6 +14,7 @@ import pytest
 
 from labkit.compress import distill
 from labkit.config import PRESETS, Preset
+from labkit.core.translator import Result, StepperTranslator
 from labkit.lab import nb03_distillation
 from labkit.measure import ledger
 from labkit.measure.quality import Scores
@@ -70,21 +71,25 @@ def test_shallow_name():
 
 
 def test_step_costs_by_hand(tiny_bundle, monkeypatch):
-    """A fake clock: a sentence forced to n tokens takes 10 + n * layers ms (layers = decoder layers).
-    Lengths 8 and 32: teacher (2 layers) 26 and 74 ms -> 2 ms per step, 10 ms once; the 1-layer
-    student 18 and 42 ms -> 1 ms per step, ratio 0.5."""
+    """Fake stage timings: decode takes tokens * layers ms, encode 5 ms. With 32 forced tokens the
+    teacher (2 decoder layers) costs 2 ms per step, the 1-layer student 1 ms: ratio 0.5. Every model
+    is called warm-up + passes x sentences times, with the forced length."""
     student = distill.make_student(tiny_bundle, (1,), name="student-2-1")
+    seen = []
 
-    def fake_latency(translator, texts, preset, label=""):
-        layers = translator.bundle.model.config.decoder_layers
-        return Measurement((10.0 + translator.decode_cfg.forced_length * layers,) * 3, threads=1)
+    def fake_run(self, texts, force=None):
+        layers, tokens = self.bundle.model.config.decoder_layers, self.decode_cfg.forced_length
+        seen.append((self.bundle.name, tokens))
+        return Result(texts, [[1] * tokens], {"encode": 5.0, "decode": float(tokens * layers)})
 
-    monkeypatch.setattr(nb03_distillation.quality, "latency", fake_latency)
-    costs = nb03_distillation.step_costs({"teacher": tiny_bundle, "student-2-1": student}, CI, ["a"], (8, 32))
-    assert list(costs["p50 ms @8"]) == [26.0, 18.0] and list(costs["p50 ms @32"]) == [74.0, 42.0]
+    monkeypatch.setattr(StepperTranslator, "run", fake_run)
+    preset = CI.with_(bench_warmup=1, bench_repeats=2)
+    costs = nb03_distillation.step_costs({"teacher": tiny_bundle, "student-2-1": student}, preset, ["a", "b"], 32)
     assert list(costs["ms per step"]) == pytest.approx([2.0, 1.0])
-    assert list(costs["once ms"]) == pytest.approx([10.0, 10.0])
+    assert list(costs["encode ms"]) == pytest.approx([5.0, 5.0])
     assert list(costs["step ratio"]) == pytest.approx([1.0, 0.5])
+    assert list(costs["calls"]) == [4, 4] and len(seen) == 2 * (1 + 4) and {t for _, t in seen} == {32}
+    assert seen[2:4] == [("teacher", 32), ("student-2-1", 32)]  # models take turns sentence by sentence
 
 
 def test_shallow_records_carry_the_step_cost_and_the_gate(tiny_bundle, tmp_path, monkeypatch):

@@ -2,7 +2,7 @@
 
     table = comparison_table({"teacher": t, "student-ends": s}, latency, scores, hyps)
     records = distillation_records(t, {"student-ends": s}, table, latency, scores, preset="ci", ...)
-    costs = step_costs({"teacher": t, "student-6-1": s1}, preset, texts)   # ms per decoder step, forced lengths
+    costs = step_costs({"teacher": t, "student-6-1": s1}, preset, texts)   # ms per decoder step, forced length
 
 Making and training students lives in labkit.compress.distill; the gates in labkit.measure.gates.
 Left out: anything notebooks after 03 need.
@@ -13,7 +13,7 @@ from __future__ import annotations
 from labkit.config import DistillBudget, Preset
 from labkit.core.bundle import Bundle
 from labkit.core.translator import translator_for
-from labkit.measure import ledger, quality
+from labkit.measure import ledger, timing
 from labkit.measure.gates import bleu_gap_gate, kd_gain_gate, status_of
 from labkit.measure.ledger import json_number
 from labkit.measure.plots import series_colors
@@ -106,26 +106,36 @@ def distillation_records(teacher: Bundle, students: dict[str, Bundle], table, la
 # --------------------------------------------------------------------------- shallow decoders: cost per decoder step
 
 
-def step_costs(bundles: dict[str, Bundle], preset: Preset, texts: list[str], lengths: tuple[int, int] = (8, 32),
+def step_costs(bundles: dict[str, Bundle], preset: Preset, texts: list[str], tokens: int = 32,
                reference: str = "teacher"):
-    """Batch-1 latency at two forced output lengths per model, measured back to back in this run.
+    """Cost of one decoder step per model: batch-1 decodes forced to exactly `tokens` tokens.
 
-    Forcing the length makes every model do the same number of decoder steps, so the slope
-    (p50 at the long length - p50 at the short) / (long - short) is the cost of one decoder step
-    and the intercept what is paid once per sentence (tokenize, encoder, detokenize). Columns:
-    p50 ms at each length, 'ms per step', 'once ms', 'step ratio' (to the reference's ms per step).
+    Every model does the same number of decoder steps, and the translator's own stage timings
+    split each call into 'encode' (once per sentence) and 'decode' (`tokens` steps), so
+    'ms per step' = median over calls of decode ms / tokens, with no difference of two noisy
+    numbers. Models take turns sentence by sentence (a busy machine slows them alike); warm-up
+    and passes come from the preset, threads are pinned. Columns: 'ms per step', 'encode ms',
+    'step ratio' (to the reference's ms per step), 'calls'.
     """
+    import statistics
+
     import pandas as pd
 
-    short, long = lengths
-    rows = {}
-    for name, bundle in bundles.items():
-        p50 = {n: quality.latency(translator_for(bundle, preset.with_(forced_length=n)), texts, preset,
-                          label=f"{name}, {n} tokens").p50 for n in lengths}
-        per_step = (p50[long] - p50[short]) / (long - short)
-        rows[name] = {f"p50 ms @{short}": p50[short], f"p50 ms @{long}": p50[long], "ms per step": per_step,
-                      "once ms": p50[short] - short * per_step}
-    df = pd.DataFrame.from_dict(rows, orient="index")
+    timing.pin_threads(preset.threads)
+    forced = preset.with_(forced_length=tokens)
+    translators = {name: translator_for(bundle, forced) for name, bundle in bundles.items()}
+    for translator in translators.values():
+        for text in texts[:preset.bench_warmup]:
+            translator.run([text])
+    calls = {name: [] for name in translators}
+    for _ in range(preset.bench_repeats):
+        for text in texts:
+            for name, translator in translators.items():
+                calls[name].append(translator.run([text]).timings_ms)
+    df = pd.DataFrame.from_dict({name: {
+        "ms per step": statistics.median(c["decode"] / tokens for c in runs),
+        "encode ms": statistics.median(c["encode"] for c in runs), "calls": len(runs),
+    } for name, runs in calls.items()}, orient="index")
     df["step ratio"] = df["ms per step"] / df.loc[reference, "ms per step"]
     return df
 
@@ -181,7 +191,7 @@ def shallow_figure(table, costs):
 
     colors = series_colors(table.index)
     fig = make_subplots(rows=1, cols=3, subplot_titles=("test BLEU / chrF", "batch-1 latency p50 (to p95), ms",
-                                                        "ms per decoder step (forced lengths)"))
+                                                        "ms per decoder step (forced length)"))
     for name in table.index:
         c = colors[name]
         if table["BLEU"].notna().any():
