@@ -8,7 +8,7 @@
 Presets are registry entries (`PRESETS`), never copied dicts: a notebook's `PRESET = "ci"`
 parameter becomes `Preset.from_name(PRESET)`, and every stage reads its budget from it
 (`preset.prune`, `preset.distill`, `preset.quant`, `preset.kv`, `preset.profile`, `preset.trt`,
-`preset.serve`). An unknown name is a KeyError that lists the known ones. Left out: configuration
+`preset.serve`; `preset.distill_shallow` for the shallow-decoder students). An unknown name is a KeyError that lists the known ones. Left out: configuration
 files (a preset is code, reviewed like code) and per-machine overrides (use `preset.with_(...)` in
 a notebook).
 """
@@ -154,6 +154,9 @@ class Preset:
     model: ModelSpec  # which model the whole sequence optimizes
     prune: PruneBudget
     distill: DistillBudget
+    # the 6-2 / 6-1 shallow-decoder students of notebook 03: cut further from the teacher, they start
+    # further away and train longer, on the teacher's own translations (sequence-level KD)
+    distill_shallow: DistillBudget
     quant: QuantBudget
     profile: ProfileBudget  # notebook 01 on this preset's own model
     profile_shape: ProfileBudget  # notebook 01 on the opus-mt-shape side (a forced 40-token decode)
@@ -217,6 +220,12 @@ PRESETS: dict[str, Preset] = {
         distill=DistillBudget(steps=30, batch_size=32, lr=5e-4, warmup=5, eval_every=10,
                               train_sentences=1000, dev_sentences=40, seq_kd_sentences=960,
                               bleu_gap_target=1.5),
+        # A 1- or 2-layer decoder cut from the teacher starts near 0 dev BLEU and needs thousands of
+        # steps (workshop); ci trains each briefly on the 6-4 students' seq-KD data (shared cache) to
+        # show the mechanics and the speed, and its gate honestly fails.
+        distill_shallow=DistillBudget(steps=60, batch_size=32, lr=1e-3, warmup=10, eval_every=30,
+                                      train_sentences=1000, dev_sentences=40, seq_kd_sentences=960,
+                                      bleu_gap_target=1.5),
         quant=QuantBudget(calibration_sentences=32, calibration_batch=16, keep_every=4, eval_sentences=48,
                           methods=("minmax", "percentile"), bench_variants=("ort-fp32", "ort-int8", "ct2-int8")),
         # ~60 s on 2 cores; the no-cache mode only greedy batch 1 (it is the O(n^2) one)
@@ -235,6 +244,10 @@ PRESETS: dict[str, Preset] = {
         distill=DistillBudget(steps=2000, batch_size=32, lr=5e-4, warmup=100, eval_every=250,
                               train_sentences=None, dev_sentences=200, seq_kd_sentences=20000,
                               bleu_gap_target=1.5),
+        # the 6-4 student's steps at twice its learning rate, on the teacher's translations (seq-KD)
+        distill_shallow=DistillBudget(steps=2000, batch_size=32, lr=1e-3, warmup=200, eval_every=500,
+                                      train_sentences=None, dev_sentences=200, seq_kd_sentences=20000,
+                                      bleu_gap_target=1.5),
         quant=QuantBudget(calibration_sentences=256, calibration_batch=16, keep_every=2, eval_sentences=500),
         kv=KvBudget(tokens=192, repeats=3),
     ),
@@ -247,6 +260,9 @@ PRESETS: dict[str, Preset] = {
         distill=DistillBudget(steps=300, batch_size=16, lr=5e-5, warmup=30, eval_every=100,
                               train_sentences=4800, dev_sentences=100, seq_kd_sentences=4800,
                               bleu_gap_target=3.0),
+        distill_shallow=DistillBudget(steps=600, batch_size=16, lr=1e-4, warmup=60, eval_every=200,
+                                      train_sentences=4800, dev_sentences=100, seq_kd_sentences=4800,
+                                      bleu_gap_target=3.0),
         quant=QuantBudget(calibration_sentences=128, calibration_batch=8, keep_every=4, eval_sentences=300),
         kv=KvBudget(tokens=128, repeats=3),
     ),
@@ -261,6 +277,9 @@ PRESETS: dict[str, Preset] = {
         distill=DistillBudget(steps=0, batch_size=16, lr=0.0, warmup=0, eval_every=1,
                               train_sentences=0, dev_sentences=0, seq_kd_sentences=0,
                               bleu_gap_target=float("inf")),
+        distill_shallow=DistillBudget(steps=0, batch_size=16, lr=0.0, warmup=0, eval_every=1,
+                                      train_sentences=0, dev_sentences=0, seq_kd_sentences=0,
+                                      bleu_gap_target=float("inf")),
         quant=QuantBudget(calibration_sentences=16, calibration_batch=8, keep_every=8, eval_sentences=0,
                           methods=("minmax",)),
         kv=KvBudget(tokens=128, repeats=3),

@@ -7,7 +7,9 @@ meaning out of file names; they read the sidecar.
 
 Sources: the embedded teacher (`data/teacher`), any Marian directory or hub id
 (`load_marian`), and `build_opus_mt_shape`, the opus-mt-zh-en architecture with
-random weights for offline speed work. Left out: non-Marian architectures.
+random weights for offline speed work. `bundle_for(preset, "shape-6-2")` is the preset's model
+cut to its first 6 encoder and 2 decoder layers (untrained: speed only, e.g. the shallow-decoder
+shape next to the 6-6 one in `labkit bench --shapes 6-6,6-2`). Left out: non-Marian architectures.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import copy
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -204,11 +207,39 @@ def load_marian(name_or_path: str) -> Bundle:
     return Bundle(model, tokenizer, {"name": Path(name_or_path).name, "source": name_or_path})
 
 
-def build_opus_mt_shape(seed: int = 0) -> Bundle:
+def keep_layers(stack: torch.nn.Module, keep) -> None:
+    """Keep only layers `keep` of an encoder/decoder stack, in place, renumbering their caches.
+
+    Decoder attentions index the KV cache by `layer_idx`; kept layers must be 0..k-1 again.
+    """
+    stack.layers = torch.nn.ModuleList([stack.layers[i] for i in keep])
+    for new_idx, layer in enumerate(stack.layers):
+        for attn in (getattr(layer, "self_attn", None), getattr(layer, "encoder_attn", None)):
+            if attn is not None and getattr(attn, "layer_idx", None) is not None:
+                attn.layer_idx = new_idx
+
+
+def cut_layers(model: torch.nn.Module, encoder_layers: int, decoder_layers: int) -> torch.nn.Module:
+    """Keep the first `encoder_layers` / `decoder_layers` layers of a Marian model, in place (a speed
+    shape: which layers stay does not matter for speed; trained students choose theirs in
+    labkit.compress.distill). Asking for more layers than the model has is a ValueError."""
+    cfg = model.config
+    if not (1 <= encoder_layers <= cfg.encoder_layers and 1 <= decoder_layers <= cfg.decoder_layers):
+        raise ValueError(f"a {encoder_layers}-{decoder_layers} shape does not fit in a "
+                         f"{cfg.encoder_layers}-{cfg.decoder_layers} model (encoder-decoder layers, each >= 1)")
+    keep_layers(model.model.encoder, range(encoder_layers))
+    keep_layers(model.model.decoder, range(decoder_layers))
+    cfg.encoder_layers, cfg.decoder_layers = encoder_layers, decoder_layers
+    return model
+
+
+def build_opus_mt_shape(seed: int = 0, decoder_layers: int = 6, encoder_layers: int = 6) -> Bundle:
     """The opus-mt-zh-en architecture with random weights: realistic speed, meaningless output.
 
     The tokenizer is the teacher's (ids stay below its vocabulary, which costs the
-    same as any other ids); decoding must be forced to a fixed length.
+    same as any other ids); decoding must be forced to a fixed length. Fewer layers
+    (build_opus_mt_shape(decoder_layers=2): the deep-encoder, shallow-decoder shape) are the
+    6-6 model's first layers, so every shape of one seed shares the same encoder and embeddings.
     """
     from transformers import MarianConfig, MarianMTModel
 
@@ -217,7 +248,37 @@ def build_opus_mt_shape(seed: int = 0) -> Bundle:
     tokenizer = load_teacher().tokenizer
     meta = {"name": "opus-mt-shape", "derived_from": "Helsinki-NLP/opus-mt-zh-en config",
             "random_weights": True, "seed": seed}
+    if (encoder_layers, decoder_layers) != (model.config.encoder_layers, model.config.decoder_layers):
+        cut_layers(model, encoder_layers, decoder_layers)
+        meta.update(name=shape_key(encoder_layers, decoder_layers), derived_from="opus-mt-shape")
     return Bundle(model, tokenizer, meta)
+
+
+SHAPE_KEY = re.compile(r"^shape-(\d+)-(\d+)$")
+
+
+def shape_key(encoder_layers: int, decoder_layers: int) -> str:
+    """The bundle name of a layer shape: shape_key(6, 2) -> 'shape-6-2'."""
+    return f"shape-{encoder_layers}-{decoder_layers}"
+
+
+def parse_shape(text: str) -> tuple[int, int] | None:
+    """'6-2' or 'shape-6-2' -> (6, 2) (encoder, decoder layers); anything else -> None."""
+    m = SHAPE_KEY.match(text if text.startswith("shape-") else f"shape-{text}")
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def shape_of(base: Bundle, encoder_layers: int, decoder_layers: int) -> Bundle:
+    """`base` cut to a layer shape (untrained, speed only), named shape-E-D so its artifacts are
+    cached apart; the base itself when the shape is its own (its artifacts are the base's)."""
+    cfg = base.model.config
+    if (encoder_layers, decoder_layers) == (cfg.encoder_layers, cfg.decoder_layers):
+        return base
+    model = cut_layers(copy.deepcopy(base.model), encoder_layers, decoder_layers)
+    meta = {"name": shape_key(encoder_layers, decoder_layers), "derived_from": bundle_key(base),
+            "speed_shape": {"encoder_layers": encoder_layers, "decoder_layers": decoder_layers,
+                            "trained": False}, "random_weights": bool(base.meta.get("random_weights"))}
+    return Bundle(model.eval(), base.tokenizer, meta)
 
 
 def load_model(spec: ModelSpec) -> Bundle:
@@ -252,11 +313,15 @@ def bundle_for(preset, name: str = "teacher"):
     """A bundle by name: "teacher" is the preset's model, anything else a bundle directory under
     artifacts/<preset> that an earlier notebook cached (what distillation, export and bench start from).
 
-    bundle_for("ci", "pruned-25pct") loads the head-pruned teacher notebook 02 caches; a missing
-    one is an error that lists what is there and says how to make it.
+    bundle_for("ci", "pruned-25pct") loads the head-pruned teacher notebook 02 caches;
+    bundle_for("opus-mt-shape", "shape-6-2") is the preset's model with 2 decoder layers (built, not cached,
+    speed only: see shape_of); a missing one is an error that lists what is there and says how to make it.
     """
     if name == "teacher":
         return teacher_for(preset)
+    shape = parse_shape(name) if name.startswith("shape-") else None
+    if shape is not None:
+        return shape_of(teacher_for(preset), *shape)
     preset_name = preset if isinstance(preset, str) else preset.name
     path = preset_dir(preset_name) / name
     if not (path / SIDECAR).exists():

@@ -26,6 +26,11 @@ end-to-end latency (p50/p95 over the preset's repeats) and sentences/s at batch
 per run in its own process at the same thread count, and every timed row gets the roofline columns
 (bytes of weights per token of what it ran, the bound, achieved GB/s, % of the limit: labkit.lab.bench_roofline).
 
+`--shapes 6-6,6-2,6-1` times the same variants on several layer shapes of the preset's model
+(`bundle_for(preset, "shape-6-2")`: the first 6 encoder and 2 decoder layers, untrained, speed
+only; a bundle name such as student-6-2 works too), one after another in one run, every speedup
+against torch eager on the first shape (`run_shapes`).
+
 `--device cuda` times the GPU rung and TensorRT engines instead (labkit.lab.gpu_check).
 Left out: GPU engines in worker processes, concurrency and serving
 (labkit.serve), and memory per variant beyond each worker's peak RSS.
@@ -45,7 +50,7 @@ import torch
 
 from labkit.config import PRESETS, Preset
 from labkit.core.artifacts import REPO_ROOT
-from labkit.core.bundle import Bundle, bundle_for, bundle_key
+from labkit.core.bundle import Bundle, bundle_for, bundle_key, parse_shape, shape_key
 from labkit.core.data import load_split
 from labkit.engines.variants import (  # building and gating live with the engines; this module times
     VARIANTS,
@@ -193,6 +198,41 @@ def run_bench(preset: Preset, bundle: Bundle, variants=None, threads: int | None
     return df
 
 
+def shape_bundle_name(text: str) -> str:
+    """A --shapes entry -> a bundle name: '6-2' -> 'shape-6-2'; anything else is a bundle name as is."""
+    shape = parse_shape(text.strip())
+    return shape_key(*shape) if shape else text.strip()
+
+
+def run_shapes(preset: Preset, shapes, variants=None, threads: int | None = None, write_ledger: bool = True,
+               notebook: str = "labkit-bench", progress: bool = True) -> pd.DataFrame:
+    """run_bench on each shape (['6-6', '6-2'] or bundle names) in turn; one frame with a `shape` column.
+
+    Every speedup and throughput ratio is against torch eager on the FIRST shape, timed in this run
+    (NaN without its torch row); agreement stays per shape (another shape decodes other tokens).
+    Ledger records of the other shapes are named apart ('bench-ort-int8-shape-6-2') and say the baseline.
+    """
+    import pandas as pd
+
+    names = [shape_bundle_name(s) for s in shapes]
+    if not names or len(set(names)) != len(names):
+        raise ValueError(f"--shapes needs distinct shapes or bundle names, got {list(shapes)}")
+    bundles = {name: bundle_for(preset, name) for name in names}
+    frames = [run_bench(preset, b, variants, threads, write_ledger=False, progress=progress).assign(shape=name)
+              for name, b in bundles.items()]
+    df = pd.concat(frames, ignore_index=True)
+    base = df[(df["shape"] == names[0]) & (df["variant"] == BASELINE) & (df["status"] == "ok")]
+    p50, sps = (base["p50_ms"].iloc[0], base["sentences_per_s"].iloc[0]) if len(base) else (float("nan"),) * 2
+    df["speedup"], df["throughput_ratio"] = p50 / df["p50_ms"], df["sentences_per_s"] / sps
+    df["info"] = [{**(info or {}), "shape": shape, "speedup_baseline": f"{BASELINE} on {names[0]}"}
+                  for info, shape in zip(df["info"], df["shape"])]
+    if write_ledger:
+        for i, (name, bundle) in enumerate(bundles.items()):
+            suffix = "" if i == 0 and bundle_key(bundle) == "teacher" else f"-{bundle_key(bundle)}"
+            write_records(df[df["shape"] == name], preset, notebook, bundle.name, variant_suffix=suffix)
+    return df
+
+
 _TIMED = ("p50_ms", "p95_ms", "n", "noisy", "speedup", "sentences_per_s", "throughput_ratio", "agreement",
           "tokens", "threads", "load_s", "peak_rss_mb", "ids")
 
@@ -237,10 +277,12 @@ def _row_metrics(row) -> dict | None:
             "agreement": None if _absent(row.agreement) else float(row.agreement), **roofline_metrics(row)}
 
 
-def write_records(df: pd.DataFrame, preset, notebook: str = "labkit-bench", bundle_name: str = "teacher") -> list[dict]:
+def write_records(df: pd.DataFrame, preset, notebook: str = "labkit-bench", bundle_name: str = "teacher",
+                  variant_suffix: str = "") -> list[dict]:
     """One ledger record per bench row: status and gate as checked, metrics only for timed rows.
 
     `model` is the row's model column (the bundle's own name, e.g. 'opus-mt-shape'), else bundle_name.
+    `variant_suffix` keeps another shape's rows apart ('bench-torch-shape-6-2').
     """
 
     records = []
@@ -250,9 +292,9 @@ def write_records(df: pd.DataFrame, preset, notebook: str = "labkit-bench", bund
                                                "detail": row.gate_detail}
         timed = row.status == "ok"
         record = ledger.make_record(
-            notebook=notebook, variant=ledger_variant(row.variant), technique=spec.technique,
+            notebook=notebook, variant=ledger_variant(row.variant) + variant_suffix, technique=spec.technique,
             metrics=_row_metrics(row), gate=gate, status=row.status, reason=None if timed else row.reason,
-            parent=ledger_variant(spec.parent) if spec.parent else None, backend=spec.backend,
+            parent=ledger_variant(spec.parent) + variant_suffix if spec.parent else None, backend=spec.backend,
             precision=spec.precision, model=getattr(row, "model", None) or bundle_name,
             **(getattr(row, "info", None) or {}),
             bench={"speedup_vs_torch": json_number(row.speedup) if timed else None,
@@ -273,26 +315,31 @@ def bench_table(df: pd.DataFrame) -> str:
     """The printed table: one line per variant, ratios against torch eager, then each gate.
 
     Failed and skipped variants show FAILED / skipped and no numbers; the closing line names
-    the fastest variant that passed its gate.
+    the fastest variant that passed its gate. With a `shape` column (run_shapes) rows are
+    named '<shape> <variant>' and the baseline is torch eager on the first shape.
     """
-    cols = ["variant", "status", "p50_ms", "p95_ms", "speedup", "sentences_per_s", "throughput_ratio",
-            "agreement", "noisy", *(c for c in ROOFLINE_COLUMNS if c in df)]
+    shaped = "shape" in df
+    cols = [*(["shape"] if shaped else []), "variant", "status", "p50_ms", "p95_ms", "speedup", "sentences_per_s",
+            "throughput_ratio", "agreement", "noisy", *(c for c in ROOFLINE_COLUMNS if c in df)]
+    labels = (df["shape"] + " " + df["variant"]) if shaped else df["variant"]
+    baseline = f"{df['shape'].iloc[0]} {BASELINE}" if shaped else BASELINE
     shown = df[cols].assign(status=df["status"].map({"ok": "ok", "failed": "FAILED", "skipped": "skipped"}))
     lines = [shown.to_string(index=False, na_rep="-", float_format=lambda x: f"{x:.2f}"), "",
              "gates (checked before timing):"]
-    for row in df.itertuples(index=False):
+    for label, row in zip(labels, df.itertuples(index=False)):
         if row.status == "skipped":
-            lines.append(f"  {row.variant}: skipped, not timed: {row.reason}")
+            lines.append(f"  {label}: skipped, not timed: {row.reason}")
         elif _absent(row.gate):
-            lines.append(f"  {row.variant}: baseline, no gate")
+            lines.append(f"  {label}: {'baseline' if label == baseline else 'torch eager'}, no gate")
         else:
             verdict = "passed" if row.gate_passed else "FAILED, not timed"
-            lines.append(f"  {row.variant}: {row.gate} {verdict}: {row.gate_detail}")
-    timed = df[(df["status"] == "ok") & df["speedup"].notna()]
-    if len(timed):
-        best = timed.loc[timed["p50_ms"].idxmin()]
-        verdict = ("no optimized variant beats torch eager" if best["variant"] == BASELINE
-                   else f"fastest within its gate: {best['variant']} ({best['speedup']:.2f}x torch eager at batch 1)")
+            lines.append(f"  {label}: {row.gate} {verdict}: {row.gate_detail}")
+    timed = (df["status"] == "ok") & df["speedup"].notna()
+    if timed.any():
+        best = df.loc[timed, "p50_ms"].idxmin()
+        verdict = ("no optimized variant beats torch eager" if labels[best] == baseline
+                   else f"fastest within its gate: {labels[best]} ({df.loc[best, 'speedup']:.2f}x "
+                        f"torch eager{' on ' + df['shape'].iloc[0] if shaped else ''} at batch 1)")
         lines.append(verdict)
     return "\n".join(lines + roofline_footer(df))
 
@@ -307,6 +354,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"speed-only presets add {', '.join(SPEED_ONLY_EXTRA)})")
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the preset's)")
     parser.add_argument("--bundle", default="teacher", help="bundle name under the preset's artifacts")
+    parser.add_argument("--shapes", default=None,
+                        help="comma-separated layer shapes (encoder-decoder, e.g. 6-6,6-2,6-1: the preset's model "
+                             "cut to them, untrained, speed only) or bundle names, timed one after another in one "
+                             "run; speedups are against torch eager on the first (replaces --bundle)")
     parser.add_argument("--no-ledger", action="store_true", help="print only; write no ledger records")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="cuda: the torch GPU rung and, where tensorrt imports, the TensorRT engines "
@@ -348,8 +399,15 @@ def bench_command(args: argparse.Namespace) -> int:
         return 2
     try:
         preset = Preset.from_name(args.preset)
-        df = run_bench(preset, bundle_for(preset, args.bundle), variants, threads=args.threads,
-                       write_ledger=not args.no_ledger)
+        if getattr(args, "shapes", None):
+            df = run_shapes(preset, args.shapes.split(","), variants, threads=args.threads,
+                            write_ledger=not args.no_ledger)
+        else:
+            df = run_bench(preset, bundle_for(preset, args.bundle), variants, threads=args.threads,
+                           write_ledger=not args.no_ledger)
+    except ValueError as exc:  # a shape that does not fit the model, a repeated shape
+        print(f"labkit bench: {exc}", file=sys.stderr)
+        return 2
     except (CommandError, FileNotFoundError, ConnectionError, ImportError) as exc:
         print(f"labkit bench: {exc}", file=sys.stderr)
         return 1

@@ -2,6 +2,7 @@
 
     table = comparison_table({"teacher": t, "student-ends": s}, latency, scores, hyps)
     records = distillation_records(t, {"student-ends": s}, table, latency, scores, preset="ci", ...)
+    costs = step_costs({"teacher": t, "student-6-1": s1}, preset, texts)   # ms per decoder step, forced length
 
 Making and training students lives in labkit.compress.distill; the gates in labkit.measure.gates.
 Left out: anything notebooks after 03 need.
@@ -9,11 +10,13 @@ Left out: anything notebooks after 03 need.
 
 from __future__ import annotations
 
-from labkit.config import DistillBudget
+from labkit.config import DistillBudget, Preset
 from labkit.core.bundle import Bundle
-from labkit.measure import ledger
+from labkit.core.translator import translator_for
+from labkit.measure import ledger, timing
 from labkit.measure.gates import bleu_gap_gate, kd_gain_gate, status_of
 from labkit.measure.ledger import json_number
+from labkit.measure.plots import series_colors
 from labkit.measure.quality import agreement
 from labkit.measure.timing import as_latency
 
@@ -39,14 +42,27 @@ def comparison_table(bundles: dict[str, Bundle], latency: dict, scores: dict | N
         "BLEU gap": scores[reference].bleu - scores[name].bleu if scores else None,
         "same output as teacher": agreement(hyps[name], hyps[reference]) if hyps else None,
         "latency p50 ms": latency[name].p50,
+        "latency p95 ms": latency[name].p95,
         "latency ratio": latency[name].p50 / ref,
         "params": bundle.params,
     } for name, bundle in bundles.items()}, orient="index")
 
 
+def runs_table(runs: dict[str, dict]):
+    """How each student was trained (its sidecar's `distillation` block), one row per student."""
+    import pandas as pd
+
+    return pd.DataFrame.from_dict({name: {
+        "layer map": r["decoder_layer_map"], "encoder map": r["encoder_layer_map"], "seq-KD": r["seq_kd"],
+        "steps": r["steps"], "batch": r["batch_size"], "train pairs": r["train_pairs"],
+        "dev BLEU before": r["history"][0]["dev_bleu"], "dev BLEU after": r["final_dev_bleu"],
+        "teacher dev BLEU": r["teacher_dev_bleu"], "train s": r["wall_time_s"],
+    } for name, r in runs.items()}, orient="index")
+
+
 def distillation_records(teacher: Bundle, students: dict[str, Bundle], table, latency: dict, scores: dict | None,
                    *, preset: str, budget: DistillBudget, sentences: int,
-                   notebook: str = "03_distillation") -> list[dict]:
+                   notebook: str = "03_distillation", with_reference: bool = True) -> list[dict]:
     """The reference (distill-ref-<teacher>) measured in this run, then one `distillation` record per student.
 
     A student's gate is `bleu_gap_gate` against budget.bleu_gap_target; `training_check` is
@@ -54,16 +70,17 @@ def distillation_records(teacher: Bundle, students: dict[str, Bundle], table, la
     Parent: the bundle it was distilled from. Latency ratios are to the reference timed here.
     """
 
-    quality = lambda name: scores[name].as_metrics() if scores else {}  # noqa: E731
+    scored = lambda name: scores[name].as_metrics() if scores else {}  # noqa: E731
+    # `with_reference=False`: a later group of students measured against the same reference record
     # A pruned reference is a pruning variant re-measured here; pruning records carry their fraction.
     pruned = ({k: teacher.meta[k] for k in ("heads_removed_frac", "head_plan")}
               if teacher.meta.get("head_plan") else {})
     ref = ledger.make_record(
         notebook=notebook, variant=f"distill-ref-{teacher.name}", model=teacher.name, backend="torch",
         precision="fp32", technique="pruning" if pruned else "baseline", reference_for="distillation",
-        metrics={**quality(teacher.name), "latency_ms": as_latency(latency[teacher.name]),
+        metrics={**scored(teacher.name), "latency_ms": as_latency(latency[teacher.name]),
                  "params": teacher.params, "size_mb": round(teacher.size_mb, 3)}, **pruned)
-    records = [ref]
+    records = [ref] if with_reference else []
     for name, bundle in students.items():
         run, row = bundle.meta["distillation"], table.loc[name]
         gate = bleu_gap_gate(scores[teacher.name].bleu if scores else None, scores[name].bleu if scores else None,
@@ -73,7 +90,7 @@ def distillation_records(teacher: Bundle, students: dict[str, Bundle], table, la
         records.append(ledger.make_record(
             notebook=notebook, variant=name, technique="distillation", parent=teacher.name, model=name,
             backend="torch", precision="fp32", gate=gate, status=status, reason=reason,
-            metrics={**quality(name), "latency_ms": as_latency(latency[name]), "params": bundle.params,
+            metrics={**scored(name), "latency_ms": as_latency(latency[name]), "params": bundle.params,
                      "size_mb": round(bundle.size_mb, 3), "agreement": row["same output as teacher"]},
             decoder_layers=bundle.model.config.decoder_layers, encoder_layers=bundle.model.config.encoder_layers,
             layer_map=run["decoder_layer_map"], encoder_layer_map=run["encoder_layer_map"],
@@ -83,6 +100,57 @@ def distillation_records(teacher: Bundle, students: dict[str, Bundle], table, la
             training_check=check, bleu_gap=json_number(row["BLEU gap"]),
             latency_ratio=round(float(row["latency ratio"]), 4),
             teacher_latency_ms=as_latency(latency[teacher.name])))
+    return records
+
+
+# --------------------------------------------------------------------------- shallow decoders: cost per decoder step
+
+
+def step_costs(bundles: dict[str, Bundle], preset: Preset, texts: list[str], tokens: int = 32,
+               reference: str = "teacher"):
+    """Cost of one decoder step per model: batch-1 decodes forced to exactly `tokens` tokens.
+
+    Every model does the same number of decoder steps, and the translator's own stage timings
+    split each call into 'encode' (once per sentence) and 'decode' (`tokens` steps), so
+    'ms per step' = median over calls of decode ms / tokens, with no difference of two noisy
+    numbers. Models take turns sentence by sentence (a busy machine slows them alike); warm-up
+    and passes come from the preset, threads are pinned. Columns: 'ms per step', 'encode ms',
+    'step ratio' (to the reference's ms per step), 'calls'.
+    """
+    import statistics
+
+    import pandas as pd
+
+    timing.pin_threads(preset.threads)
+    forced = preset.with_(forced_length=tokens)
+    translators = {name: translator_for(bundle, forced) for name, bundle in bundles.items()}
+    for translator in translators.values():
+        for text in texts[:preset.bench_warmup]:
+            translator.run([text])
+    calls = {name: [] for name in translators}
+    for _ in range(preset.bench_repeats):
+        for text in texts:
+            for name, translator in translators.items():
+                calls[name].append(translator.run([text]).timings_ms)
+    df = pd.DataFrame.from_dict({name: {
+        "ms per step": statistics.median(c["decode"] / tokens for c in runs),
+        "encode ms": statistics.median(c["encode"] for c in runs), "calls": len(runs),
+    } for name, runs in calls.items()}, orient="index")
+    df["step ratio"] = df["ms per step"] / df.loc[reference, "ms per step"]
+    return df
+
+
+def shallow_records(teacher: Bundle, students: dict[str, Bundle], table, latency: dict, scores: dict | None,
+                    costs, *, preset: str, budget: DistillBudget, sentences: int) -> list[dict]:
+    """distillation_records for the shallow-decoder students (the reference record is the 6-4 section's),
+    each with its measured cost per decoder step and its ratio to the teacher's from step_costs."""
+    records = distillation_records(teacher, students, table, latency, scores, preset=preset, budget=budget,
+                                   sentences=sentences, with_reference=False)
+    for record in records:
+        row = costs.loc[record["variant"]]
+        record.update(shape="deep-encoder/shallow-decoder", decode_step_ms=round(float(row["ms per step"]), 4),
+                      decode_step_ratio=round(float(row["step ratio"]), 4),
+                      teacher_decode_step_ms=round(float(costs.loc[teacher.name, "ms per step"]), 4))
     return records
 
 
@@ -102,15 +170,38 @@ def loss_figure(curves: dict[str, list[dict]]):
     return fig
 
 
-def recovery_figure(histories: dict[str, list[dict]], teacher_bleu: float | None = None):
+def recovery_figure(histories: dict[str, list[dict]], teacher_bleu: float | None = None,
+                    title: str = "Recovery: dev BLEU of the 4-layer students while distilling"):
     """Dev BLEU vs training step per student, with the teacher's dev BLEU as a line."""
     import pandas as pd
     import plotly.express as px
 
     rows = [{"student": name, "step": r["step"], "dev BLEU": r["dev_bleu"]}
             for name, history in histories.items() for r in history if r["dev_bleu"] is not None]
-    fig = px.line(pd.DataFrame(rows), x="step", y="dev BLEU", color="student", markers=True,
-                  title="Recovery: dev BLEU of the 4-layer students while distilling")
+    fig = px.line(pd.DataFrame(rows), x="step", y="dev BLEU", color="student", markers=True, title=title)
     if teacher_bleu is not None:
         fig.add_hline(y=teacher_bleu, line_dash="dash", annotation_text="teacher")
+    return fig
+
+
+def shallow_figure(table, costs):
+    """Quality (BLEU, chrF) and speed (batch-1 p50 with p95, ms per decoder step) per model, side by side."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    colors = series_colors(table.index)
+    fig = make_subplots(rows=1, cols=3, subplot_titles=("test BLEU / chrF", "batch-1 latency p50 (to p95), ms",
+                                                        "ms per decoder step (forced length)"))
+    for name in table.index:
+        c = colors[name]
+        if table["BLEU"].notna().any():
+            fig.add_trace(go.Bar(name=name, x=["BLEU", "chrF"], y=[table.loc[name, "BLEU"], table.loc[name, "chrF"]],
+                                 marker_color=c, legendgroup=name), row=1, col=1)
+        p50, p95 = table.loc[name, "latency p50 ms"], table.loc[name, "latency p95 ms"]
+        fig.add_trace(go.Bar(name=name, x=[name], y=[p50], marker_color=c, legendgroup=name, showlegend=False,
+                             error_y=dict(type="data", symmetric=False, array=[p95 - p50], arrayminus=[0])),
+                      row=1, col=2)
+        fig.add_trace(go.Bar(name=name, x=[name], y=[costs.loc[name, "ms per step"]], marker_color=c,
+                             legendgroup=name, showlegend=False), row=1, col=3)
+    fig.update_layout(barmode="group", title="Deep encoder, shallow decoder: quality and speed, same run")
     return fig
