@@ -1,0 +1,301 @@
+"""ONNX Runtime decoding over a shortlist: decoder graphs without the LM head, the head applied to candidate rows.
+
+    out = ensure_shortlisted(preset, bundle, ensure_quantized(preset, bundle, "dynamic"))
+    stepper = ShortlistStepper.from_dir(out, threads=2)      # a labkit.core.decode Stepper
+    StepperTranslator(bundle, stepper).translate(["我喜欢猫。"])
+
+Graph surgery (`split_lm_head`) on an existing variant's two decoder graphs: the output projection
+(after ORT's optimizer and untying a MatMul on its own transposed copy, after dynamic quantization a
+DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul chain, in a plain export a Gemm on the tied
+embedding) and the final_logits_bias Add are cut off, so the graphs return the last position's hidden
+state (rows, d_model). The head's weights go to `lm_head.npz`; `LmHead.gather` takes the candidate
+columns once per batch, and every step computes only those logits in numpy: a float head as one
+sgemm, an int8 head exactly as ONNX's DynamicQuantizeLinear + MatMulInteger define it (the integer
+products are summed in float32, exact while d_model · 255 · 128 < 2^24, else in float64). The logits
+go into a (rows, vocab) buffer of -inf at the candidate columns, so labkit.core.decode's one greedy
+and beam loop runs unchanged and argmax lands on vocabulary ids. Beam search normalises over the
+candidates only, as Marian's shortlist does. `MaskedStepper` is the oracle: any full-vocabulary
+stepper with the same non-candidates set to -inf.
+
+Left out: IOBinding (the stripped graphs run with io "numpy" only), a graph input of candidate ids
+(ORT would gather the rows every step), and sharing the head with the embedding lookup.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from labkit.config import Preset
+from labkit.core.artifacts import digest, ensure, preset_dir
+from labkit.core.bundle import Bundle
+from labkit.engines.onnx_export import derive_into
+from labkit.engines.onnx_graphs import SIDECAR, read_sidecar
+from labkit.engines.ort import OrtState, OrtStepper, load_sessions
+from labkit.engines.shortlist import SIDECAR as SHORTLIST_FILE
+from labkit.engines.shortlist import Shortlist, ensure_shortlist, load_shortlist
+
+HEAD_FILE = "lm_head.npz"
+HIDDEN = "last_hidden"  # the stripped decoders' first output, (rows, d_model)
+_WEIGHT_OPS = ("Gemm", "MatMul", "MatMulInteger")
+
+
+# --------------------------------------------------------------------------- the head, in numpy
+
+
+@dataclass(frozen=True)
+class LmHead:
+    """The output projection, columns = vocabulary ids. kind "float": logits = h @ weight + bias;
+    kind "int8": ONNX dynamic quantization of h, then (q - zp) @ (weight - w_zp) * scale_h * w_scale + bias."""
+
+    kind: str
+    weight: np.ndarray  # (d_model, vocab): float32, or int8/uint8 for kind "int8"
+    bias: np.ndarray  # (vocab,) float32 (zeros when the graph had none)
+    w_scale: np.ndarray | None = None  # (vocab,) float32, int8 only
+    w_zero: np.ndarray | None = None  # (vocab,) int8 only
+
+    def gather(self, ids: np.ndarray) -> CandidateHead:
+        """The head restricted to candidate columns `ids`, laid out for one GEMM per step."""
+        cols = self.weight[:, ids]
+        if self.kind == "float":
+            return CandidateHead(ids, np.ascontiguousarray(cols, np.float32), self.bias[ids], None)
+        exact = np.float32 if self.weight.shape[0] * 255 * 128 < 2**24 else np.float64
+        centred = cols.astype(np.int32) - self.w_zero[ids].astype(np.int32)
+        return CandidateHead(ids, np.ascontiguousarray(centred, exact), self.bias[ids], self.w_scale[ids])
+
+    def save(self, path: Path) -> None:
+        extra = {} if self.kind == "float" else {"w_scale": self.w_scale, "w_zero": self.w_zero}
+        np.savez(path, kind=np.array(self.kind), weight=self.weight, bias=self.bias, **extra)
+
+    @classmethod
+    def load(cls, path: Path) -> LmHead:
+        if not Path(path).exists():
+            raise FileNotFoundError(f"{path} is missing: rebuild the directory with ensure_shortlisted")
+        with np.load(path) as f:
+            kind = str(f["kind"])
+            return cls(kind, f["weight"], f["bias"], f["w_scale"] if kind == "int8" else None,
+                       f["w_zero"] if kind == "int8" else None)
+
+
+def quantize_dynamic_linear(x: np.ndarray) -> tuple[np.ndarray, np.float32, np.int32]:
+    """ONNX DynamicQuantizeLinear (uint8): range includes 0, scale = (max - min) / 255, round half to even."""
+    lo, hi = min(np.float32(0), x.min()), max(np.float32(0), x.max())
+    scale = np.float32((hi - lo) / np.float32(255))
+    if scale == 0:
+        return np.zeros_like(x, np.int32), np.float32(0), np.int32(0)
+    zero = np.int32(np.clip(np.rint(-lo / scale), 0, 255))
+    q = np.clip(np.rint(x / scale) + zero, 0, 255).astype(np.int32)
+    return q, scale, zero
+
+
+@dataclass(frozen=True)
+class CandidateHead:
+    ids: np.ndarray  # candidate vocabulary ids, sorted
+    weight: np.ndarray  # (d_model, candidates)
+    bias: np.ndarray  # (candidates,)
+    w_scale: np.ndarray | None  # int8 only
+
+    def logits(self, hidden: np.ndarray) -> np.ndarray:
+        """(rows, d_model) -> (rows, candidates) float32."""
+        if self.w_scale is None:
+            return hidden.astype(np.float32) @ self.weight + self.bias
+        q, scale, zero = quantize_dynamic_linear(hidden.astype(np.float32))
+        acc = ((q - zero).astype(self.weight.dtype) @ self.weight).astype(np.float32)
+        return acc * (scale * self.w_scale) + self.bias
+
+
+# --------------------------------------------------------------------------- graph surgery
+
+
+def _inits(model) -> dict[str, Any]:
+    return {t.name: t for t in model.graph.initializer}
+
+
+def _array(init) -> np.ndarray:
+    from onnx import numpy_helper
+
+    return numpy_helper.to_array(init)
+
+
+def _head_node(model, vocab: int):
+    """The weight node of the output projection: a MatMul/Gemm/MatMulInteger on a (.., vocab) constant."""
+    inits = _inits(model)
+    found = [n for n in model.graph.node if n.op_type in _WEIGHT_OPS and n.input[1] in inits
+             and vocab in tuple(inits[n.input[1]].dims)]
+    if len(found) != 1:
+        raise ValueError(f"expected one LM-head node with a {vocab}-wide weight, found {len(found)}")
+    return found[0]
+
+
+def _read_head(model, node, vocab: int) -> tuple[LmHead, str]:
+    """(the head's weights, the float hidden-state tensor feeding it)."""
+    inits, graph = _inits(model), model.graph
+    producers = {o: n for n in graph.node for o in n.output}
+    out = producers["logits"]
+    bias = next((_array(inits[i]).astype(np.float32).reshape(-1) for i in out.input
+                 if out.op_type == "Add" and i in inits), np.zeros(vocab, np.float32))
+    if node.op_type == "MatMulInteger":
+        quant = producers[node.input[0]]
+        if quant.op_type != "DynamicQuantizeLinear":
+            raise ValueError(f"int8 LM head fed by {quant.op_type}, expected DynamicQuantizeLinear")
+        scale_mul = next(n for n in graph.node if n.op_type == "Mul" and quant.output[1] in n.input)
+        w_scale = next(_array(inits[i]) for i in scale_mul.input if i in inits).astype(np.float32)
+        zero = _array(inits[node.input[3]]) if len(node.input) > 3 and node.input[3] else np.zeros(vocab, np.int32)
+        return LmHead("int8", _array(inits[node.input[1]]), bias, np.broadcast_to(w_scale, (vocab,)).copy(),
+                      np.broadcast_to(zero, (vocab,)).copy()), quant.input[0]
+    weight = _array(inits[node.input[1]]).astype(np.float32)
+    if node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute):
+        weight = weight.T
+    if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:
+        bias = bias + _array(inits[node.input[2]]).astype(np.float32).reshape(-1)
+    return LmHead("float", np.ascontiguousarray(weight), bias), node.input[0]
+
+
+def _prune(model) -> None:
+    """Drop nodes and initializers that no graph output needs any more (nodes are in topological order)."""
+    graph = model.graph
+    needed = {o.name for o in graph.output}
+    keep = []
+    for node in reversed(graph.node):
+        if any(o in needed for o in node.output):
+            keep.append(node)
+            needed.update(i for i in node.input if i)
+    del graph.node[:]
+    graph.node.extend(reversed(keep))
+    used = [t for t in graph.initializer if t.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(used)
+
+
+def split_lm_head(model, vocab: int, d_model: int) -> tuple[Any, LmHead]:
+    """(the graph returning HIDDEN instead of logits, the head it no longer computes); edits `model`."""
+    from onnx import TensorProto, helper
+
+    head, hidden = _read_head(model, _head_node(model, vocab), vocab)
+    graph = model.graph
+    graph.node.append(helper.make_node("Identity", [hidden], [HIDDEN], name="shortlist_last_hidden"))
+    outputs = [helper.make_tensor_value_info(HIDDEN, TensorProto.FLOAT, ["batch", d_model]) if o.name == "logits"
+               else o for o in graph.output]
+    del graph.output[:]
+    graph.output.extend(outputs)
+    _prune(model)
+    return model, head
+
+
+# --------------------------------------------------------------------------- the stripped directory
+
+
+def ensure_shortlisted(preset: Preset, bundle: Bundle, parent: Path | str) -> Path:
+    """`parent` (an ONNX directory: fp32 or int8) with head-less decoders, its head and the preset's shortlist:
+    <artifacts>/<preset>/<parent name>-sl, rebuilt when the parent or the shortlist change."""
+    import onnx
+
+    parent = Path(parent)
+    table_dir = ensure_shortlist(preset, bundle)
+    out = preset_dir(preset.name) / f"{parent.name}-sl"
+    recipe = {"parent_sha256": digest(parent / SIDECAR), "shortlist_sha256": digest(table_dir / SHORTLIST_FILE)}
+    meta = read_sidecar(parent)
+    graph_of = {name: graph for graph, name in meta["files"].items()}
+    shape = meta["model"]
+
+    def transform(src: Path, dst: Path) -> None:
+        if graph_of[src.name] == "encoder":
+            shutil.copyfile(src, dst)
+            return
+        model, head = split_lm_head(onnx.load(str(src)), shape["vocab_size"], shape["d_model"])
+        onnx.save(model, str(dst))
+        if graph_of[src.name] == "decoder_with_past":
+            head.save(dst.parent / HEAD_FILE)
+
+    def build(tmp: Path) -> None:
+        shutil.copyfile(table_dir / SHORTLIST_FILE, tmp / SHORTLIST_FILE)
+        derive_into(parent, tmp, transform, shortlist={"table": str(table_dir), "head": HEAD_FILE,
+                                                      "parent": str(parent), "output": HIDDEN})
+
+    return ensure(out, SIDECAR, recipe, build, valid=lambda p: (p / HEAD_FILE).exists())
+
+
+# --------------------------------------------------------------------------- steppers
+
+
+@dataclass
+class ShortlistState(OrtState):
+    head: CandidateHead | None = None  # this batch's candidate columns
+    buffer: torch.Tensor | None = None  # (rows, vocab) of -inf, candidate columns written every step
+
+
+def _with_head(state: OrtState, head: CandidateHead | None) -> ShortlistState:
+    values = {f.name: getattr(state, f.name) for f in fields(OrtState)}
+    return ShortlistState(**values, head=head)
+
+
+def scatter(logits: np.ndarray, ids: np.ndarray, state: Any, vocab: int) -> torch.Tensor:
+    """Candidate logits (rows, C) into the state's (rows, vocab) buffer of -inf at columns `ids`."""
+    rows = logits.shape[0]
+    if state.buffer is None or state.buffer.shape[0] != rows:
+        state.buffer = torch.full((rows, vocab), -float("inf"))
+    state.buffer[:, torch.from_numpy(ids)] = torch.from_numpy(logits)
+    return state.buffer
+
+
+class ShortlistStepper(OrtStepper):
+    """OrtStepper over head-less decoders: logits only for the batch's candidate ids (see module doc)."""
+
+    def __init__(self, sessions: dict[str, Any], meta: dict, head: LmHead, table: Shortlist):
+        if meta.get("shortlist", {}).get("output") != HIDDEN:
+            raise ValueError("not a shortlisted ONNX directory (its sidecar has no 'shortlist' section); "
+                             "make one with labkit.engines.shortlist_ort.ensure_shortlisted")
+        super().__init__(sessions, meta, io="numpy")
+        self.head, self.table = head, table
+
+    @classmethod
+    def from_dir(cls, directory: Path | str, threads: int = 1, optimization: str = "all", spin: bool = True,
+                 **_) -> ShortlistStepper:
+        directory = Path(directory)
+        meta = read_sidecar(directory)
+        head, table = LmHead.load(directory / HEAD_FILE), load_shortlist(directory / SHORTLIST_FILE)
+        return cls(load_sessions(directory, threads, optimization, spin=spin), meta, head, table)
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> ShortlistState:
+        sources = [row[mask.bool()].tolist() for row, mask in zip(input_ids, attention_mask)]
+        return _with_head(super().encode(input_ids, attention_mask), self.head.gather(self.table.candidates(sources)))
+
+    def step(self, tokens: torch.Tensor, state: ShortlistState) -> tuple[torch.Tensor, ShortlistState]:
+        hidden, state = super().step(tokens, state)
+        return scatter(state.head.logits(hidden.numpy()), state.head.ids, state, self._vocab), state
+
+    def select(self, state: ShortlistState, index: torch.Tensor) -> ShortlistState:
+        return _with_head(super().select(state, index), state.head)
+
+
+@dataclass
+class MaskedState:
+    inner: Any
+    ids: torch.Tensor  # candidate ids of the batch
+
+
+class MaskedStepper:
+    """The oracle: a full-vocabulary stepper whose logits outside the batch's candidates are set to -inf."""
+
+    def __init__(self, inner, table: Shortlist):
+        self.inner, self.table = inner, table
+        self.start_id, self.eos_id, self.pad_id = inner.start_id, inner.eos_id, inner.pad_id
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> MaskedState:
+        sources = [row[mask.bool()].tolist() for row, mask in zip(input_ids, attention_mask)]
+        ids = torch.from_numpy(self.table.candidates(sources))
+        return MaskedState(self.inner.encode(input_ids, attention_mask), ids)
+
+    def step(self, tokens: torch.Tensor, state: MaskedState) -> tuple[torch.Tensor, MaskedState]:
+        logits, inner = self.inner.step(tokens, state.inner)
+        masked = torch.full_like(logits, -float("inf"))
+        masked[:, state.ids] = logits[:, state.ids]
+        return masked, MaskedState(inner, state.ids)
+
+    def select(self, state: MaskedState, index: torch.Tensor) -> MaskedState:
+        return MaskedState(self.inner.select(state.inner, index), state.ids)
