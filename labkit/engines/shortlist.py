@@ -37,7 +37,7 @@ from labkit.core.artifacts import digest, ensure, preset_dir, write_json_atomic
 from labkit.core.bundle import Bundle, bundle_key
 from labkit.core.data import DATA_DIR, Pair, iter_batches, load_split
 from labkit.engines.ct2 import SIDECAR as CT2_SIDECAR
-from labkit.engines.ct2 import VOCABULARY_FILE, ensure_ct2
+from labkit.engines.ct2 import VOCABULARY_FILE, Ct2Translator, ensure_ct2
 
 SCHEMA = "labkit.shortlist/1"
 SIDECAR = "shortlist.json"
@@ -297,3 +297,22 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         os.link(src, dst)  # the parent may be rebuilt later: its files are replaced, these stay whole
     except OSError:
         shutil.copyfile(src, dst)
+
+
+class MaskedCt2Translator(Ct2Translator):
+    """The CTranslate2 oracle: the full-vocabulary model with every non-candidate token suppressed, per batch
+    (the candidates CTranslate2's vocabulary map gives the same batch: the table's always ∪ each piece's list)."""
+
+    def __init__(self, directory: Path | str, table: Shortlist, **options):
+        super().__init__(directory, **options)
+        self.table = table
+
+    def generate(self, input_ids: list[list[int]], beams: int | None = None) -> list[list[int]]:
+        keep = set(self.table.candidates(input_ids).tolist())
+        suppress = [[t] for i, t in enumerate(self.tokens) if i not in keep]
+        source = [[self.tokens[i] for i in row] for row in input_ids]
+        options = self.options | {"suppress_sequences": self.options.get("suppress_sequences", []) + suppress}
+        if beams not in (None, self.decode_cfg.num_beams):
+            options["beam_size"] = beams
+        results = self.engine.translate_batch(source, **options)
+        return [[self.ids[t] for t in r.hypotheses[0]] for r in results]
