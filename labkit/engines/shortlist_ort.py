@@ -190,15 +190,12 @@ def split_lm_head(model, vocab: int, d_model: int) -> tuple[Any, LmHead]:
 # --------------------------------------------------------------------------- the stripped directory
 
 
-def ensure_shortlisted(preset: Preset, bundle: Bundle, parent: Path | str) -> Path:
-    """`parent` (an ONNX directory: fp32 or int8) with head-less decoders, its head and the preset's shortlist:
-    <artifacts>/<preset>/<parent name>-sl, rebuilt when the parent or the shortlist change."""
+def strip_into(parent: Path | str, directory: Path, table_file: Path) -> None:
+    """Write `parent`'s graphs into `directory` (a staging directory) with head-less decoders, the head as
+    lm_head.npz and the shortlist `table_file` beside them: what ShortlistStepper.from_dir runs."""
     import onnx
 
     parent = Path(parent)
-    table_dir = ensure_shortlist(preset, bundle)
-    out = preset_dir(preset.name) / f"{parent.name}-sl"
-    recipe = {"parent_sha256": digest(parent / SIDECAR), "shortlist_sha256": digest(table_dir / SHORTLIST_FILE)}
     meta = read_sidecar(parent)
     graph_of = {name: graph for graph, name in meta["files"].items()}
     shape = meta["model"]
@@ -212,12 +209,20 @@ def ensure_shortlisted(preset: Preset, bundle: Bundle, parent: Path | str) -> Pa
         if graph_of[src.name] == "decoder_with_past":
             head.save(dst.parent / HEAD_FILE)
 
-    def build(tmp: Path) -> None:
-        shutil.copyfile(table_dir / SHORTLIST_FILE, tmp / SHORTLIST_FILE)
-        derive_into(parent, tmp, transform, shortlist={"table": str(table_dir), "head": HEAD_FILE,
-                                                      "parent": str(parent), "output": HIDDEN})
+    shutil.copyfile(table_file, directory / SHORTLIST_FILE)
+    derive_into(parent, directory, transform, shortlist={"table": str(table_file), "head": HEAD_FILE,
+                                                         "parent": str(parent), "output": HIDDEN})
 
-    return ensure(out, SIDECAR, recipe, build, valid=lambda p: (p / HEAD_FILE).exists())
+
+def ensure_shortlisted(preset: Preset, bundle: Bundle, parent: Path | str) -> Path:
+    """`parent` (an ONNX directory: fp32 or int8) with head-less decoders, its head and the preset's shortlist:
+    <artifacts>/<preset>/<parent name>-sl, rebuilt when the parent or the shortlist change."""
+    parent = Path(parent)
+    table_file = ensure_shortlist(preset, bundle) / SHORTLIST_FILE
+    out = preset_dir(preset.name) / f"{parent.name}-sl"
+    recipe = {"parent_sha256": digest(parent / SIDECAR), "shortlist_sha256": digest(table_file)}
+    return ensure(out, SIDECAR, recipe, lambda tmp: strip_into(parent, tmp, table_file),
+                  valid=lambda p: (p / HEAD_FILE).exists())
 
 
 # --------------------------------------------------------------------------- steppers
