@@ -153,9 +153,9 @@ def variant_depth(variant: str) -> int:
 class Evaluations:
     """Each engine translates the gate sentences once, with one thread (a parent serves several children)."""
 
-    def __init__(self, preset: Preset, bundle: Bundle):
+    def __init__(self, preset: Preset, bundle: Bundle, pairs: list | None = None):
         self.preset, self.bundle = preset, bundle
-        self.pairs, self.results = gate_pairs(preset), {}
+        self.pairs, self.results = pairs if pairs is not None else gate_pairs(preset), {}
 
     def __call__(self, variant: str, artifact=None) -> dict:
         if variant not in self.results:
@@ -187,6 +187,8 @@ def shortlist_variant_gate(variant: str, artifact, evaluations: Evaluations, par
     same, n = agreement(result["ids"], base["ids"]), len(base["ids"])
     if not preset.quality:
         masked = agreement(result["ids"], evaluations.masked(spec.parent, table, parent_artifact)["ids"])
+        sizes += ("; candidate sets from the teacher's corpus statistics with the same tokenizer, so realistic "
+                  "for this corpus, and ids past its pieces are never candidates")
         return shortlist_gate(same, n, spec.parent, masked_same=masked, sizes=sizes)
     sizes += f"; reference pieces inside their batch's set {stats['coverage']:.2%}"
     return shortlist_gate(same, n, spec.parent, result["bleu"], base["bleu"], sizes=sizes)
@@ -220,6 +222,9 @@ def check_variant(variant: str, preset: Preset, evaluations: Evaluations, parent
         gate = onnx_parity_gate(read_sidecar(artifact)["parity"])
     elif gate is None and spec.technique == "shortlist":
         gate = shortlist_variant_gate(variant, artifact, evaluations, parent)
+        result, base = evaluations(variant, artifact), evaluations(spec.parent, parent and parent.artifact)  # cached
+        info["gate_metrics"] = {k: result[k] for k in ("bleu", "chrf")} | {
+            "parent_bleu": base["bleu"], "sentences": len(base["ids"]), "agreement": agreement(result["ids"], base["ids"])}
     elif gate is None:
         result, base = evaluations(variant, artifact), evaluations(spec.parent, parent and parent.artifact)
         gate = variant_gate(result, base, spec.precision, preset, parent_name=spec.parent)
@@ -229,10 +234,12 @@ def check_variant(variant: str, preset: Preset, evaluations: Evaluations, parent
     return Check("ok" if passed else "failed", dict(gate), None if passed else gate["detail"], str(artifact), info)
 
 
-def check_variants(preset: Preset, variants, bundle: Bundle,
-                   gates: Mapping[str, dict] | None = None) -> dict[str, Check]:
-    """Build and gate every variant, parents first, before any timing; {variant: Check} in `variants` order."""
-    evaluations = Evaluations(preset, bundle)
+def check_variants(preset: Preset, variants, bundle: Bundle, gates: Mapping[str, dict] | None = None,
+                   pairs: list | None = None) -> dict[str, Check]:
+    """Build and gate every variant, parents first, before any timing; {variant: Check} in `variants` order.
+
+    `pairs`: the gate sentences (default `gate_pairs(preset)`; notebook 05's shortlist section uses more)."""
+    evaluations = Evaluations(preset, bundle, pairs)
     checks: dict[str, Check] = {}
     for v in sorted(variants, key=variant_depth):
         checks[v] = check_variant(v, preset, evaluations, checks.get(VARIANTS[v].parent),
