@@ -9,8 +9,8 @@ Graph surgery (`split_lm_head`) on an existing variant's two decoder graphs: the
 DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul chain, in a plain export a Gemm on the tied
 embedding) and the final_logits_bias Add are cut off, so the graphs return the last position's hidden
 state (rows, d_model). The head's weights go to `lm_head.npz`; `LmHead.gather` takes the candidate
-columns once per batch, and every step computes only those logits in numpy: a float head as one
-sgemm, an int8 head exactly as ONNX's DynamicQuantizeLinear + MatMulInteger define it (the integer
+columns once per batch, and every step computes only those logits: a float head as one
+GEMM (torch), an int8 head exactly as ONNX's DynamicQuantizeLinear + MatMulInteger define it (the integer
 products are summed in float32, exact while d_model · 255 · 128 < 2^24, else in float64). The logits
 go into a (rows, vocab) buffer of -inf at the candidate columns, so labkit.core.decode's one greedy
 and beam loop runs unchanged and argmax lands on vocabulary ids. Beam search normalises over the
@@ -45,7 +45,7 @@ HIDDEN = "last_hidden"  # the stripped decoders' first output, (rows, d_model)
 _WEIGHT_OPS = ("Gemm", "MatMul", "MatMulInteger")
 
 
-# --------------------------------------------------------------------------- the head, in numpy
+# --------------------------------------------------------------------------- the head, outside the graph
 
 
 @dataclass(frozen=True)
@@ -61,12 +61,13 @@ class LmHead:
 
     def gather(self, ids: np.ndarray) -> CandidateHead:
         """The head restricted to candidate columns `ids`, laid out for one GEMM per step."""
-        cols = self.weight[:, ids]
+        cols, bias = self.weight[:, ids], torch.from_numpy(np.ascontiguousarray(self.bias[ids]))
         if self.kind == "float":
-            return CandidateHead(ids, np.ascontiguousarray(cols, np.float32), self.bias[ids], None)
+            return CandidateHead(ids, torch.from_numpy(np.ascontiguousarray(cols, np.float32)), bias, None)
         exact = np.float32 if self.weight.shape[0] * 255 * 128 < 2**24 else np.float64
         centred = cols.astype(np.int32) - self.w_zero[ids].astype(np.int32)
-        return CandidateHead(ids, np.ascontiguousarray(centred, exact), self.bias[ids], self.w_scale[ids])
+        return CandidateHead(ids, torch.from_numpy(np.ascontiguousarray(centred, exact)), bias,
+                             torch.from_numpy(np.ascontiguousarray(self.w_scale[ids])))
 
     def save(self, path: Path) -> None:
         extra = {} if self.kind == "float" else {"w_scale": self.w_scale, "w_zero": self.w_zero}
@@ -82,30 +83,35 @@ class LmHead:
                        f["w_zero"] if kind == "int8" else None)
 
 
-def quantize_dynamic_linear(x: np.ndarray) -> tuple[np.ndarray, np.float32, np.int32]:
-    """ONNX DynamicQuantizeLinear (uint8): range includes 0, scale = (max - min) / 255, round half to even."""
-    lo, hi = min(np.float32(0), x.min()), max(np.float32(0), x.max())
-    scale = np.float32((hi - lo) / np.float32(255))
-    if scale == 0:
-        return np.zeros_like(x, np.int32), np.float32(0), np.int32(0)
-    zero = np.int32(np.clip(np.rint(-lo / scale), 0, 255))
-    q = np.clip(np.rint(x / scale) + zero, 0, 255).astype(np.int32)
-    return q, scale, zero
+def quantize_dynamic_linear(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ONNX DynamicQuantizeLinear (uint8) in float32: range includes 0, scale = (max - min) / 255,
+    round half to even (torch.round, as the spec). Returns (q, scale, zero point), q as float32 integers."""
+    zero_t = torch.zeros((), dtype=torch.float32)
+    lo, hi = torch.minimum(zero_t, x.min()), torch.maximum(zero_t, x.max())
+    scale = (hi - lo) / torch.tensor(255.0)
+    if float(scale) == 0.0:
+        return torch.zeros_like(x), scale, zero_t
+    zero = torch.clamp(torch.round(-lo / scale), 0, 255)
+    return torch.clamp(torch.round(x / scale) + zero, 0, 255), scale, zero
 
 
 @dataclass(frozen=True)
 class CandidateHead:
-    ids: np.ndarray  # candidate vocabulary ids, sorted
-    weight: np.ndarray  # (d_model, candidates)
-    bias: np.ndarray  # (candidates,)
-    w_scale: np.ndarray | None  # int8 only
+    """The head's candidate columns as torch tensors: torch's GEMM runs on the caller's thread budget,
+    where numpy's BLAS would start its own pool and fight the engine's threads for the cores."""
 
-    def logits(self, hidden: np.ndarray) -> np.ndarray:
+    ids: np.ndarray  # candidate vocabulary ids, sorted
+    weight: torch.Tensor  # (d_model, candidates)
+    bias: torch.Tensor  # (candidates,)
+    w_scale: torch.Tensor | None  # int8 only
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(rows, d_model) -> (rows, candidates) float32."""
+        hidden = hidden.float()
         if self.w_scale is None:
-            return hidden.astype(np.float32) @ self.weight + self.bias
-        q, scale, zero = quantize_dynamic_linear(hidden.astype(np.float32))
-        acc = ((q - zero).astype(self.weight.dtype) @ self.weight).astype(np.float32)
+            return hidden @ self.weight + self.bias
+        q, scale, zero = quantize_dynamic_linear(hidden)
+        acc = ((q - zero).to(self.weight.dtype) @ self.weight).float()  # integer-exact (see LmHead.gather)
         return acc * (scale * self.w_scale) + self.bias
 
 
@@ -239,12 +245,12 @@ def _with_head(state: OrtState, head: CandidateHead | None) -> ShortlistState:
     return ShortlistState(**values, head=head)
 
 
-def scatter(logits: np.ndarray, ids: np.ndarray, state: Any, vocab: int) -> torch.Tensor:
+def scatter(logits: torch.Tensor, ids: np.ndarray, state: Any, vocab: int) -> torch.Tensor:
     """Candidate logits (rows, C) into the state's (rows, vocab) buffer of -inf at columns `ids`."""
     rows = logits.shape[0]
     if state.buffer is None or state.buffer.shape[0] != rows:
         state.buffer = torch.full((rows, vocab), -float("inf"))
-    state.buffer[:, torch.from_numpy(ids)] = torch.from_numpy(logits)
+    state.buffer[:, torch.from_numpy(ids)] = logits
     return state.buffer
 
 
@@ -272,7 +278,7 @@ class ShortlistStepper(OrtStepper):
 
     def step(self, tokens: torch.Tensor, state: ShortlistState) -> tuple[torch.Tensor, ShortlistState]:
         hidden, state = super().step(tokens, state)
-        return scatter(state.head.logits(hidden.numpy()), state.head.ids, state, self._vocab), state
+        return scatter(state.head.logits(hidden), state.head.ids, state, self._vocab), state
 
     def select(self, state: ShortlistState, index: torch.Tensor) -> ShortlistState:
         return _with_head(super().select(state, index), state.head)
