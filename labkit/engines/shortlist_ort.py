@@ -9,9 +9,9 @@ Graph surgery (`split_lm_head`) on an existing variant's two decoder graphs: the
 DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul chain, in a plain export a Gemm on the tied
 embedding) and the final_logits_bias Add are cut off, so the graphs return the last position's hidden
 state (rows, d_model). The head's weights go to `lm_head.npz`; `LmHead.gather` takes the candidate
-columns once per batch, and every step computes only those logits: a float head as one
-GEMM (torch), an int8 head exactly as ONNX's DynamicQuantizeLinear + MatMulInteger define it (the integer
-products are summed in float32, exact while d_model · 255 · 128 < 2^24, else in float64). The logits
+columns once per batch, and every step computes only those logits in a tiny one-thread ORT graph
+of the parent's own ops (`head_graph`: MatMul + Add, or DynamicQuantizeLinear -> MatMulInteger ->
+Cast -> Mul -> Add with the int8 columns as inputs), so they equal the parent's logits. The logits
 go into a (rows, vocab) buffer of -inf at the candidate columns, so labkit.core.decode's one greedy
 and beam loop runs unchanged and argmax lands on vocabulary ids. Beam search normalises over the
 candidates only, as Marian's shortlist does. `MaskedStepper` is the oracle: any full-vocabulary
@@ -60,14 +60,11 @@ class LmHead:
     w_zero: np.ndarray | None = None  # (vocab,) int8 only
 
     def gather(self, ids: np.ndarray) -> CandidateHead:
-        """The head restricted to candidate columns `ids`, laid out for one GEMM per step."""
-        cols, bias = self.weight[:, ids], torch.from_numpy(np.ascontiguousarray(self.bias[ids]))
-        if self.kind == "float":
-            return CandidateHead(ids, torch.from_numpy(np.ascontiguousarray(cols, np.float32)), bias, None)
-        exact = np.float32 if self.weight.shape[0] * 255 * 128 < 2**24 else np.float64
-        centred = cols.astype(np.int32) - self.w_zero[ids].astype(np.int32)
-        return CandidateHead(ids, torch.from_numpy(np.ascontiguousarray(centred, exact)), bias,
-                             torch.from_numpy(np.ascontiguousarray(self.w_scale[ids])))
+        """The head restricted to candidate columns `ids` (copied once per batch, contiguous)."""
+        cols = np.ascontiguousarray(self.weight[:, ids])
+        extra = {} if self.kind == "float" else {"w_zero": np.ascontiguousarray(self.w_zero[ids]),
+                                                 "w_scale": np.ascontiguousarray(self.w_scale[ids])}
+        return CandidateHead(ids, {"weight": cols, "bias": np.ascontiguousarray(self.bias[ids]), **extra})
 
     def save(self, path: Path) -> None:
         extra = {} if self.kind == "float" else {"w_scale": self.w_scale, "w_zero": self.w_zero}
@@ -83,36 +80,54 @@ class LmHead:
                        f["w_zero"] if kind == "int8" else None)
 
 
-def quantize_dynamic_linear(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ONNX DynamicQuantizeLinear (uint8) in float32: range includes 0, scale = (max - min) / 255,
-    round half to even (torch.round, as the spec). Returns (q, scale, zero point), q as float32 integers."""
-    zero_t = torch.zeros((), dtype=torch.float32)
-    lo, hi = torch.minimum(zero_t, x.min()), torch.maximum(zero_t, x.max())
-    scale = (hi - lo) / torch.tensor(255.0)
-    if float(scale) == 0.0:
-        return torch.zeros_like(x), scale, zero_t
-    zero = torch.clamp(torch.round(-lo / scale), 0, 255)
-    return torch.clamp(torch.round(x / scale) + zero, 0, 255), scale, zero
+def head_graph(kind: str, weight_type: int | None = None):
+    """A tiny ONNX graph of the head over candidate columns given as inputs: the parent's own ops
+    (MatMul + Add; DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul -> Add for int8)."""
+    from onnx import TensorProto, helper
+
+    f32, dims = TensorProto.FLOAT, {"hidden": ["rows", "d"], "weight": ["d", "c"], "bias": ["c"]}
+    types = {"hidden": f32, "weight": f32, "bias": f32}
+    if kind == "float":
+        nodes = [helper.make_node("MatMul", ["hidden", "weight"], ["raw"]),
+                 helper.make_node("Add", ["raw", "bias"], ["logits"])]
+    else:
+        wt = weight_type or TensorProto.INT8  # the quantizer's weight type (QInt8 here; UInt8 works too)
+        types |= {"weight": wt, "w_zero": wt, "w_scale": f32}
+        dims |= {"w_zero": ["c"], "w_scale": ["c"]}
+        nodes = [helper.make_node("DynamicQuantizeLinear", ["hidden"], ["q", "q_scale", "q_zero"]),
+                 helper.make_node("MatMulInteger", ["q", "weight", "q_zero", "w_zero"], ["acc"]),
+                 helper.make_node("Cast", ["acc"], ["acc_f"], to=f32),
+                 helper.make_node("Mul", ["q_scale", "w_scale"], ["scale"]),
+                 helper.make_node("Mul", ["acc_f", "scale"], ["raw"]),
+                 helper.make_node("Add", ["raw", "bias"], ["logits"])]
+    inputs = [helper.make_tensor_value_info(n, types[n], dims[n]) for n in types]
+    graph = helper.make_graph(nodes, "shortlist_head", inputs,
+                              [helper.make_tensor_value_info("logits", f32, ["rows", "c"])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def head_session(kind: str, weight_dtype=np.int8):
+    """The head graph in a one-thread session: it runs on the caller's thread, so it never fights the
+    decoder's thread pool for the cores (torch's or numpy's own pools did: 40-100 ms a step on a busy 2-core
+    machine for a 16 x 128 x 500 product)."""
+    import onnxruntime
+    from onnx import helper
+
+    opts = onnxruntime.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads, opts.log_severity_level = 1, 1, 3
+    return onnxruntime.InferenceSession(head_graph(kind, helper.np_dtype_to_tensor_dtype(np.dtype(weight_dtype))).SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
 @dataclass(frozen=True)
 class CandidateHead:
-    """The head's candidate columns as torch tensors: torch's GEMM runs on the caller's thread budget,
-    where numpy's BLAS would start its own pool and fight the engine's threads for the cores."""
+    """One batch's candidate columns of the head, as the head graph's inputs."""
 
     ids: np.ndarray  # candidate vocabulary ids, sorted
-    weight: torch.Tensor  # (d_model, candidates)
-    bias: torch.Tensor  # (candidates,)
-    w_scale: torch.Tensor | None  # int8 only
+    feed: dict[str, np.ndarray]  # weight (d_model, C), bias (C,), and for int8 w_zero, w_scale (C,)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(rows, d_model) -> (rows, candidates) float32."""
-        hidden = hidden.float()
-        if self.w_scale is None:
-            return hidden @ self.weight + self.bias
-        q, scale, zero = quantize_dynamic_linear(hidden)
-        acc = ((q - zero).to(self.weight.dtype) @ self.weight).float()  # integer-exact (see LmHead.gather)
-        return acc * (scale * self.w_scale) + self.bias
+    def logits(self, session, hidden: np.ndarray) -> np.ndarray:
+        """(rows, d_model) -> (rows, C) float32."""
+        return session.run(None, {"hidden": np.ascontiguousarray(hidden, np.float32), **self.feed})[0]
 
 
 # --------------------------------------------------------------------------- graph surgery
@@ -237,7 +252,7 @@ def ensure_shortlisted(preset: Preset, bundle: Bundle, parent: Path | str) -> Pa
 @dataclass
 class ShortlistState(OrtState):
     head: CandidateHead | None = None  # this batch's candidate columns
-    buffer: torch.Tensor | None = None  # (rows, vocab) of -inf, candidate columns written every step
+    buffer: np.ndarray | None = None  # (rows, vocab) of -inf, candidate columns written every step
 
 
 def _with_head(state: OrtState, head: CandidateHead | None) -> ShortlistState:
@@ -245,13 +260,15 @@ def _with_head(state: OrtState, head: CandidateHead | None) -> ShortlistState:
     return ShortlistState(**values, head=head)
 
 
-def scatter(logits: torch.Tensor, ids: np.ndarray, state: Any, vocab: int) -> torch.Tensor:
-    """Candidate logits (rows, C) into the state's (rows, vocab) buffer of -inf at columns `ids`."""
+def scatter(logits: np.ndarray, ids: np.ndarray, state: Any, vocab: int) -> torch.Tensor:
+    """Candidate logits (rows, C) into the state's (rows, vocab) buffer of -inf at columns `ids`.
+
+    The buffer is numpy (single-threaded fancy indexing) seen by the decode loop as a tensor (no copy)."""
     rows = logits.shape[0]
     if state.buffer is None or state.buffer.shape[0] != rows:
-        state.buffer = torch.full((rows, vocab), -float("inf"))
-    state.buffer[:, torch.from_numpy(ids)] = logits
-    return state.buffer
+        state.buffer = np.full((rows, vocab), -np.inf, dtype=np.float32)
+    state.buffer[:, ids] = logits
+    return torch.from_numpy(state.buffer)
 
 
 class ShortlistStepper(OrtStepper):
@@ -263,6 +280,7 @@ class ShortlistStepper(OrtStepper):
                              "make one with labkit.engines.shortlist_ort.ensure_shortlisted")
         super().__init__(sessions, meta, io="numpy")
         self.head, self.table = head, table
+        self.head_session = head_session(head.kind, head.weight.dtype)
 
     @classmethod
     def from_dir(cls, directory: Path | str, threads: int = 1, optimization: str = "all", spin: bool = True,
@@ -278,7 +296,8 @@ class ShortlistStepper(OrtStepper):
 
     def step(self, tokens: torch.Tensor, state: ShortlistState) -> tuple[torch.Tensor, ShortlistState]:
         hidden, state = super().step(tokens, state)
-        return scatter(state.head.logits(hidden), state.head.ids, state, self._vocab), state
+        logits = state.head.logits(self.head_session, hidden.numpy())
+        return scatter(logits, state.head.ids, state, self._vocab), state
 
     def select(self, state: ShortlistState, index: torch.Tensor) -> ShortlistState:
         return _with_head(super().select(state, index), state.head)
