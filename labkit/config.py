@@ -8,7 +8,7 @@
 Presets are registry entries (`PRESETS`), never copied dicts: a notebook's `PRESET = "ci"`
 parameter becomes `Preset.from_name(PRESET)`, and every stage reads its budget from it
 (`preset.prune`, `preset.distill`, `preset.quant`, `preset.kv`, `preset.profile`, `preset.trt`,
-`preset.serve`; `preset.distill_shallow` for the shallow-decoder students). An unknown name is a KeyError that lists the known ones. Left out: configuration
+`preset.serve`, `preset.shortlist`; `preset.distill_shallow` for the shallow-decoder students). An unknown name is a KeyError that lists the known ones. Left out: configuration
 files (a preset is code, reviewed like code) and per-machine overrides (use `preset.with_(...)` in
 a notebook).
 """
@@ -149,6 +149,17 @@ class ServeBudget:
 
 
 @dataclass(frozen=True)
+class ShortlistBudget:
+    """The lexical shortlist (labkit.engines.shortlist): which target pieces a batch may emit."""
+
+    k: int = 40  # target pieces kept per source piece, by Dice co-occurrence on the training pairs
+    frequent: int = 100  # most frequent target pieces, always candidates (function words, punctuation)
+    min_cooc: int = 1  # pairs seen in fewer training sentences are dropped (2 lost a rare word: 1 of 1 200 test sentences)
+    train_sentences: int | None = None  # training pairs counted (None: the whole train split)
+    batch: int = 16  # sentences per batch for the candidate-set statistics (the bench's batch)
+
+
+@dataclass(frozen=True)
 class Preset:
     name: str
     model: ModelSpec  # which model the whole sequence optimizes
@@ -163,6 +174,7 @@ class Preset:
     kv: KvBudget = KvBudget()
     trt: TrtBudget = TrtBudget()  # notebook 06 and labkit gpu-check
     serve: ServeBudget = ServeBudget()  # notebook 08
+    shortlist: ShortlistBudget = ShortlistBudget()  # notebook 05's vocabulary shortlist (every preset: same corpus)
     quality: bool = True  # False: random weights, BLEU is meaningless and decoding is forced
     forced_length: int | None = None  # decode exactly this many tokens (speed-only presets)
     eval_sentences: int | None = 200  # test-split sentences scored for BLEU; None = all

@@ -225,7 +225,7 @@ class Ct2Translator(Translator):
 
     def __init__(self, directory: Path | str, threads: int = 1, compute_type: str | None = None,
                  decode: DecodeConfig | None = None, max_input_tokens: int | None = None, force: bool = False,
-                 inter_threads: int = 1):
+                 inter_threads: int = 1, use_vmap: bool = False):
         ctranslate2 = require_ctranslate2()
         from transformers import MarianTokenizer
 
@@ -241,6 +241,11 @@ class Ct2Translator(Translator):
         self.ids = {t: i for i, t in enumerate(self.tokens)}
         pad = self.meta["ids"]["pad"]
         self.options = search_options(self.decode_cfg, self.tokens[pad] if pad < len(self.tokens) else None)
+        if use_vmap:  # restrict every batch's output layer to the model directory's vocabulary map
+            if not (self.directory / "vmap.txt").exists():
+                raise FileNotFoundError(f"{self.directory}/vmap.txt is missing: use_vmap needs a vocabulary map "
+                                        "(labkit.engines.shortlist.ensure_ct2_vmap writes one)")
+            self.options["use_vmap"] = True
 
     def generate(self, input_ids: list[list[int]], beams: int | None = None) -> list[list[int]]:
         """Source ids (with </s>, no padding) -> generated ids (no start token, no </s>); `beams`

@@ -5,7 +5,8 @@
     translator = build_translator("ort-int8", preset, 2, bundle, artifact=check.artifact)
 
 VARIANTS names every variant (torch, ort-fp32, ort-int8, ort-int8-all, ort-int8-qdq, ct2-fp32,
-ct2-int8) with its backend, precision and parent. `check_variant(s)` builds what a variant runs
+ct2-int8; ort-int8-sl, ort-int8-all-sl and ct2-int8-vmap, the same engines decoding over a vocabulary
+shortlist) with its backend, precision and parent. `check_variant(s)` builds what a variant runs
 (ONNX export, int8 quantization, CTranslate2 conversion: cached artifacts) and gates it: ort-fp32
 by the export's parity, int8 and CTranslate2 by labkit.measure.gates.variant_gate on the preset's
 gate sentences against the parent's translations. A failed parent fails its children; a missing
@@ -21,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from labkit.config import Preset
-from labkit.core.bundle import Bundle
+from labkit.core.bundle import Bundle, bundle_key
 from labkit.core.translator import decode_config, translator_for
 from labkit.engines.ct2 import COMPUTE_TYPES_SHORT, Ct2Translator, ensure_ct2, missing_reason
 from labkit.engines.onnx_export import ensure_onnx
@@ -35,7 +36,17 @@ from labkit.engines.ort_int8 import (
     gate_pairs,
     recipe_of,
 )
-from labkit.measure.gates import onnx_parity_gate, variant_gate
+from labkit.engines.shortlist import (
+    MaskedCt2Translator,
+    Shortlist,
+    candidate_stats,
+    ensure_ct2_vmap,
+    load_shortlist,
+    shortlist_dir,
+)
+from labkit.engines.shortlist_ort import MaskedStepper, ShortlistStepper, ensure_shortlisted
+from labkit.measure.gates import onnx_parity_gate, shortlist_gate, variant_gate
+from labkit.measure.quality import agreement
 
 
 @dataclass(frozen=True)
@@ -58,7 +69,14 @@ VARIANTS: dict[str, Variant] = {
                             "ONNX Runtime, static symmetric QDQ int8 (labkit.engines.ort_int8 'qdq')"),
     "ct2-fp32": Variant("ctranslate2", "peer", "fp32", "torch", "CTranslate2 float32"),
     "ct2-int8": Variant("ctranslate2", "peer", "int8", "torch", "CTranslate2 int8"),
+    "ort-int8-sl": Variant("onnxruntime", "shortlist", "int8", "ort-int8",
+                           "ort-int8, logits only for the batch's shortlist candidates (labkit.engines.shortlist)"),
+    "ort-int8-all-sl": Variant("onnxruntime", "shortlist", "int8", "ort-int8-all",
+                               "ort-int8-all, logits only for the batch's shortlist candidates"),
+    "ct2-int8-vmap": Variant("ctranslate2", "shortlist", "int8", "ct2-int8",
+                             "CTranslate2 int8 with the same shortlist as its vocabulary map (use_vmap)"),
 }
+SHORTLIST_OF = {"ort-int8-sl": "ort-int8", "ort-int8-all-sl": "ort-int8-all"}  # shortlisted ORT variant -> parent
 
 
 @dataclass(frozen=True)
@@ -90,6 +108,10 @@ def artifact_for(variant: str, preset: Preset, bundle: Bundle):
         return None
     if variant == "ort-fp32":
         return ensure_onnx(preset, bundle)
+    if variant in SHORTLIST_OF:
+        return ensure_shortlisted(preset, bundle, artifact_for(SHORTLIST_OF[variant], preset, bundle))
+    if variant == "ct2-int8-vmap":
+        return ensure_ct2_vmap(preset, bundle, "int8")
     if variant == "ort-int8-all":
         # The LM head is the largest matrix of a 65k-vocabulary model: where int8 pays most, and
         # what the default recipe keeps in float until it is measured safe. Its own gate still applies.
@@ -111,9 +133,12 @@ def build_translator(variant: str, preset: Preset, threads: int, bundle: Bundle,
     if variant != "torch" and artifact is None:
         artifact = artifact_for(variant, preset, bundle)
     if VARIANTS[variant].backend == "ctranslate2":
-        return Ct2Translator(artifact, threads=threads, decode=decode_config(preset), inter_threads=inter_threads)
+        return Ct2Translator(artifact, threads=threads, decode=decode_config(preset), inter_threads=inter_threads,
+                             use_vmap=variant.endswith("vmap"))
     stepper = None
-    if variant != "torch":
+    if variant in SHORTLIST_OF:
+        stepper = ShortlistStepper.from_dir(artifact, threads=threads, spin=spin)
+    elif variant != "torch":
         stepper = OrtStepper.from_dir(artifact, threads=threads, spin=spin)
     # opus-mt-shape emits ids past the teacher tokenizer's pieces; the Translator drops them with a note.
     return translator_for(bundle, preset, stepper)
@@ -131,15 +156,45 @@ def variant_depth(variant: str) -> int:
 class Evaluations:
     """Each engine translates the gate sentences once, with one thread (a parent serves several children)."""
 
-    def __init__(self, preset: Preset, bundle: Bundle):
+    def __init__(self, preset: Preset, bundle: Bundle, pairs: list | None = None):
         self.preset, self.bundle = preset, bundle
-        self.pairs, self.results = gate_pairs(preset), {}
+        self.pairs, self.results = pairs if pairs is not None else gate_pairs(preset), {}
 
     def __call__(self, variant: str, artifact=None) -> dict:
         if variant not in self.results:
             translator = build_translator(variant, self.preset, 1, self.bundle, artifact)
             self.results[variant] = evaluate_translator(translator, self.preset, self.pairs)
         return self.results[variant]
+
+    def masked(self, variant: str, table: Shortlist, artifact=None) -> dict:
+        """`variant` (a full-vocabulary parent) with its logits masked to the batch's candidates: the oracle."""
+        artifact = artifact or artifact_for(variant, self.preset, self.bundle)
+        if VARIANTS[variant].backend == "ctranslate2":
+            translator = MaskedCt2Translator(artifact, table, threads=1, decode=decode_config(self.preset))
+        else:
+            translator = translator_for(self.bundle, self.preset, MaskedStepper(OrtStepper.from_dir(artifact), table))
+        return evaluate_translator(translator, self.preset, self.pairs)
+
+
+def shortlist_variant_gate(variant: str, artifact, evaluations: Evaluations, parent: Check | None) -> dict:
+    """The shortlist gate (labkit.measure.gates.shortlist_gate) of `variant` against its full-vocabulary parent;
+    speed-only presets compare with the parent masked to the same candidates."""
+    preset, spec = evaluations.preset, VARIANTS[variant]
+    parent_artifact = parent and parent.artifact
+    result, base = evaluations(variant, artifact), evaluations(spec.parent, parent_artifact)
+    table = load_shortlist(shortlist_dir(preset.name, bundle_key(evaluations.bundle)))
+    stats = candidate_stats(table, evaluations.bundle.tokenizer, evaluations.pairs, preset.shortlist.batch)
+    sizes = (f"candidates per sentence mean {stats['size_mean']:.0f} (p95 {stats['size_p95']:.0f}), per batch of "
+             f"{stats['batch']} mean {stats['batch_size_mean']:.0f} (p95 {stats['batch_size_p95']:.0f}) of "
+             f"{table.vocab_size}")
+    same, n = agreement(result["ids"], base["ids"]), len(base["ids"])
+    if not preset.quality:
+        masked = agreement(result["ids"], evaluations.masked(spec.parent, table, parent_artifact)["ids"])
+        sizes += ("; candidate sets from the teacher's corpus statistics with the same tokenizer, so realistic "
+                  "for this corpus, and ids past its pieces are never candidates")
+        return shortlist_gate(same, n, spec.parent, masked_same=masked, sizes=sizes)
+    sizes += f"; reference pieces inside their batch's set {stats['coverage']:.2%}"
+    return shortlist_gate(same, n, spec.parent, result["bleu"], base["bleu"], sizes=sizes)
 
 
 def check_variant(variant: str, preset: Preset, evaluations: Evaluations, parent: Check | None = None,
@@ -168,6 +223,11 @@ def check_variant(variant: str, preset: Preset, evaluations: Evaluations, parent
     info = {"recipe": recipe_of(artifact)} if spec.technique == "quantization" else {}
     if variant == "ort-fp32":
         gate = onnx_parity_gate(read_sidecar(artifact)["parity"])
+    elif gate is None and spec.technique == "shortlist":
+        gate = shortlist_variant_gate(variant, artifact, evaluations, parent)
+        result, base = evaluations(variant, artifact), evaluations(spec.parent, parent and parent.artifact)  # cached
+        info["gate_metrics"] = {k: result[k] for k in ("bleu", "chrf")} | {
+            "parent_bleu": base["bleu"], "sentences": len(base["ids"]), "agreement": agreement(result["ids"], base["ids"])}
     elif gate is None:
         result, base = evaluations(variant, artifact), evaluations(spec.parent, parent and parent.artifact)
         gate = variant_gate(result, base, spec.precision, preset, parent_name=spec.parent)
@@ -177,10 +237,12 @@ def check_variant(variant: str, preset: Preset, evaluations: Evaluations, parent
     return Check("ok" if passed else "failed", dict(gate), None if passed else gate["detail"], str(artifact), info)
 
 
-def check_variants(preset: Preset, variants, bundle: Bundle,
-                   gates: Mapping[str, dict] | None = None) -> dict[str, Check]:
-    """Build and gate every variant, parents first, before any timing; {variant: Check} in `variants` order."""
-    evaluations = Evaluations(preset, bundle)
+def check_variants(preset: Preset, variants, bundle: Bundle, gates: Mapping[str, dict] | None = None,
+                   pairs: list | None = None) -> dict[str, Check]:
+    """Build and gate every variant, parents first, before any timing; {variant: Check} in `variants` order.
+
+    `pairs`: the gate sentences (default `gate_pairs(preset)`; notebook 05's shortlist section uses more)."""
+    evaluations = Evaluations(preset, bundle, pairs)
     checks: dict[str, Check] = {}
     for v in sorted(variants, key=variant_depth):
         checks[v] = check_variant(v, preset, evaluations, checks.get(VARIANTS[v].parent),

@@ -24,7 +24,9 @@ MIN_FP32_AGREEMENT = 0.95  # a float32 engine reproduces its parent's greedy tok
 # Speed-only presets: random weights make BLEU meaningless, so int8 is held to its parent's tokens at the
 # forced length; the random parent repeats a token or two, so this catches broken graphs, not lost quality.
 MIN_SPEED_AGREEMENT = 0.9
-MASKED_PARITY_ATOL = 1e-5  # a pruned model equals the masked one up to float rounding
+MASKED_PARITY_ATOL = 1e-5
+MIN_SHORTLIST_SAME = 0.99  # a shortlist keeps the full-vocabulary decode's tokens on 99 % of sentences
+MAX_SHORTLIST_BLEU_DROP = 0.2  # and costs at most this much BLEU  # a pruned model equals the masked one up to float rounding
 
 Gate = dict[str, Any]
 
@@ -114,6 +116,31 @@ def same_tokens_gate(checks: Mapping[str, bool], name: str = "same-tokens-as-gen
     """Every named comparison gave identical tokens: {"static, beams 1": True, ...}; an empty set fails."""
     return gate(name, bool(checks) and all(checks.values()),
                 ", ".join(f"{k}: {'same' if v else 'DIFFERENT'}" for k, v in checks.items()) or "nothing compared")
+
+
+def shortlist_gate(same: float, n: int, parent: str, bleu: float | None = None, parent_bleu: float | None = None,
+                   masked_same: float | None = None, sizes: str = "") -> Gate:
+    """A shortlisted decode against its full-vocabulary parent on the same sentences.
+
+    Quality presets: tokens identical on >= MIN_SHORTLIST_SAME of them and BLEU drop <= MAX_SHORTLIST_BLEU_DROP.
+    Speed-only presets (bleu None): agreement with the real parent means nothing (random weights pick ids the
+    corpus never shows), so the implementation is gated instead: tokens identical to the parent's decode with
+    its logits masked to the same candidates (`masked_same`), on every sentence.
+    """
+    if bleu is None or parent_bleu is None:
+        ok = masked_same is not None and masked_same >= 1.0
+        detail = (f"speed-only preset: tokens identical to {parent} with logits masked to the same candidates on "
+                  f"{round((masked_same or 0) * n)}/{n} sentences (must be all); agreement with unmasked {parent} "
+                  f"{same:.2f} is not gated (random weights)")
+        return gate("shortlist=masked-parent", ok, detail + (f"; {sizes}" if sizes else ""))
+    drop = parent_bleu - bleu
+    detail = (f"token ids identical to {parent}'s full-vocabulary decode on {round(same * n)}/{n} sentences "
+              f"(min {MIN_SHORTLIST_SAME:.0%}); BLEU {bleu:.2f} vs {parent_bleu:.2f}: drop {drop:.2f} "
+              f"(max {MAX_SHORTLIST_BLEU_DROP})")
+    if masked_same is not None:
+        detail += f"; identical to {parent} masked to the same candidates on {round(masked_same * n)}/{n}"
+    return gate(f"shortlist-same>={MIN_SHORTLIST_SAME}", same >= MIN_SHORTLIST_SAME and drop <= MAX_SHORTLIST_BLEU_DROP,
+                detail + (f"; {sizes}" if sizes else ""))
 
 
 # ---------------------------------------------------------------- numeric gates (exports, structural edits)

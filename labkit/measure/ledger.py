@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 SCHEMA = "labkit.ledger/1"
 TECHNIQUES = frozenset(
-    "baseline pruning distillation onnx quantization tensorrt kv-cache serving peer profiling".split()
+    "baseline pruning distillation onnx quantization shortlist tensorrt kv-cache serving peer profiling".split()
 )
 STATUSES = frozenset({"ok", "failed", "skipped"})
 TEXT_FIELDS = ("backend", "precision", "model", "parent")  # optional strings

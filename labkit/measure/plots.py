@@ -31,7 +31,7 @@ STAGE_COLORS = {"normalize": "#999999", "tokenize": PALETTE[0], "encode": PALETT
                 "detokenize": PALETTE[2], "preprocessing": "#999999", "tokenizer": PALETTE[0],
                 "model inference": PALETTE[1], "postprocessing": PALETTE[2]}
 TECHNIQUE_COLORS = {"baseline": "#000000", "pruning": PALETTE[0], "distillation": PALETTE[4],
-                    "onnx": PALETTE[2], "quantization": PALETTE[1], "tensorrt": PALETTE[3],
+                    "onnx": PALETTE[2], "quantization": PALETTE[1], "shortlist": "#117733", "tensorrt": PALETTE[3],
                     "kv-cache": PALETTE[9], "serving": PALETTE[5], "peer": "#999999", "profiling": PALETTE[6]}
 
 

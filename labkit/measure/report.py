@@ -40,6 +40,7 @@ BASELINE = "teacher"  # the variant every headline speedup is measured against
 STEPS = {
     "baseline": "00_setup_and_baseline", "profiling": "01_profiling", "pruning": "02_head_pruning",
     "distillation": "03_distillation", "onnx": "04_onnx_export", "quantization": "05_int8_quantization",
+    "shortlist": "05_int8_quantization",
     "tensorrt": "06_tensorrt", "kv-cache": "07_kv_cache_decoding", "serving": "08_serving",
 }  # fmt: skip
 WHOLE_DECODE = frozenset({"kv-cache"})  # techniques whose latency is one whole forced decode, not a sentence
