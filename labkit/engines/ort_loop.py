@@ -1,7 +1,7 @@
 """The whole greedy/beam loop inside ONNX Runtime: one BeamSearch node over the lab's own graphs.
 
     loop = ensure_loop(preset, bundle)                       # artifacts/ci/ort-loop-teacher
-    LoopTranslator(loop, bundle.tokenizer, decode_config(preset, num_beams=4)).translate(["我喜欢猫。"])
+    LoopTranslator(loop, bundle.tokenizer, decode_config(preset)).translate(["我喜欢猫。"])  # ['I like cats.']
 
 labkit.core.decode drives three sessions from Python, one `run` per token. Here ONNX Runtime's
 com.microsoft `BeamSearch` contrib operator (encoder-decoder mode, `model_type=1`, the layout its
@@ -28,13 +28,23 @@ How labkit.core.decode's rules map onto the operator (checked token for token by
 - forced_length (speed presets): </s> masked too, max_length = forced_length + 1: every row runs
   exactly forced_length steps, the same work as the Python loop;
 - length penalty: both divide a finished beam's log-prob by its generated length (with </s>);
-- stopping (early_stopping=False): the operator asks whether the best of the step's 2K candidates,
-  not the best running beam as transformers 5 does, can still beat the worst kept hypothesis, so it
-  may search on where Python stops; the gate counts the sentences where that changes the result.
+- greedy is exact: one beam on the early-stopping model stops a row at its first </s>.
 
-Left out: sampling, early_stopping=True (an attribute baked into the graph; the builder takes it),
-int64 outputs (the operator speaks int32), and weight sharing between the two subgraphs (each keeps
-its copy, as the Python loop's decoder and decoder_with_past sessions do).
+Beam search (K > 1) is not always identical, for two reasons in the operator (ORT 1.32 CPU,
+contrib_ops/cpu/transformers/beam_search_scorer.cc), both reproduced token for token by a Python
+simulation on the tiny teacher's 24 test sentences:
+- its stopping test bounds the running beams by the best of the step's 2K candidates, </s> ones
+  included (transformers 4.x's rule), where transformers 5 and labkit.core.decode use the best running
+  beam; so it may search on after Python stopped and keep a later, better-normalized hypothesis.
+  labkit.core.decode with `DecodeConfig(stop_rule="candidates")` reproduces the operator exactly;
+- batched, that test reads `next_scores.subspan(batch * num_beams, 2 * num_beams)` (the wrong rows for
+  every batch after the first) and finished batches feed score-0 pad beams into those rows, so a
+  sentence's beam result depends on its batch neighbours. LoopTranslator therefore runs beam search
+  one sentence per call; greedy stays batched (the early-stopping model never reads those scores).
+
+Left out: sampling, int64 outputs (the operator speaks int32), and weight sharing between the two
+subgraphs or the two models (each keeps its copy, as the Python loop's decoder and decoder_with_past
+sessions do).
 """
 
 from __future__ import annotations
@@ -57,7 +67,7 @@ from labkit.engines.ort_int8 import ensure_quantized
 
 SCHEMA = "labkit.ort-loop/1"
 LOOP_SIDECAR = "loop.json"
-LOOP_FILE = "loop_model.onnx"
+LOOP_FILES = {False: "loop_model.onnx", True: "loop_model_early_stop.onnx"}  # early_stopping attribute -> file
 INLINE_LIMIT_MB = 1800  # protobuf's hard limit is 2 GB; above this the weights go to a side file
 MS_DOMAIN = "com.microsoft"
 
@@ -208,19 +218,22 @@ def loop_model(onnx_dir: Path, early_stopping: bool = False):
     return model
 
 
-def write_loop(onnx_dir: Path | str, directory: Path, early_stopping: bool = False) -> dict:
-    """Assemble the loop model of `onnx_dir` into `directory` with its sidecar; the sidecar."""
+def write_loop(onnx_dir: Path | str, directory: Path) -> dict:
+    """Assemble both loop models of `onnx_dir` (early_stopping off and on) into `directory`; the sidecar."""
     import onnx
 
-    model = loop_model(Path(onnx_dir), early_stopping)
-    path = directory / LOOP_FILE
+    model = loop_model(Path(onnx_dir))
     external = model.ByteSize() > INLINE_LIMIT_MB * 2**20
-    onnx.save_model(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
-                    location=LOOP_FILE + ".data", size_threshold=1024)
+    for early, name in LOOP_FILES.items():
+        for attr in model.graph.node[0].attribute:
+            if attr.name == "early_stopping":
+                attr.i = int(early)
+        onnx.save_model(model, str(directory / name), save_as_external_data=external, all_tensors_to_one_file=True,
+                        location=name + ".data", size_threshold=1024)
     parent = read_sidecar(onnx_dir)
-    meta = {"schema": SCHEMA, "file": LOOP_FILE, "file_bytes": {p.name: p.stat().st_size for p in directory.iterdir()},
-            "source": str(onnx_dir), "precision": parent.get("precision", "fp32"), "model": parent["model"],
-            "early_stopping": bool(early_stopping), "external_data": external}
+    meta = {"schema": SCHEMA, "files": {str(k).lower(): v for k, v in LOOP_FILES.items()},
+            "file_bytes": {p.name: p.stat().st_size for p in directory.iterdir()}, "source": str(onnx_dir),
+            "precision": parent.get("precision", "fp32"), "model": parent["model"], "external_data": external}
     write_json_atomic(directory / LOOP_SIDECAR, meta)
     return meta
 
@@ -254,15 +267,15 @@ def contrib_missing_reason() -> str | None:
     return None
 
 
-def load_loop_session(directory: Path | str, threads: int = 1, spin: bool = True):
+def load_loop_session(directory: Path | str, early_stopping: bool = True, threads: int = 1, spin: bool = True):
     """The loop's InferenceSession; a runtime without the BeamSearch contrib kernel raises saying so."""
     directory = Path(directory)
-    meta = read_loop_sidecar(directory)
+    read_loop_sidecar(directory)
     reason = contrib_missing_reason()
     if reason:
         raise RuntimeError(f"cannot run {directory}: {reason}")
     try:
-        return load_session(directory / meta["file"], threads, spin=spin)
+        return load_session(directory / LOOP_FILES[early_stopping], threads, spin=spin)
     except RuntimeError as exc:
         if "not a registered function/op" in str(exc) or "Could not find an implementation" in str(exc):
             raise RuntimeError(f"ONNX Runtime has no {MS_DOMAIN} BeamSearch kernel for {directory}: install the "
@@ -291,32 +304,47 @@ def loop_feed(input_ids: torch.Tensor, attention_mask: torch.Tensor, cfg: Decode
 
 
 class LoopTranslator(Translator):
-    """A Translator whose generate is one ONNX Runtime call: encoding and every decode step in C++.
+    """A Translator whose generate is ONNX Runtime calls that run encoding and every decode step in C++.
 
-    The stages before and after (bad input, truncation, detokenizing) are the base's, so it says the
-    same things as every other engine. Encoding happens inside the same call, so it is timed under
-    "decode" and "encode" stays 0.
+    Greedy: one call per batch, on the early-stopping model (with one beam the operator then stops a
+    row at its first </s>, exactly greedy, whatever the other rows do). Beam search: one call per
+    sentence, because the operator's batched stopping test reads its neighbours' scores (module
+    docstring); a translation must not depend on which sentences share its batch. The stages before
+    and after (bad input, truncation, detokenizing) are the base's, so it says the same things as every
+    other engine. Encoding happens inside the same call: it is timed under "decode", "encode" stays 0.
     """
 
     def __init__(self, directory: Path | str, tokenizer, decode: DecodeConfig | None = None, threads: int = 1,
                  spin: bool = True, max_input_tokens: int | None = None, force: bool = False):
-        self.meta = read_loop_sidecar(directory)
+        self.directory, self.meta = Path(directory), read_loop_sidecar(directory)
         shape = self.meta["model"]
         super().__init__(tokenizer, decode, max_input_tokens, shape.get("max_positions", DEFAULT_MAX_INPUT_TOKENS),
                          force)
-        self.session = load_loop_session(directory, threads, spin)
+        self.threads, self.spin = threads, spin
+        self.sessions = {True: load_loop_session(directory, True, threads, spin)}  # greedy's; beam's on first use
         self.eos_id, self.pad_id, self.start_id = shape["eos_id"], shape["pad_id"], shape["start_id"]
+
+    def session(self, early_stopping: bool):
+        if early_stopping not in self.sessions:
+            self.sessions[early_stopping] = load_loop_session(self.directory, early_stopping, self.threads, self.spin)
+        return self.sessions[early_stopping]
+
+    def _run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cfg: DecodeConfig) -> list[list[int]]:
+        feed = loop_feed(input_ids, attention_mask, cfg, self.meta["model"])
+        (sequences,) = self.session(cfg.num_beams == 1 or bool(cfg.early_stopping)).run(["sequences"], feed)
+        return [strip(row[1:], self) for row in sequences[:, 0].tolist()]
 
     def _generate(self, batch: dict[str, torch.Tensor], timings: dict[str, float],
                   cfg: DecodeConfig) -> list[list[int]]:
-        if bool(cfg.early_stopping) != self.meta["early_stopping"]:
-            raise ValueError(f"this loop model was built with early_stopping={self.meta['early_stopping']}; "
-                             "build another with ensure_loop(..., early_stopping=...)")
-        feed = loop_feed(batch["input_ids"], batch["attention_mask"], cfg, self.meta["model"])
         start = time.perf_counter()
-        (sequences,) = self.session.run(["sequences"], feed)
+        if cfg.num_beams == 1:
+            out = self._run(batch["input_ids"], batch["attention_mask"], cfg)
+        else:
+            rows = [(ids[mask.bool()][None], mask[mask.bool()][None])
+                    for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
+            out = [self._run(ids, mask, cfg)[0] for ids, mask in rows]
         timings["decode"] += (time.perf_counter() - start) * 1e3
-        return [strip(row[1:], self) for row in sequences[:, 0].tolist()]
+        return out
 
 
 # --------------------------------------------------------------------------- handler
@@ -327,8 +355,8 @@ def loop_dir(preset: str, bundle_name: str = "teacher", precision: str = "fp32")
     return preset_dir(preset) / f"ort-loop-{bundle_name}{'' if precision == 'fp32' else f'-{precision}'}"
 
 
-def ensure_loop(preset: Preset, bundle: Bundle, precision: str = "fp32", early_stopping: bool = False) -> Path:
-    """The loop model over the preset's fp32 export (or its default int8 copy), rebuilt exactly when
+def ensure_loop(preset: Preset, bundle: Bundle, precision: str = "fp32") -> Path:
+    """The loop models over the preset's fp32 export (or its default int8 copy), rebuilt exactly when
     those graphs change (the recipe holds the digest of their sidecar).
 
         ensure_loop(Preset.from_name("ci"), teacher)            # -> artifacts/ci/ort-loop-teacher
@@ -337,8 +365,8 @@ def ensure_loop(preset: Preset, bundle: Bundle, precision: str = "fp32", early_s
     if precision not in ("fp32", "int8"):
         raise ValueError(f"precision must be fp32 or int8, got {precision!r}")
     src = ensure_onnx(preset, bundle) if precision == "fp32" else ensure_quantized(preset, bundle, "dynamic")
-    recipe = {"schema": SCHEMA, "source": str(src), "source_sidecar_sha256": digest(Path(src) / SIDECAR),
-              "early_stopping": bool(early_stopping)}
+    recipe = {"schema": SCHEMA, "files": list(LOOP_FILES.values()), "source": str(src),
+              "source_sidecar_sha256": digest(Path(src) / SIDECAR)}
 
     def valid(path: Path) -> bool:
         try:
@@ -348,7 +376,7 @@ def ensure_loop(preset: Preset, bundle: Bundle, precision: str = "fp32", early_s
         return True
 
     return ensure(loop_dir(preset.name, bundle_key(bundle), precision), LOOP_SIDECAR, recipe,
-                  lambda tmp: write_loop(src, tmp, early_stopping), valid)
+                  lambda tmp: write_loop(src, tmp), valid)
 
 
 def loop_translator(preset: Preset, bundle: Bundle, precision: str = "fp32", num_beams: int = 1,

@@ -4,11 +4,12 @@
     check.status, check.gate["detail"]                    # 'ok', 'BLEU 99.24 vs ort-fp32 99.24: drop 0.00 ...'
     translator = build_translator("ort-int8", preset, 2, bundle, artifact=check.artifact)
 
-VARIANTS names every variant (torch, ort-fp32, ort-int8, ort-int8-all, ort-int8-qdq, ct2-fp32,
-ct2-int8) with its backend, precision and parent. `check_variant(s)` builds what a variant runs
+VARIANTS names every variant (torch, ort-fp32, ort-int8, ort-int8-all, ort-int8-qdq, the in-engine
+decode loops ort-fp32-loop and ort-int8-loop, ct2-fp32, ct2-int8) with its backend, precision and parent. `check_variant(s)` builds what a variant runs
 (ONNX export, int8 quantization, CTranslate2 conversion: cached artifacts) and gates it: ort-fp32
 by the export's parity, int8 and CTranslate2 by labkit.measure.gates.variant_gate on the preset's
-gate sentences against the parent's translations. A failed parent fails its children; a missing
+gate sentences against the parent's translations, the in-engine loops by identical tokens to their
+parent's Python loop over the same graphs (labkit.measure.gates.loop_gate). A failed parent fails its children; a missing
 engine (CTranslate2) is a skip with the install hint. `labkit bench` times what passed; `labkit
 serve` serves it.
 
@@ -35,7 +36,8 @@ from labkit.engines.ort_int8 import (
     gate_pairs,
     recipe_of,
 )
-from labkit.measure.gates import onnx_parity_gate, variant_gate
+from labkit.engines.ort_loop import LoopTranslator, ensure_loop
+from labkit.measure.gates import loop_gate, onnx_parity_gate, variant_gate
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,10 @@ VARIANTS: dict[str, Variant] = {
                             "ONNX Runtime, dynamic int8 of every block, LM head and embeddings included"),
     "ort-int8-qdq": Variant("onnxruntime", "quantization", "int8", "ort-fp32",
                             "ONNX Runtime, static symmetric QDQ int8 (labkit.engines.ort_int8 'qdq')"),
+    "ort-fp32-loop": Variant("onnxruntime", "kv-cache", "fp32", "ort-fp32",
+                             "ONNX Runtime BeamSearch operator: ort-fp32's graphs, the decode loop in the engine"),
+    "ort-int8-loop": Variant("onnxruntime", "kv-cache", "int8", "ort-int8",
+                             "ONNX Runtime BeamSearch operator: ort-int8's graphs, the decode loop in the engine"),
     "ct2-fp32": Variant("ctranslate2", "peer", "fp32", "torch", "CTranslate2 float32"),
     "ct2-int8": Variant("ctranslate2", "peer", "int8", "torch", "CTranslate2 int8"),
 }
@@ -90,6 +96,8 @@ def artifact_for(variant: str, preset: Preset, bundle: Bundle):
         return None
     if variant == "ort-fp32":
         return ensure_onnx(preset, bundle)
+    if variant.endswith("-loop"):
+        return ensure_loop(preset, bundle, VARIANTS[variant].precision)
     if variant == "ort-int8-all":
         # The LM head is the largest matrix of a 65k-vocabulary model: where int8 pays most, and
         # what the default recipe keeps in float until it is measured safe. Its own gate still applies.
@@ -110,6 +118,8 @@ def build_translator(variant: str, preset: Preset, threads: int, bundle: Bundle,
         artifact = artifact_for(variant, preset, bundle)
     if VARIANTS[variant].backend == "ctranslate2":
         return Ct2Translator(artifact, threads=threads, decode=decode_config(preset))
+    if variant.endswith("-loop"):
+        return LoopTranslator(artifact, bundle.tokenizer, decode_config(preset), threads=threads, spin=spin)
     stepper = None
     if variant != "torch":
         stepper = OrtStepper.from_dir(artifact, threads=threads, spin=spin)
@@ -121,7 +131,7 @@ def build_translator(variant: str, preset: Preset, threads: int, bundle: Bundle,
 
 
 def variant_depth(variant: str) -> int:
-    """Parents before children: torch 0, ort-fp32 and ct2-* 1, ort-int8* 2."""
+    """Parents before children: torch 0, ort-fp32 and ct2-* 1, ort-int8* and ort-fp32-loop 2, ort-int8-loop 3."""
     parent = VARIANTS[variant].parent
     return 0 if parent is None else 1 + variant_depth(parent)
 
@@ -168,7 +178,8 @@ def check_variant(variant: str, preset: Preset, evaluations: Evaluations, parent
         gate = onnx_parity_gate(read_sidecar(artifact)["parity"])
     elif gate is None:
         result, base = evaluations(variant, artifact), evaluations(spec.parent, parent and parent.artifact)
-        gate = variant_gate(result, base, spec.precision, preset, parent_name=spec.parent)
+        gate = (loop_gate(result["ids"], base["ids"], spec.parent) if variant.endswith("-loop")
+                else variant_gate(result, base, spec.precision, preset, parent_name=spec.parent))
         info["gate_metrics"] = {k: result[k] for k in ("bleu", "chrf")} | {"parent_bleu": base["bleu"],
                                                                           "sentences": len(base["ids"])}
     passed = bool(gate["passed"])
