@@ -50,6 +50,9 @@ class DecodeConfig:
     length_penalty: float = 1.0
     early_stopping: bool = False
     forced_length: int | None = None  # emit exactly this many tokens, never </s> (speed runs)
+    # beam stopping bound: "running" (transformers 5: the best running beam) or "candidates" (transformers
+    # 4.x and ONNX Runtime's BeamSearch operator: the best of the step's 2K candidates, </s> ones included)
+    stop_rule: str = "running"
 
 
 class Stepper(Protocol):
@@ -203,9 +206,12 @@ def beam_search(stepper: Stepper, input_ids: torch.Tensor, attention_mask: torch
 
     Keeps 2K candidates per step so K beams stay alive after some hit </s>;
     finished hypotheses are scored sum(logprob) / generated_len ** length_penalty;
-    decoding stops when no running beam can beat the worst finished one.
+    decoding stops when no running beam can beat the worst finished one (cfg.stop_rule="candidates":
+    when the step's best candidate cannot, as transformers 4.x and ONNX Runtime's BeamSearch decide).
     """
     B, K = input_ids.shape[0], cfg.num_beams
+    if cfg.stop_rule not in ("running", "candidates"):
+        raise ValueError(f"stop_rule must be 'running' or 'candidates', got {cfg.stop_rule!r}")
     limit = _limit(cfg)
     max_len = limit + 1  # + decoder start token
     state = stepper.encode(input_ids, attention_mask) if state is None else state
@@ -251,7 +257,8 @@ def beam_search(stepper: Stepper, input_ids: torch.Tensor, attention_mask: torch
         flat_origin = (beam_origin + torch.arange(B)[:, None] * K).view(-1)
         state = stepper.select(state, flat_origin)
         cur_len += 1
-        best_running = run_scores[:, :1] / ((cur_len - 1) ** cfg.length_penalty)
+        best = run_scores[:, :1] if cfg.stop_rule == "running" else top_scores.max(1, keepdim=True)[0]
+        best_running = best / ((cur_len - 1) ** cfg.length_penalty)
         worst_done = torch.where(fin_flags, fin_scores.min(1, keepdim=True)[0], torch.full_like(fin_scores, NEG_INF))
         improvable = improvable & (best_running > worst_done).any(-1, keepdim=True)
         all_full = bool(fin_flags.all()) and cfg.early_stopping

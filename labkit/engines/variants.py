@@ -6,10 +6,12 @@
 
 VARIANTS names every variant (torch, ort-fp32, ort-int8, ort-int8-all, ort-int8-qdq, ct2-fp32,
 ct2-int8; ort-int8-sl, ort-int8-all-sl and ct2-int8-vmap, the same engines decoding over a vocabulary
-shortlist) with its backend, precision and parent. `check_variant(s)` builds what a variant runs
+shortlist; ort-fp32-loop and ort-int8-loop, the decode loop inside the engine) with its backend,
+precision and parent. `check_variant(s)` builds what a variant runs
 (ONNX export, int8 quantization, CTranslate2 conversion: cached artifacts) and gates it: ort-fp32
 by the export's parity, int8 and CTranslate2 by labkit.measure.gates.variant_gate on the preset's
-gate sentences against the parent's translations. A failed parent fails its children; a missing
+gate sentences against the parent's translations, the in-engine loops by identical tokens to their
+parent's Python loop over the same graphs (labkit.measure.gates.loop_gate). A failed parent fails its children; a missing
 engine (CTranslate2) is a skip with the install hint. `labkit bench` times what passed; `labkit
 serve` serves it.
 
@@ -36,6 +38,7 @@ from labkit.engines.ort_int8 import (
     gate_pairs,
     recipe_of,
 )
+from labkit.engines.ort_loop import LoopTranslator, ensure_loop
 from labkit.engines.shortlist import (
     MaskedCt2Translator,
     Shortlist,
@@ -45,7 +48,7 @@ from labkit.engines.shortlist import (
     shortlist_dir,
 )
 from labkit.engines.shortlist_ort import MaskedStepper, ShortlistStepper, ensure_shortlisted
-from labkit.measure.gates import onnx_parity_gate, shortlist_gate, variant_gate
+from labkit.measure.gates import loop_gate, onnx_parity_gate, shortlist_gate, variant_gate
 from labkit.measure.quality import agreement
 
 
@@ -67,6 +70,10 @@ VARIANTS: dict[str, Variant] = {
                             "ONNX Runtime, dynamic int8 of every block, LM head and embeddings included"),
     "ort-int8-qdq": Variant("onnxruntime", "quantization", "int8", "ort-fp32",
                             "ONNX Runtime, static symmetric QDQ int8 (labkit.engines.ort_int8 'qdq')"),
+    "ort-fp32-loop": Variant("onnxruntime", "kv-cache", "fp32", "ort-fp32",
+                             "ONNX Runtime BeamSearch operator: ort-fp32's graphs, the decode loop in the engine"),
+    "ort-int8-loop": Variant("onnxruntime", "kv-cache", "int8", "ort-int8",
+                             "ONNX Runtime BeamSearch operator: ort-int8's graphs, the decode loop in the engine"),
     "ct2-fp32": Variant("ctranslate2", "peer", "fp32", "torch", "CTranslate2 float32"),
     "ct2-int8": Variant("ctranslate2", "peer", "int8", "torch", "CTranslate2 int8"),
     "ort-int8-sl": Variant("onnxruntime", "shortlist", "int8", "ort-int8",
@@ -112,6 +119,8 @@ def artifact_for(variant: str, preset: Preset, bundle: Bundle):
         return ensure_shortlisted(preset, bundle, artifact_for(SHORTLIST_OF[variant], preset, bundle))
     if variant == "ct2-int8-vmap":
         return ensure_ct2_vmap(preset, bundle, "int8")
+    if variant.endswith("-loop"):
+        return ensure_loop(preset, bundle, VARIANTS[variant].precision)
     if variant == "ort-int8-all":
         # The LM head is the largest matrix of a 65k-vocabulary model: where int8 pays most, and
         # what the default recipe keeps in float until it is measured safe. Its own gate still applies.
@@ -135,6 +144,8 @@ def build_translator(variant: str, preset: Preset, threads: int, bundle: Bundle,
     if VARIANTS[variant].backend == "ctranslate2":
         return Ct2Translator(artifact, threads=threads, decode=decode_config(preset), inter_threads=inter_threads,
                              use_vmap=variant.endswith("vmap"))
+    if variant.endswith("-loop"):
+        return LoopTranslator(artifact, bundle.tokenizer, decode_config(preset), threads=threads, spin=spin)
     stepper = None
     if variant in SHORTLIST_OF:
         stepper = ShortlistStepper.from_dir(artifact, threads=threads, spin=spin)
@@ -148,7 +159,7 @@ def build_translator(variant: str, preset: Preset, threads: int, bundle: Bundle,
 
 
 def variant_depth(variant: str) -> int:
-    """Parents before children: torch 0, ort-fp32 and ct2-* 1, ort-int8* 2."""
+    """Parents before children: torch 0, ort-fp32 and ct2-* 1, ort-int8* and ort-fp32-loop 2, ort-int8-loop 3."""
     parent = VARIANTS[variant].parent
     return 0 if parent is None else 1 + variant_depth(parent)
 
@@ -230,7 +241,8 @@ def check_variant(variant: str, preset: Preset, evaluations: Evaluations, parent
             "parent_bleu": base["bleu"], "sentences": len(base["ids"]), "agreement": agreement(result["ids"], base["ids"])}
     elif gate is None:
         result, base = evaluations(variant, artifact), evaluations(spec.parent, parent and parent.artifact)
-        gate = variant_gate(result, base, spec.precision, preset, parent_name=spec.parent)
+        gate = (loop_gate(result["ids"], base["ids"], spec.parent) if variant.endswith("-loop")
+                else variant_gate(result, base, spec.precision, preset, parent_name=spec.parent))
         info["gate_metrics"] = {k: result[k] for k in ("bleu", "chrf")} | {"parent_bleu": base["bleu"],
                                                                           "sentences": len(base["ids"])}
     passed = bool(gate["passed"])

@@ -112,6 +112,15 @@ def variant_gate(result: Mapping, parent: Mapping, precision: str, preset, paren
     return agreement_gate(same, MIN_SPEED_AGREEMENT, n, parent_name, note)
 
 
+def loop_gate(ids: list[list[int]], parent_ids: list[list[int]], parent: str = "the Python loop",
+              note: str = "") -> Gate:
+    """An in-engine decode loop runs its parent's graphs, so it must give its parent's tokens on every
+    sentence: ids [[5, 7], [9]] vs [[5, 7], [9, 3]] -> 1/2 identical -> failed (agreement_gate at 100 %)."""
+    n = len(parent_ids)
+    why = "same graphs, loop moved into the engine: every sentence must match"
+    return agreement_gate(agreement(ids, parent_ids) if n else 0.0, 1.0, n, parent, f"{why}; {note}" if note else why)
+
+
 def same_tokens_gate(checks: Mapping[str, bool], name: str = "same-tokens-as-generate-and-across-modes") -> Gate:
     """Every named comparison gave identical tokens: {"static, beams 1": True, ...}; an empty set fails."""
     return gate(name, bool(checks) and all(checks.values()),
