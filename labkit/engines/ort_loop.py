@@ -355,16 +355,21 @@ def loop_dir(preset: str, bundle_name: str = "teacher", precision: str = "fp32")
     return preset_dir(preset) / f"ort-loop-{bundle_name}{'' if precision == 'fp32' else f'-{precision}'}"
 
 
-def ensure_loop(preset: Preset, bundle: Bundle, precision: str = "fp32") -> Path:
-    """The loop models over the preset's fp32 export (or its default int8 copy), rebuilt exactly when
-    those graphs change (the recipe holds the digest of their sidecar).
+def ensure_loop(preset: Preset, bundle: Bundle, precision: str = "fp32", source: Path | str | None = None) -> Path:
+    """The loop models over the preset's fp32 export (or its default int8 copy, or any `source` export
+    directory, e.g. ort-int8-all's graphs, named by `precision`), rebuilt exactly when those graphs
+    change (the recipe holds the digest of their sidecar).
 
         ensure_loop(Preset.from_name("ci"), teacher)            # -> artifacts/ci/ort-loop-teacher
         ensure_loop(Preset.from_name("ci"), teacher, "int8")    # over ensure_quantized's graphs
+        ensure_loop(preset, teacher, "int8-all", source=path)   # -> artifacts/ci/ort-loop-teacher-int8-all
     """
-    if precision not in ("fp32", "int8"):
-        raise ValueError(f"precision must be fp32 or int8, got {precision!r}")
-    src = ensure_onnx(preset, bundle) if precision == "fp32" else ensure_quantized(preset, bundle, "dynamic")
+    if source is not None:
+        src = Path(source)
+    elif precision in ("fp32", "int8"):
+        src = ensure_onnx(preset, bundle) if precision == "fp32" else ensure_quantized(preset, bundle, "dynamic")
+    else:
+        raise ValueError(f"precision must be fp32 or int8 without a source directory, got {precision!r}")
     recipe = {"schema": SCHEMA, "files": list(LOOP_FILES.values()), "source": str(src),
               "source_sidecar_sha256": digest(Path(src) / SIDECAR)}
 

@@ -6,7 +6,7 @@
 
 VARIANTS names every variant (torch, ort-fp32, ort-int8, ort-int8-all, ort-int8-qdq, ct2-fp32,
 ct2-int8; ort-int8-sl, ort-int8-all-sl and ct2-int8-vmap, the same engines decoding over a vocabulary
-shortlist; ort-fp32-loop and ort-int8-loop, the decode loop inside the engine) with its backend,
+shortlist; ort-fp32-loop, ort-int8-loop and ort-int8-all-loop, the decode loop inside the engine) with its backend,
 precision and parent. `check_variant(s)` builds what a variant runs
 (ONNX export, int8 quantization, CTranslate2 conversion: cached artifacts) and gates it: ort-fp32
 by the export's parity, int8 and CTranslate2 by labkit.measure.gates.variant_gate on the preset's
@@ -74,6 +74,8 @@ VARIANTS: dict[str, Variant] = {
                              "ONNX Runtime BeamSearch operator: ort-fp32's graphs, the decode loop in the engine"),
     "ort-int8-loop": Variant("onnxruntime", "kv-cache", "int8", "ort-int8",
                              "ONNX Runtime BeamSearch operator: ort-int8's graphs, the decode loop in the engine"),
+    "ort-int8-all-loop": Variant("onnxruntime", "kv-cache", "int8", "ort-int8-all",
+                                 "ONNX Runtime BeamSearch operator: ort-int8-all's graphs, the decode loop in the engine"),
     "ct2-fp32": Variant("ctranslate2", "peer", "fp32", "torch", "CTranslate2 float32"),
     "ct2-int8": Variant("ctranslate2", "peer", "int8", "torch", "CTranslate2 int8"),
     "ort-int8-sl": Variant("onnxruntime", "shortlist", "int8", "ort-int8",
@@ -120,7 +122,9 @@ def artifact_for(variant: str, preset: Preset, bundle: Bundle):
     if variant == "ct2-int8-vmap":
         return ensure_ct2_vmap(preset, bundle, "int8")
     if variant.endswith("-loop"):
-        return ensure_loop(preset, bundle, VARIANTS[variant].precision)
+        # ort-fp32-loop -> "fp32", ort-int8-all-loop -> "int8-all": the loop over its parent's own graphs
+        return ensure_loop(preset, bundle, variant[len("ort-"):-len("-loop")],
+                           source=artifact_for(VARIANTS[variant].parent, preset, bundle))
     if variant == "ort-int8-all":
         # The LM head is the largest matrix of a 65k-vocabulary model: where int8 pays most, and
         # what the default recipe keeps in float until it is measured safe. Its own gate still applies.
