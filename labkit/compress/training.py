@@ -28,7 +28,6 @@ import torch.nn.functional as F
 
 from labkit.core import data
 from labkit.core.bundle import TEACHER_DIR, Bundle, load_bundle, start_row_norm
-from labkit.core.corpus import generate_corpus
 
 SPECIALS = ("</s>", "<unk>")  # ids 0 and 1, as in opus-mt; <pad> is appended last
 
@@ -72,12 +71,12 @@ TEACHER_CONFIGS = {
 # --------------------------------------------------------------------------- tokenizer
 
 
-def _train_spm(texts: list[str], prefix: Path, vocab_size: int) -> Path:
+def _train_spm(texts: list[str], prefix: Path, vocab_size: int, coverage: float = 1.0) -> Path:
     import sentencepiece as spm
 
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(texts), model_prefix=str(prefix), vocab_size=vocab_size,
-        model_type="unigram", character_coverage=1.0, hard_vocab_limit=False,
+        model_type="unigram", character_coverage=coverage, hard_vocab_limit=False,
         unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1, minloglevel=2, num_threads=2)
     spm_path = prefix.with_suffix(".spm")
     prefix.with_suffix(".model").replace(spm_path)
@@ -107,13 +106,14 @@ def _joint_vocab(*spm_paths: Path) -> dict[str, int]:
 
 
 def build_tokenizer(pairs: list[data.Pair], out_dir: Path, src_vocab: int = 1000,
-                    tgt_vocab: int = 800):
-    """Train source/target sentencepiece models and wrap them in a MarianTokenizer."""
+                    tgt_vocab: int = 800, zh_coverage: float = 1.0):
+    """Train source/target sentencepiece models and wrap them in a MarianTokenizer (`zh_coverage` < 1
+    leaves the rarest Chinese characters to <unk>)."""
     from transformers import MarianTokenizer
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    src = _train_spm([p.zh for p in pairs], out_dir / "source", src_vocab)
+    src = _train_spm([p.zh for p in pairs], out_dir / "source", src_vocab, zh_coverage)
     tgt = _train_spm([p.en for p in pairs], out_dir / "target", tgt_vocab)
     (out_dir / "vocab.json").write_text(json.dumps(_joint_vocab(src, tgt), ensure_ascii=False))
     return MarianTokenizer(str(src), str(tgt), str(out_dir / "vocab.json"), model_max_length=256)
@@ -200,7 +200,9 @@ def greedy_bleu(model, tokenizer, pairs: list[data.Pair], batch_size: int = 50) 
             enc = tokenizer([p.zh for p in batch], return_tensors="pt", padding=True)
             out = model.generate(**enc, num_beams=1, do_sample=False, max_new_tokens=96, max_length=None)
             hyps += tokenizer.batch_decode(out, skip_special_tokens=True)
-    return sacrebleu.corpus_bleu(hyps, [[p.en for p in pairs]]).score
+    n = max(len(p.references) for p in pairs)
+    refs = [[p.references[k] if k < len(p.references) else None for p in pairs] for k in range(n)]
+    return sacrebleu.corpus_bleu(hyps, refs).score
 
 
 def freeze_positions(model) -> None:
@@ -338,19 +340,9 @@ def zero_start_finetune(bundle: Bundle, tune: ZeroStartTune = ZeroStartTune(), *
     return record
 
 
-def write_corpus(seed: int = 0, out_dir: Path = data.DATA_DIR) -> dict[str, int]:
-    splits = generate_corpus(seed)
-    for name, pairs in splits.items():
-        data.write_tsv(pairs, Path(out_dir) / f"{name}.tsv")
-    return {name: len(p) for name, p in splits.items()}
-
-
 def train_command(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m labkit.compress.training", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="what", required=True)
-    c = sub.add_parser("corpus", help="write the embedded corpus splits")
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--out", type=Path, default=data.DATA_DIR)
     t = sub.add_parser("teacher", help="train a teacher on the committed corpus")
     t.add_argument("--config", default="teacher", choices=list(TEACHER_CONFIGS))
     t.add_argument("--steps", type=int)
@@ -363,9 +355,6 @@ def train_command(argv: list[str] | None = None) -> int:
     z.add_argument("--threads", type=int, default=1)
     z.add_argument("--out", type=Path, help="where to write it (default: over --bundle)")
     args = ap.parse_args(argv)
-    if args.what == "corpus":
-        print(write_corpus(args.seed, args.out))
-        return 0
     torch.set_num_threads(args.threads)
     command = "python -m labkit.compress.training " + " ".join(sys.argv[1:] if argv is None else argv)
     if args.what == "zero-start":

@@ -297,7 +297,7 @@ def evaluate_translator(translator, preset, pairs, reference_ids: list[list[int]
     """
 
     ids, hyps = translate_ids(translator, [p.zh for p in pairs], preset.batch_size)
-    scores = score(hyps, [p.en for p in pairs]).as_metrics() if preset.quality else \
+    scores = score(hyps, [p.references for p in pairs]).as_metrics() if preset.quality else \
         {"bleu": None, "chrf": None, "bleu_signature": None}
     return {**scores, "agreement": None if reference_ids is None else agreement(ids, reference_ids), "ids": ids}
 

@@ -29,15 +29,27 @@ class Scores:
         return {"bleu": round(self.bleu, 2), "chrf": round(self.chrf, 2), "bleu_signature": self.signature}
 
 
-def score(hyps: list[str], refs: list[str]) -> Scores:
-    """Corpus BLEU and chrF: score(['a b c d'], ['a b c d']).bleu == 100.0."""
+def reference_streams(refs: list[str] | list[tuple[str, ...]]) -> list[list[str | None]]:
+    """sacreBLEU's reference streams: one reference per sentence, or several (None where one has fewer).
+
+    ['a', 'b'] -> [['a', 'b']];  [('a', 'a2'), ('b',)] -> [['a', 'b'], ['a2', None]]
+    """
+    multi = [(r,) if isinstance(r, str) else tuple(r) for r in refs]
+    n = max((len(r) for r in multi), default=1)
+    return [[r[k] if k < len(r) else None for r in multi] for k in range(n)]
+
+
+def score(hyps: list[str], refs: list[str] | list[tuple[str, ...]]) -> Scores:
+    """Corpus BLEU and chrF against one or several references per sentence (Tatoeba's test split has up
+    to 8): score(['a b c d'], ['a b c d']).bleu == 100.0 == score(['a b c d'], [('x y', 'a b c d')]).bleu."""
     from sacrebleu.metrics import BLEU, CHRF
 
     if len(hyps) != len(refs):
         raise ValueError(f"{len(hyps)} hypotheses for {len(refs)} references")
+    streams = reference_streams(refs)
     bleu, chrf = BLEU(), CHRF()
-    b = bleu.corpus_score(hyps, [refs])
-    c = chrf.corpus_score(hyps, [refs])
+    b = bleu.corpus_score(hyps, streams)
+    c = chrf.corpus_score(hyps, streams)
     return Scores(b.score, c.score, str(bleu.get_signature()), len(hyps))
 
 
@@ -53,9 +65,9 @@ def translate_all(translator, texts: list[str], batch_size: int = 16, desc: str 
 
 
 def evaluate(translator, pairs: list[Pair], batch_size: int = 16) -> tuple[Scores, list[str]]:
-    """BLEU/chrF of `translator` on `pairs`, and its hypotheses."""
+    """BLEU/chrF of `translator` on `pairs` (every reference each pair has), and its hypotheses."""
     hyps = translate_all(translator, [p.zh for p in pairs], batch_size, desc="evaluate")
-    return score(hyps, [p.en for p in pairs]), hyps
+    return score(hyps, [p.references for p in pairs]), hyps
 
 
 def agreement(ids_a: list[list[int]], ids_b: list[list[int]]) -> float:
