@@ -82,7 +82,7 @@ RECIPES = {
     "mid": TeacherRecipe(d_model=384, ffn=1536, dropout=0.25),
     "base": TeacherRecipe(d_model=512, ffn=2048, dropout=0.3, lr=5e-4, warmup=4000),
     # seconds on a CPU: the tests' and the DDP check's model
-    "tiny": TeacherRecipe(d_model=32, encoder_layers=2, decoder_layers=2, heads=4, ffn=64, src_vocab=600,
+    "tiny": TeacherRecipe(d_model=32, encoder_layers=2, decoder_layers=2, heads=4, ffn=64, src_vocab=3000,
                           tgt_vocab=400, dropout=0.0, warmup=10, max_tokens=512, max_steps=20, eval_every=10,
                           patience=2, average=2, eval_sentences=20),
 }

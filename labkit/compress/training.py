@@ -1,13 +1,12 @@
-"""Train the embedded teacher: sentencepiece tokenizers + a Marian model from scratch.
+"""The training primitives every model of the lab shares: tokenizers, the Marian shape rules, `fit`.
 
-    python -m labkit.compress.training corpus            # (re)write data/{train,dev,test}.tsv
-    python -m labkit.compress.training teacher           # train data/teacher from the committed corpus
-    python -m labkit.compress.training teacher --config tiny --steps 200 --out /tmp/t   # a quick look
-    python -m labkit.compress.training zero-start --steps 300   # fine-tune data/teacher with its start row at 0
+    build_tokenizer(pairs, out_dir)      # source/target sentencepiece + the opus-mt vocabulary layout
+    fit(model, tokenizer, train, dev, steps=..., batch_size=..., lr=..., warmup=..., eval_every=...)
+    python -m labkit.compress.training teacher --config tiny --steps 200 --out /tmp/t   # a quick small model
 
-The same `fit` loop is used by distillation (labkit.compress.distill) through its `loss_fn`
-argument. Left out: multi-GPU, mixed precision and checkpoint averaging; the
-teacher is small enough to train on two CPU cores.
+The lab's teacher is trained by labkit.compress.teacher (the full NMT recipe, resumable, torchrun);
+`fit` is the short loop distillation (labkit.compress.distill, through its `loss_fn` argument) and the
+tests' tiny fixture use. Left out: mixed precision and several processes (labkit.compress.teacher has them).
 """
 
 from __future__ import annotations
@@ -347,7 +346,7 @@ def train_command(argv: list[str] | None = None) -> int:
     t.add_argument("--config", default="teacher", choices=list(TEACHER_CONFIGS))
     t.add_argument("--steps", type=int)
     t.add_argument("--threads", type=int, default=2)
-    t.add_argument("--out", type=Path, default=TEACHER_DIR)
+    t.add_argument("--out", type=Path, required=True, help="where to write it (the lab's teacher: labkit.compress.teacher)")
     z = sub.add_parser("zero-start", help="fine-tune a bundle with its decoder-start row pinned at zero")
     z.add_argument("--bundle", type=Path, default=TEACHER_DIR)
     z.add_argument("--steps", type=int, default=ZeroStartTune.steps)
