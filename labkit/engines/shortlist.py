@@ -35,7 +35,7 @@ import numpy as np
 from labkit.config import Preset, ShortlistBudget
 from labkit.core.artifacts import digest, ensure, preset_dir, write_json_atomic
 from labkit.core.bundle import Bundle, bundle_key
-from labkit.core.data import DATA_DIR, Pair, iter_batches, load_split
+from labkit.core.data import DATA_DIR, SPLIT_FILES, Pair, iter_batches, load_split
 from labkit.engines.ct2 import SIDECAR as CT2_SIDECAR
 from labkit.engines.ct2 import VOCABULARY_FILE, Ct2Translator, ensure_ct2
 
@@ -156,7 +156,7 @@ def ensure_shortlist(preset: Preset, bundle: Bundle) -> Path:
     budget, model = preset.shortlist, bundle.model
     vocab = model.get_output_embeddings().out_features
     out = shortlist_dir(preset.name, bundle_key(bundle))
-    recipe = {"budget": vars(budget), "train_sha256": digest(DATA_DIR / "train.tsv"), "vocab_size": vocab,
+    recipe = {"budget": vars(budget), "train_sha256": digest(DATA_DIR / SPLIT_FILES["train"]), "vocab_size": vocab,
               "tokenizer_sha256": tokenizer_digest(bundle.tokenizer), "specials": specials(bundle.tokenizer, model.config)}
 
     def build(tmp: Path) -> None:

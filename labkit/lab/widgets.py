@@ -50,7 +50,7 @@ def render(sources: list[str], result: Result) -> str:
 class TranslateBox:
     """Textarea + Translate button + HTML output, wired to a Translator."""
 
-    def __init__(self, translator, text: str = "我喜欢猫。\n他昨天去了北京。"):
+    def __init__(self, translator, text: str = "今天天气很好。\n他乘小船过河。"):
         import ipywidgets as w
 
         self.translator = translator

@@ -11,6 +11,7 @@ need models from a hub).
 from __future__ import annotations
 
 import itertools
+import re
 from dataclasses import dataclass
 
 from labkit.core.data import Pair, iter_batches, load_split
@@ -51,6 +52,24 @@ def score(hyps: list[str], refs: list[str] | list[tuple[str, ...]]) -> Scores:
     b = bleu.corpus_score(hyps, streams)
     c = chrf.corpus_score(hyps, streams)
     return Scores(b.score, c.score, str(bleu.get_signature()), len(hyps))
+
+
+_WORD_LOOP = re.compile(r"\b((?:\S+\s+){1,4}?)\1{2,}")  # a 1-4 word phrase three times in a row
+_PIECE_LOOP = re.compile(r"([a-z]{2,3})\1{2,}")  # "Onlylyly": a piece of a word three times in a row
+
+
+def degenerate(text: str) -> str | None:
+    """Why an output is not a translation, or None: empty, or caught in a repetition loop.
+
+    '' -> 'empty';  'put on his put on his put on his' -> 'repeats "put on his "';  'Onlylyly' -> 'repeats "ly"';
+    'I like cats.' -> None
+    """
+    if not text.strip():
+        return "empty"
+    for pattern in (_WORD_LOOP, _PIECE_LOOP):
+        if m := pattern.search(text + " " if pattern is _WORD_LOOP else text):
+            return f"repeats {m.group(1)!r}"
+    return None
 
 
 def translate_all(translator, texts: list[str], batch_size: int = 16, desc: str = "translate") -> list[str]:
