@@ -27,7 +27,7 @@ def ci_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("artifacts")
     env = {**os.environ, "LABKIT_ARTIFACTS": str(out)}
     proc = subprocess.run([sys.executable, "-m", "labkit", "run", "--preset", "ci"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=1800)
+                          capture_output=True, text=True, timeout=2400)
     assert proc.returncode == 0, f"notebook run failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return out / "ci", ledger.read(out / "ci" / "ledger.jsonl")
 
