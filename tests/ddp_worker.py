@@ -34,14 +34,14 @@ def main() -> None:
     from labkit.core import data
 
     built = []
-    build_model = teacher.build_model
+    build_model = teacher.model_for
 
     def capture(*a, **k):
         model = build_model(*a, **k)
         built.append(model)
         return model
 
-    teacher.build_model = capture  # train() looks the name up in its module at call time
+    teacher.model_for = capture  # train() looks the name up in its module at call time
 
     recipe = replace(teacher.RECIPES["tiny"], eval_sentences=args.dev,
                      **({"max_tokens": args.max_tokens} if args.max_tokens else {}))

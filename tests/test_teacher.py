@@ -11,6 +11,7 @@ import torch
 
 from labkit.compress import teacher
 from labkit.core import data
+from labkit.measure import quality
 
 # --------------------------------------------------------------------------- learning rate
 
@@ -78,8 +79,8 @@ def test_average_states_means_floats_and_takes_the_rest_from_the_last():
 
 def test_reference_streams_pad_with_none():
     pairs = [data.Pair("甲", "a1", ("a2",)), data.Pair("乙", "b1"), data.Pair("丙", "c1", ("c2", "c3"))]
-    assert teacher.reference_streams(pairs) == [["a1", "b1", "c1"], ["a2", None, "c2"], [None, None, "c3"]]
-    assert teacher.reference_streams(pairs[1:2]) == [["b1"]]
+    assert quality.reference_streams([p.references for p in pairs]) == [["a1", "b1", "c1"], ["a2", None, "c2"], [None, None, "c3"]]
+    assert quality.reference_streams([p.references for p in pairs[1:2]]) == [["b1"]]
 
 
 # --------------------------------------------------------------------------- resumption

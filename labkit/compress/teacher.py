@@ -40,6 +40,7 @@ from labkit.compress.training import TeacherConfig, build_tokenizer, freeze_posi
 from labkit.compress.training import build_model as build_marian
 from labkit.core import data
 from labkit.core.bundle import TEACHER_DIR, Bundle, load_bundle
+from labkit.measure.quality import reference_streams
 
 STATE = "state.pt"
 LOG = "log.jsonl"
@@ -120,7 +121,7 @@ def token_batches(lengths: list[int], max_tokens: int, rng: random.Random, pool:
     return batches
 
 
-def collate(examples: list[tuple[list[int], list[int]]], pad_id: int, device) -> dict[str, torch.Tensor]:
+def padded_batch(examples: list[tuple[list[int], list[int]]], pad_id: int, device) -> dict[str, torch.Tensor]:
     def pad(seqs, value):
         width = max(len(s) for s in seqs)
         return torch.tensor([s + [value] * (width - len(s)) for s in seqs], device=device)
@@ -150,14 +151,8 @@ def dev_bleu(model, tokenizer, pairs: list[data.Pair], device, batch_size: int =
             enc = tokenizer([p.zh for p in batch], return_tensors="pt", padding=True).to(device)
             out = model.generate(**enc, num_beams=1, do_sample=False, max_new_tokens=128, max_length=None)
             hyps += tokenizer.batch_decode(out, skip_special_tokens=True)
-    refs = reference_streams(pairs)
+    refs = reference_streams([p.references for p in pairs])
     return sacrebleu.corpus_bleu(hyps, refs).score, sacrebleu.corpus_chrf(hyps, refs).score
-
-
-def reference_streams(pairs: list[data.Pair]) -> list[list[str | None]]:
-    """sacreBLEU's reference streams for pairs with different numbers of references (None where absent)."""
-    n = max(len(p.references) for p in pairs)
-    return [[p.references[k] if k < len(p.references) else None for p in pairs] for k in range(n)]
 
 
 def average_states(states: list[dict]) -> dict:
@@ -227,7 +222,7 @@ def weighted(pairs: list[data.Pair], tatoeba_weight: int) -> list[data.Pair]:
     return [p for p in pairs for _ in range(tatoeba_weight if p.origin == "tatoeba" else 1)]
 
 
-def build_model(recipe: TeacherRecipe, tokenizer):
+def model_for(recipe: TeacherRecipe, tokenizer):
     cfg = TeacherConfig(d_model=recipe.d_model, encoder_layers=recipe.encoder_layers,
                         decoder_layers=recipe.decoder_layers, heads=recipe.heads, ffn=recipe.ffn,
                         max_positions=recipe.max_positions, dropout=recipe.dropout, seed=recipe.seed)
@@ -266,7 +261,7 @@ def train(recipe: TeacherRecipe, tokenizer_dir: Path, work: Path, *, train_pairs
 
     torch.manual_seed(recipe.seed)
     torch.set_flush_denormal(True)  # tiny gradients turn denormal and slow CPU matmuls several-fold
-    model = build_model(recipe, tokenizer).to(world.device)
+    model = model_for(recipe, tokenizer).to(world.device)
     freeze_positions(model)
     pin_start_row(model)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=recipe.lr,
@@ -310,7 +305,7 @@ def train(recipe: TeacherRecipe, tokenizer_dir: Path, work: Path, *, train_pairs
         tokens = all_sum(sum(len(examples[j][1]) for j in shard), world)
         # a rank with nothing this step (a global batch smaller than the world) still runs DDP's forward and
         # backward, on the batch's first example at weight 0: DDP only joins the all-reduce after its own forward
-        batch = collate([examples[j] for j in shard or global_batch[:1]], tokenizer.pad_token_id, world.device)
+        batch = padded_batch([examples[j] for j in shard or global_batch[:1]], tokenizer.pad_token_id, world.device)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
             loss_sum, _ = summed_loss(net, batch, recipe.label_smoothing)
         if not shard:
@@ -382,7 +377,7 @@ def finish(recipe: TeacherRecipe, tokenizer_dir: Path, work: Path, out: Path, *,
     saved = torch.load(work / STATE, map_location="cpu", weights_only=False)
     state = saved["state"]
     dev_pairs = (dev_pairs if dev_pairs is not None else data.load_split("dev"))[: recipe.eval_sentences]
-    model = build_model(recipe, tokenizer).to(device)
+    model = model_for(recipe, tokenizer).to(device)
     candidates = {"best": torch.load(work / "best.pt", map_location="cpu")}
     ckpts = [torch.load(work / c, map_location="cpu") for c in state["checkpoints"] if (work / c).exists()]
     if len(ckpts) > 1:
@@ -422,7 +417,7 @@ def build_tokenizers(recipe: TeacherRecipe, out: Path, pairs: list[data.Pair] | 
 # --------------------------------------------------------------------------- command line
 
 
-def main(argv: list[str] | None = None) -> int:
+def teacher_command(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m labkit.compress.teacher", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="what", required=True)
     t = sub.add_parser("tokenizer", help="train the sentencepiece models and the joint vocabulary")
@@ -474,5 +469,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(teacher_command())
 
