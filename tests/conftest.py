@@ -1,6 +1,6 @@
 """Shared fixtures: one tiny trained Marian bundle per test session.
 
-Tiny (2+2 layers, d_model 32) and trained for a few seconds on the embedded
+Tiny (2+2 layers, d_model 64) and trained for a few seconds on the committed
 corpus, so its greedy outputs vary with the input: oracle tests compare real
 decodes rather than a constant token stream.
 """

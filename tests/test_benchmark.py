@@ -156,7 +156,8 @@ def test_run_bench_in_own_processes(artifacts, monkeypatch):
     assert df.loc["ort-int8", "gate"] == "bleu-drop<=1.0"
     timed = df[df["status"] == "ok"]
     assert (timed["gate_passed"].isna() | (timed["gate_passed"] == True)).all()  # noqa: E712
-    assert set(timed["n"]) == {16 * 3}  # preset ci: 16 bench sentences x 3 repeats, for every timed variant
+    ci = Preset.from_name("ci")
+    assert set(timed["n"]) == {ci.bench_sentences * ci.bench_repeats}  # the same sentences and passes for every variant
     assert (timed["p50_ms"] > 0).all() and (timed["sentences_per_s"] > 0).all()
     assert (timed["threads"] == 1).all()
     assert df[df["status"] != "ok"]["p50_ms"].isna().all()
@@ -166,7 +167,7 @@ def test_run_bench_in_own_processes(artifacts, monkeypatch):
     assert newest.loc["bench-ort-int8", "parent"] == "bench-ort-fp32"
     assert newest.loc["bench-ort-int8", "record"]["recipe"]["blocks"]  # the measured default blocks
     assert newest.loc["bench-ct2-fp32", "backend"] == "ctranslate2"
-    assert newest.loc["bench-torch", "metrics.latency_ms.n"] == 48
+    assert newest.loc["bench-torch", "metrics.latency_ms.n"] == ci.bench_sentences * ci.bench_repeats
     for record in newest["record"]:
         assert (record["status"] == "ok") == (record["gate"] is None or record["gate"]["passed"]), record
 

@@ -69,6 +69,8 @@ def text_of_length(tokenizer, corpus: list[str], tokens: int) -> str:
         raise ValueError(f"need at least 2 tokens (one piece + </s>), got {tokens}")
     if not corpus:
         raise ValueError("need at least one corpus sentence to build inputs")
+    # a short prefix of 'Tom很困…' would be 'Tom', which the translator returns untranslated: start with Chinese
+    corpus = [t for t in corpus if t and "\u4e00" <= t[0] <= "\u9fff"] or corpus
     count = lambda s: len(tokenizer(s)["input_ids"])  # noqa: E731
     text, i = "", 0
     while count(text) < tokens and i < 64 * len(corpus):
