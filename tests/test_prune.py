@@ -51,7 +51,7 @@ from labkit.measure import ledger
 CI = Preset.from_name("ci")
 
 SOURCES = ["他去了北京。", "我喜欢猫。", "他们明天会去学校吗？", "我的朋友没有买三本书。"]
-# tiny fixture: 2 encoder + 2 decoder layers, 4 heads of head_dim 8 (d_model 32)
+# tiny fixture: 2 encoder + 2 decoder layers, 4 heads of head_dim 16 (d_model 64)
 PLANS = {
     "encoder": {"encoder_self": {0: [1, 3], 1: [0]}},
     "decoder_self": {"decoder_self": {1: [0, 1, 2]}},  # leaves layer 1 one head
@@ -100,10 +100,10 @@ def test_pruned_model_equals_gated_model(tiny_bundle, name):
 
 
 def test_parameter_count_and_head_counts_by_hand(tiny_bundle):
-    """A head of width 8 in d_model 32 owns q/k/v rows (3 x (8*32 + 8)) and out_proj columns (32*8):
-    4*32*8 + 3*8 = 1048 parameters; PLANS['mixed'] removes 5 heads -> 5240."""
+    """A head of width 16 in d_model 64 owns q/k/v rows (3 x (16*64 + 16)) and out_proj columns (64*16):
+    4*64*16 + 3*16 = 4144 parameters; PLANS['mixed'] removes 5 heads -> 20720."""
     pruned = prune.prune_bundle(tiny_bundle, PLANS["mixed"])
-    assert tiny_bundle.params - pruned.params == 5 * 1048
+    assert tiny_bundle.params - pruned.params == 5 * 4144
     assert head_counts(pruned.model) == {"encoder_self": [4, 3], "decoder_self": [3, 4], "cross": [4, 1]}
     assert model_plan(pruned.model) == normalize_plan(PLANS["mixed"])
 
@@ -343,7 +343,7 @@ def test_compare_plans_names_the_group_and_both_fractions(tiny_bundle):
     removed = scores["decoder_self"][1, 2] + scores["decoder_self"][1, 3]
     assert dec["importance_removed"] == pytest.approx(float(removed))
     assert dec["gate"]["passed"] and mixed["gate"]["passed"]
-    assert dec["params"] == tiny_bundle.params - 2 * 1048 and mixed["params"] == tiny_bundle.params - 5 * 1048
+    assert dec["params"] == tiny_bundle.params - 2 * 4144 and mixed["params"] == tiny_bundle.params - 5 * 4144  # see above
 
 
 def test_head_slider_scores_and_times_the_chosen_k(tiny_bundle, capsys):
