@@ -37,7 +37,6 @@ import re
 import subprocess
 import sys
 import tarfile
-import tempfile
 import zipfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -181,17 +180,31 @@ def read_tatoeba(wheel: Path) -> Iterator[RawPair]:
 _PARAGRAPH = re.compile(r'<p id="(par_id[^"]+)"[^>]*>(.*?)</p>', re.S)
 
 
+def _ar_member(archive: bytes, prefix: str) -> bytes:
+    """The first member of an ar archive (a .deb is one) whose name starts with `prefix`.
+
+    Layout: b'!<arch>\\n', then per member a 60-byte header (name 16, mtime 12, uid 6, gid 6, mode 8,
+    size 10, magic 2) and the data, padded to an even length. Read here so no `ar` binary is needed.
+    """
+    if not archive.startswith(b"!<arch>\n"):
+        raise ValueError("not an ar archive (a .deb starts with '!<arch>')")
+    pos = 8
+    while pos + 60 <= len(archive):
+        name, size = archive[pos:pos + 16].decode().strip().rstrip("/"), int(archive[pos + 48:pos + 58])
+        if name.startswith(prefix):
+            return archive[pos + 60:pos + 60 + size]
+        pos += 60 + size + (size % 2)
+    raise ValueError(f"no member {prefix}* in the archive")
+
+
 def _deb_html(deb: Path, lang: str) -> dict[str, str]:
     """{relative html path: page text} of one libreoffice-help .deb (an ar archive holding data.tar.*)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run(["ar", "x", str(deb.resolve())], cwd=tmp, check=True)
-        (data_tar,) = Path(tmp).glob("data.tar.*")
-        pages = {}
-        with tarfile.open(data_tar) as tf:
-            prefix = f"./usr/share/libreoffice/help/{lang}/"
-            for m in tf.getmembers():
-                if m.isfile() and m.name.startswith(prefix) and m.name.endswith(".html"):
-                    pages[m.name[len(prefix):]] = tf.extractfile(m).read().decode("utf-8", "replace")
+    pages = {}
+    with tarfile.open(fileobj=io.BytesIO(_ar_member(deb.read_bytes(), "data.tar"))) as tf:
+        prefix = f"./usr/share/libreoffice/help/{lang}/"
+        for m in tf.getmembers():
+            if m.isfile() and m.name.startswith(prefix) and m.name.endswith(".html"):
+                pages[m.name[len(prefix):]] = tf.extractfile(m).read().decode("utf-8", "replace")
     return pages
 
 
