@@ -10,22 +10,12 @@ name is the one knob; everything else has a flag with a default).
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Callable, Sequence
 
 from labkit.config import PRESETS
-from labkit.core import corpus
-from labkit.lab import bench_threads, gpu_check
-from labkit.lab.bench import add_arguments, bench_command
-from labkit.lab.runner import RunnerError, run_notebooks
-
-try:  # fastapi, uvicorn, prometheus-client, httpx: the optional `serve` extra
-    from labkit.serve.loadtest import add_loadtest_arguments, loadtest_command
-    from labkit.serve.server import add_serve_arguments, serve_command
-
-    SERVE_MISSING = None
-except ImportError as exc:  # every other command works without it
-    SERVE_MISSING = f"{exc} (install the serve extra: pip install -e '.[serve]')"
+from labkit.core.data import DATA_DIR
 
 
 def known_presets() -> list[str]:
@@ -44,6 +34,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Handler of `labkit run`: 0 when every notebook passed, 1 on a failed notebook, 2 on bad input."""
+    from labkit.lab.runner import RunnerError, run_notebooks
 
     presets = known_presets()
     if args.preset not in presets:
@@ -65,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    from labkit.lab import bench_threads
+    from labkit.lab.bench import add_arguments
 
     add_arguments(parser)
     bench_threads.add_tune_argument(parser)
@@ -73,27 +66,46 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 def bench(args: argparse.Namespace) -> int:
     """Handler of `labkit bench` (labkit.lab.bench.main): 0 ok, 1 a worker failed, 2 bad input;
     `--tune-threads`: the thread-settings trial (labkit.lab.bench_threads) instead."""
+    from labkit.lab import bench_threads
+    from labkit.lab.bench import bench_command
+
     if getattr(args, "tune_threads", False) and args.preset in PRESETS:
         return bench_threads.tune_command(args)
     return bench_command(args)
 
 
-def _needs_serve(add_command_arguments, handler):
-    """(add_arguments, handler) of a labkit.serve command, or ones that explain the missing extra."""
-    if SERVE_MISSING is None:
-        return add_command_arguments, handler
+def _serve_command(adder: str, handler: str) -> tuple[Callable, Callable]:
+    """(add arguments, handle) of a `labkit.serve` command, imported when it is chosen; without the optional
+    `serve` extra (fastapi, uvicorn, prometheus-client, httpx) the command says how to install it."""
 
-    def missing(args: argparse.Namespace) -> int:
-        print(f"labkit {args.command}: {SERVE_MISSING}", file=sys.stderr)
-        return 2
+    def attr(name: str):
+        module = "labkit.serve.loadtest" if "loadtest" in name else "labkit.serve.server"
+        try:
+            return getattr(importlib.import_module(module), name), None
+        except ImportError as exc:
+            return None, f"{exc} (install the serve extra: pip install -e '.[serve]')"
 
-    return (lambda parser: parser.add_argument("rest", nargs=argparse.REMAINDER)), missing
+    def add(parser: argparse.ArgumentParser) -> None:
+        add_arguments, _ = attr(adder)
+        if add_arguments is None:
+            parser.add_argument("rest", nargs=argparse.REMAINDER)
+        else:
+            add_arguments(parser)
+
+    def handle(args: argparse.Namespace) -> int:
+        command, missing = attr(handler)
+        if command is None:
+            print(f"labkit {args.command}: {missing}", file=sys.stderr)
+            return 2
+        return command(args)
+
+    return add, handle
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("action", choices=("build", "check"),
                         help="build: download the pinned sources and rewrite data/; check: verify the committed files")
-    parser.add_argument("--out", default=str(corpus.DATA_DIR), help="the corpus directory (default: the lab's data/)")
+    parser.add_argument("--out", default=str(DATA_DIR), help="the corpus directory (default: the lab's data/)")
     parser.add_argument("--sources", default=None, help="where downloaded sources are kept (default artifacts/sources)")
 
 
@@ -101,15 +113,19 @@ def data_command(args: argparse.Namespace) -> int:
     """Handler of `labkit data`: 0 ok, 1 a check failed or a source could not be had."""
     from pathlib import Path
 
+    from labkit.core import corpus
+
+    out = Path(args.out)
+
     if args.action == "check":
-        problems = corpus.check(Path(args.out))
+        problems = corpus.check(out)
         for line in problems:
             print(f"labkit data check: {line}", file=sys.stderr)
         print("corpus ok: every file matches corpus.json and no split holds a held-out sentence" if not problems
               else f"{len(problems)} problem(s)")
         return 1 if problems else 0
     try:
-        manifest = corpus.build(Path(args.out), args.sources and Path(args.sources))
+        manifest = corpus.build(out, args.sources and Path(args.sources))
     except (RuntimeError, ValueError) as exc:
         print(f"labkit data build: {exc}", file=sys.stderr)
         return 1
@@ -119,33 +135,52 @@ def data_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_gpu_check_arguments(parser: argparse.ArgumentParser) -> None:
+    from labkit.lab import gpu_check
+
+    gpu_check.add_gpu_check_arguments(parser)
+
+
+def gpu_check_command(args: argparse.Namespace) -> int:
+    from labkit.lab import gpu_check
+
+    return gpu_check.gpu_check_command(args)
+
+
 Handler = Callable[[argparse.Namespace], int]
+# name -> (add its arguments, handle it, help). Each command imports what it needs when it is chosen, so
+# `labkit --help` answers without importing torch.
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Handler, str]] = {
     "run": (add_run_arguments, run, "execute the lab notebooks in order with papermill"),
     "data": (add_data_arguments, data_command,
              "build the Chinese-English corpus in data/ from its pinned sources, or check the committed one"),
     "bench": (add_bench_arguments, bench,
               "time translation engines, each in its own process, with ratios vs torch eager"),
-    "gpu-check": (gpu_check.add_gpu_check_arguments, gpu_check.gpu_check_command,
+    "gpu-check": (add_gpu_check_arguments, gpu_check_command,
                   "on a CUDA machine: the torch GPU rung and TensorRT engines, gated and timed, in one JSON"),
-    "serve": (*_needs_serve(lambda p: add_serve_arguments(p), lambda a: serve_command(a)),
+    "serve": (*_serve_command("add_serve_arguments", "serve_command"),
               "serve a gated translator over HTTP with dynamic batching (FastAPI; --backend ray: Ray Serve)"),
-    "loadtest": (*_needs_serve(lambda p: add_loadtest_arguments(p), lambda a: loadtest_command(a)),
+    "loadtest": (*_serve_command("add_loadtest_arguments", "loadtest_command"),
                  "closed- and open-loop load against a local `labkit serve`: QPS, p50/p95/p99, batch sizes"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The `labkit` parser. With `argv`, only the command it names gets its arguments (and imports);
+    without, every command does."""
+    chosen = next((a for a in argv if a in COMMANDS), None) if argv is not None else None
     parser = argparse.ArgumentParser(prog="labkit", description="Inference-optimization lab tools.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (add_command_arguments, handler, help_text) in COMMANDS.items():
         command = sub.add_parser(name, help=help_text, description=help_text)
-        add_command_arguments(command)
+        if argv is None or name == chosen:
+            add_command_arguments(command)
         command.set_defaults(handler=handler)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `labkit` console script and `python -m labkit`."""
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)
     return args.handler(args)

@@ -36,11 +36,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from labkit.compress.training import TeacherConfig, build_tokenizer, freeze_positions, pin_start_row
+from labkit.compress.training import (
+    TeacherConfig,
+    build_tokenizer,
+    encode_pairs,
+    freeze_positions,
+    greedy_scores,
+    pin_start_row,
+)
 from labkit.compress.training import build_model as build_marian
 from labkit.core import data
 from labkit.core.bundle import TEACHER_DIR, Bundle, load_bundle
-from labkit.measure.quality import reference_streams
 
 STATE = "state.pt"
 LOG = "log.jsonl"
@@ -140,21 +146,6 @@ def summed_loss(model, batch: dict, smoothing: float) -> tuple[torch.Tensor, int
     return loss, int((batch["labels"] != -100).sum())
 
 
-def dev_bleu(model, tokenizer, pairs: list[data.Pair], device, batch_size: int = 100) -> tuple[float, float]:
-    """(BLEU, chrF) of greedy decoding on `pairs`, every reference used."""
-    import sacrebleu
-
-    model.eval()
-    hyps = []
-    with torch.inference_mode():
-        for batch in data.iter_batches(pairs, batch_size):
-            enc = tokenizer([p.zh for p in batch], return_tensors="pt", padding=True).to(device)
-            out = model.generate(**enc, num_beams=1, do_sample=False, max_new_tokens=128, max_length=None)
-            hyps += tokenizer.batch_decode(out, skip_special_tokens=True)
-    refs = reference_streams([p.references for p in pairs])
-    return sacrebleu.corpus_bleu(hyps, refs).score, sacrebleu.corpus_chrf(hyps, refs).score
-
-
 def average_states(states: list[dict]) -> dict:
     """Element-wise mean of floating tensors of several state dicts (others taken from the last)."""
     out = {}
@@ -211,12 +202,6 @@ def all_sum(value: float, world: World) -> float:
 # --------------------------------------------------------------------------- training
 
 
-def encode(tokenizer, pairs: list[data.Pair], max_len: int) -> list[tuple[list[int], list[int]]]:
-    src = tokenizer([p.zh for p in pairs], truncation=True, max_length=max_len)["input_ids"]
-    tgt = tokenizer(text_target=[p.en for p in pairs], truncation=True, max_length=max_len)["input_ids"]
-    return list(zip(src, tgt))
-
-
 def weighted(pairs: list[data.Pair], tatoeba_weight: int) -> list[data.Pair]:
     """Tatoeba pairs repeated `tatoeba_weight` times, the rest once (the epoch the batches are drawn from)."""
     return [p for p in pairs for _ in range(tatoeba_weight if p.origin == "tatoeba" else 1)]
@@ -256,7 +241,7 @@ def train(recipe: TeacherRecipe, tokenizer_dir: Path, work: Path, *, train_pairs
     max_steps = max_steps or recipe.max_steps
     bf16 = world.device.startswith("cuda") if bf16 is None else bf16
     epoch_pairs = weighted(train_pairs, recipe.tatoeba_weight)
-    examples = encode(tokenizer, epoch_pairs, recipe.max_len)
+    examples = encode_pairs(tokenizer, epoch_pairs, recipe.max_len)
     lengths = [len(s) + len(t) for s, t in examples]
 
     torch.manual_seed(recipe.seed)
@@ -336,7 +321,7 @@ def evaluate_and_checkpoint(model, opt, tokenizer, dev_pairs, recipe: TeacherRec
     """Rank 0: dev BLEU, checkpoint, log line, state file. Returns whether early stopping says stop."""
     stop = torch.zeros(1, device=world.device if world.device.startswith("cuda") else "cpu")
     if world.main:
-        bleu, chrf = dev_bleu(model, tokenizer, dev_pairs, world.device)
+        bleu, chrf = greedy_scores(model, tokenizer, dev_pairs, device=world.device, batch_size=100, max_new_tokens=128)
         state["wall_s"] = wall_s
         entry = {"step": state["step"], "epoch": state["epoch"], "loss": round(loss, 4), "dev_bleu": round(bleu, 2),
                  "dev_chrf": round(chrf, 2), "wall_s": round(wall_s, 1)}
@@ -386,7 +371,7 @@ def finish(recipe: TeacherRecipe, tokenizer_dir: Path, work: Path, out: Path, *,
     for name, weights in candidates.items():
         model.load_state_dict(weights)
         pin_start_row(model)
-        scores[name] = dev_bleu(model, tokenizer, dev_pairs, device)
+        scores[name] = greedy_scores(model, tokenizer, dev_pairs, device=device, batch_size=100, max_new_tokens=128)
     chosen = max(scores, key=lambda k: scores[k][0])
     model.load_state_dict(candidates[chosen])
     pin_start_row(model)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from labkit.core import data
 from labkit.core.bundle import TEACHER_DIR, Bundle, load_bundle, start_row_norm
+from labkit.measure.quality import reference_streams
 
 SPECIALS = ("</s>", "<unk>")  # ids 0 and 1, as in opus-mt; <pad> is appended last
 
@@ -191,20 +192,26 @@ def lr_at(step: int, base: float, warmup: int, total: int) -> float:
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def greedy_bleu(model, tokenizer, pairs: list[data.Pair], batch_size: int = 50) -> float:
-    """Corpus BLEU of HF greedy generate on `pairs` (a training-time check, not the lab's metric)."""
+def greedy_scores(model, tokenizer, pairs: list[data.Pair], *, device="cpu", batch_size: int = 50,
+                  max_new_tokens: int = 96) -> tuple[float, float]:
+    """(BLEU, chrF) of HF greedy generate on `pairs`, every reference used (a training-time check; the
+    lab's metric is `measure.quality.evaluate` on a Translator)."""
     import sacrebleu
 
     model.eval()
     hyps = []
     with torch.inference_mode():
         for batch in data.iter_batches(pairs, batch_size):
-            enc = tokenizer([p.zh for p in batch], return_tensors="pt", padding=True)
-            out = model.generate(**enc, num_beams=1, do_sample=False, max_new_tokens=96, max_length=None)
+            enc = tokenizer([p.zh for p in batch], return_tensors="pt", padding=True).to(device)
+            out = model.generate(**enc, num_beams=1, do_sample=False, max_new_tokens=max_new_tokens, max_length=None)
             hyps += tokenizer.batch_decode(out, skip_special_tokens=True)
-    n = max(len(p.references) for p in pairs)
-    refs = [[p.references[k] if k < len(p.references) else None for p in pairs] for k in range(n)]
-    return sacrebleu.corpus_bleu(hyps, refs).score
+    refs = reference_streams([p.references for p in pairs])
+    return sacrebleu.corpus_bleu(hyps, refs).score, sacrebleu.corpus_chrf(hyps, refs).score
+
+
+def greedy_bleu(model, tokenizer, pairs: list[data.Pair], batch_size: int = 50) -> float:
+    """Corpus BLEU of HF greedy generate on `pairs`."""
+    return greedy_scores(model, tokenizer, pairs, batch_size=batch_size)[0]
 
 
 def freeze_positions(model) -> None:

@@ -138,8 +138,8 @@ def load_teacher(path: Path | str = TEACHER_DIR) -> Bundle:
     path = Path(path)
     if not (path / SIDECAR).exists():
         raise FileNotFoundError(
-            f"the embedded teacher is missing at {path}; re-create it with "
-            "`python -m labkit.compress.training teacher` (see README)")
+            f"the lab's teacher is missing at {path}: restore it with `git checkout -- data/teacher`, or "
+            "train one with `python -m labkit.compress.teacher` (README: 'The corpus and the teacher')")
     return load_bundle(path)
 
 
@@ -334,8 +334,8 @@ def bundle_for(preset, name: str = "teacher"):
 
 
 def ensure_teacher() -> Path:
-    """The committed teacher; it is not rebuilt on the fly (that takes ~40 min on 2 cores)."""
+    """The committed teacher; it is not rebuilt on the fly (training one takes hours on 2 cores)."""
     if not (TEACHER_DIR / SIDECAR).exists():
-        raise FileNotFoundError(f"{TEACHER_DIR} is missing: restore it from git or run "
-                                "`python -m labkit.compress.training teacher`")
+        raise FileNotFoundError(f"{TEACHER_DIR} is missing: restore it with `git checkout -- data/teacher`, or "
+                                "train one with `python -m labkit.compress.teacher` (README)")
     return TEACHER_DIR
