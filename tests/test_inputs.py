@@ -12,11 +12,13 @@ import importlib.util
 
 import pytest
 
+from labkit.core import inputs
 from labkit.core.decode import DecodeConfig
 from labkit.core.inputs import normalize, prepare, split_symbols, to_simplified
 from labkit.core.translator import StepperTranslator
 from labkit.engines import ct2, onnx_export
 from labkit.engines.ort import OrtStepper
+from labkit.measure import quality
 
 LONG = "我们有三本书。" * 14286  # 100 002 characters
 CFG = DecodeConfig(max_new_tokens=16)
@@ -130,3 +132,32 @@ def test_prepare_skips_the_model_for_what_it_cannot_translate():
     assert prepare("「……」").output == '"......"' and prepare("「……」").source == ""
     assert prepare("2024").source == "" and prepare("2024").output == "2024"
     assert prepare("Hello", force=True).source == "Hello"
+
+
+# --------------------------------------------------------------------------- repetition loops
+
+
+@pytest.mark.parametrize("text, expected, repeated", [
+    ("put on his put on his put on his", "put on his", "put on his"),
+    ("I put on his put on his put on his put on", "I put on his", "put on his"),  # unfinished repeat dropped
+    ("I put on his put on his put on his coat.", "I put on his coat.", "put on his"),
+    ("He said no no no no to me.", "He said no to me.", "no"),
+    ("Onlylyly you can do it.", "Only you can do it.", "ly"),
+])
+def test_cut_loops_keeps_a_repeated_phrase_once_with_a_note(text, expected, repeated):
+    out, notes = inputs.cut_loops(text)
+    assert out == expected
+    assert len(notes) == 1 and notes[0].startswith(inputs.LOOP_NOTE) and repr(repeated) in notes[0]
+    assert quality.degenerate(text) is not None and quality.degenerate(out) is None
+
+
+@pytest.mark.parametrize("text", ["I like cats.", "It is a very, very, very good idea.", "Tom and Tom's dog.",
+                                  "Mississippi is long.", ""])
+def test_cut_loops_leaves_ordinary_sentences_alone(text):
+    assert inputs.cut_loops(text) == (text, [])
+
+
+def test_degenerate_names_the_failure():
+    assert quality.degenerate("") == "empty" and quality.degenerate("  ") == "empty"
+    assert quality.degenerate("a b a b a b") == "repeats 'a b '"
+    assert quality.degenerate("I like cats.") is None

@@ -9,7 +9,8 @@ The teacher and its corpus are Simplified-only, so Traditional text is converted
 Emoji and other symbols never reach the model (it would turn them into words): those at the edges
 of the text stay at that edge of the output, those inside it follow the translation, with a note.
 A translator does not invent: text with no Chinese is returned as it came unless `force=True`, and
-text with nothing to translate (punctuation, symbols) gives its punctuation in ASCII.
+text with nothing to translate (punctuation, symbols) gives its punctuation in ASCII. On the way out,
+`cut_loops` undoes a small model's repetition loops ("put on his put on his put on his").
 Left out: other scripts' conversions (Japanese kanji are treated as Chinese), sentence splitting.
 """
 
@@ -151,3 +152,31 @@ def prepare(text, force: bool = False) -> Prepared:
         notes.append(f"symbol(s) from inside the text put after the translation: {inside[0]!r}")
         suffix = " ".join(s for s in (inside[0], suffix) if s)
     return Prepared(body, prefix=prefix, suffix=suffix, notes=notes)
+
+
+# --------------------------------------------------------------------------- outputs
+
+WORD_LOOP = re.compile(r"\b((?:\S+\s+){1,4}?)\1{2,}")  # a 1-4 word phrase three times in a row
+PIECE_LOOP = re.compile(r"([a-z]{2,3})\1{2,}")  # "Onlylyly": a piece of a word three times in a row
+LOOP_NOTE = "the decoder repeated "
+
+
+def cut_loops(text: str) -> tuple[str, list[str]]:
+    """A small model's classic failure, undone: each phrase said three or more times in a row is kept once,
+    and an unfinished repeat at the end (where decoding ran out of steps) is dropped, with a note each.
+
+    'I put on his put on his put on his put on' -> ('I put on his', ['the decoder repeated "put on his" 3 times'])
+    'Onlylyly you.' -> ('Only you.', [...]);  'I like cats.' -> ('I like cats.', [])
+    """
+    notes = []
+    out = text + " "
+    while m := WORD_LOOP.search(out):
+        phrase, rest = m.group(1), out[m.end():]
+        if phrase.startswith(rest.rstrip()):
+            rest = ""  # the loop ran to the end of the output, cut mid-phrase
+        notes.append(f"{LOOP_NOTE}{phrase.strip()!r} {(m.end() - m.start()) // len(phrase)} times")
+        out = out[:m.start()] + phrase + rest
+    while m := PIECE_LOOP.search(out):
+        notes.append(f"{LOOP_NOTE}{m.group(1)!r} {(m.end() - m.start()) // len(m.group(1))} times")
+        out = out[:m.start()] + m.group(1) + out[m.end():]
+    return out.strip() if notes else text, notes

@@ -11,8 +11,9 @@ it the same way (labkit.core.inputs.prepare): empty, whitespace-only or non-text
 translation, bytes are decoded as UTF-8, control characters are dropped, Traditional characters become
 Simplified, emoji and symbols are passed through around the translation, punctuation-only input gives
 its ASCII punctuation, text without Chinese comes back unchanged (unless `force=True`), characters
-outside the vocabulary are counted, over-long input is truncated to the model's limit; each of these
-is said in `notes`, one list per input, in order. The stages are also public one by one
+outside the vocabulary are counted, over-long input is truncated to the model's limit; an output caught
+in a repetition loop keeps the repeated phrase once (`cut_loops`); each of these is said in `notes`, one
+list per input, in order. The stages are also public one by one
 (`token_ids`, `generate`, `detokenize`) for callers that schedule them themselves (labkit.serve).
 Left out: sentence splitting of long documents, and caching (labkit.serve).
 """
@@ -26,11 +27,10 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from labkit.core.decode import DecodeConfig, Stepper, TorchStepper, decode
-from labkit.core.inputs import Prepared, prepare
+from labkit.core.inputs import Prepared, cut_loops, prepare
 
 STAGES = ("normalize", "tokenize", "encode", "decode", "detokenize")
 DEFAULT_MAX_INPUT_TOKENS = 256
-
 
 @dataclass
 class Result:
@@ -122,7 +122,8 @@ class Translator:
         return self._generate(self.pad(rows), dict.fromkeys(STAGES, 0.0), cfg)
 
     def detokenize(self, generated: list[list[int]]) -> tuple[list[str], list[list[str]]]:
-        """(text, notes) per row; ids past the tokenizer's vocabulary are dropped, with a note.
+        """(text, notes) per row; ids past the tokenizer's vocabulary are dropped, and repetition loops cut
+        (`cut_loops`), each with a note.
 
         Only a model whose embedding is larger than its tokenizer (opus-mt-shape: 65 001 rows,
         random weights, the teacher's ~1 700 pieces) emits such ids; sentencepiece would raise.
@@ -134,7 +135,11 @@ class Translator:
             if unknown:
                 note.append(f"{unknown} generated ids outside the tokenizer's {known}-piece vocabulary dropped")
         rows = [[t for t in row if t < known] for row in generated]
-        return self.tokenizer.batch_decode(rows, skip_special_tokens=True), notes
+        texts = self.tokenizer.batch_decode(rows, skip_special_tokens=True)
+        for k, text in enumerate(texts):
+            texts[k], more = cut_loops(text)
+            notes[k] += more
+        return texts, notes
 
     def _generate(self, batch: dict[str, torch.Tensor], timings: dict[str, float],
                   cfg: DecodeConfig) -> list[list[int]]:

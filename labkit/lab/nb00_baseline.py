@@ -15,15 +15,18 @@ from labkit.measure.quality import Scores
 
 
 def baseline_record(teacher: Bundle, preset, latency: timing.Measurement, sentences_per_s: float,
-                    scores: Scores | None, subset: Scores | None, degenerate: int | None = None) -> dict:
+                    scores: Scores | None, subset: Scores | None, degenerate: int | None = None,
+                    loops_cut: int | None = None) -> dict:
     """The `baseline` record: batch-1 latency, throughput, size and (quality presets) BLEU/chrF on the whole
-    test split plus, under `subset`, on the sentences every variant is scored on, and how many of the
-    test outputs were empty or looping (`degenerate_outputs`)."""
+    test split plus, under `subset`, on the sentences every variant is scored on, on how many test sentences
+    the decoder looped (`loops_cut`: the translator kept the phrase once) and how many outputs were still
+    empty or looping (`degenerate_outputs`)."""
     metrics = {"latency_ms": timing.as_latency(latency), "sentences_per_s": round(sentences_per_s, 2),
                "params": teacher.params, "size_mb": round(teacher.size_mb, 3), "peak_rss_mb": timing.peak_rss_mb()}
     extra = {}
     if scores is not None:
-        metrics |= scores.as_metrics() | ({"degenerate_outputs": degenerate} if degenerate is not None else {})
+        metrics |= scores.as_metrics() | {k: v for k, v in (("degenerate_outputs", degenerate), ("loops_cut", loops_cut))
+                                          if v is not None}
         extra = {"eval_split": "test", "eval_sentences": scores.n,
                  "subset": {"eval_sentences": subset.n, **subset.as_metrics()}}
     return ledger.make_record(

@@ -11,10 +11,10 @@ need models from a hub).
 from __future__ import annotations
 
 import itertools
-import re
 from dataclasses import dataclass
 
 from labkit.core.data import Pair, iter_batches, load_split
+from labkit.core.inputs import LOOP_NOTE, PIECE_LOOP, WORD_LOOP
 from labkit.measure import timing
 
 
@@ -54,39 +54,50 @@ def score(hyps: list[str], refs: list[str] | list[tuple[str, ...]]) -> Scores:
     return Scores(b.score, c.score, str(bleu.get_signature()), len(hyps))
 
 
-_WORD_LOOP = re.compile(r"\b((?:\S+\s+){1,4}?)\1{2,}")  # a 1-4 word phrase three times in a row
-_PIECE_LOOP = re.compile(r"([a-z]{2,3})\1{2,}")  # "Onlylyly": a piece of a word three times in a row
-
-
 def degenerate(text: str) -> str | None:
-    """Why an output is not a translation, or None: empty, or caught in a repetition loop.
+    """Why an output is not a translation, or None: empty, or caught in a repetition loop (what
+    `labkit.core.inputs.cut_loops` undoes, so a Translator's output never loops; this checks any text).
 
     '' -> 'empty';  'put on his put on his put on his' -> 'repeats "put on his "';  'Onlylyly' -> 'repeats "ly"';
     'I like cats.' -> None
     """
     if not text.strip():
         return "empty"
-    for pattern in (_WORD_LOOP, _PIECE_LOOP):
-        if m := pattern.search(text + " " if pattern is _WORD_LOOP else text):
+    for pattern in (WORD_LOOP, PIECE_LOOP):
+        if m := pattern.search(text + " " if pattern is WORD_LOOP else text):
             return f"repeats {m.group(1)!r}"
     return None
 
 
-def translate_all(translator, texts: list[str], batch_size: int = 16, desc: str = "translate") -> list[str]:
-    """Translate in batches with a progress bar; order is kept."""
+def translate_all(translator, texts: list[str], batch_size: int = 16, desc: str = "translate",
+                  notes: list[list[str]] | None = None) -> list[str]:
+    """Translate in batches with a progress bar; order is kept. A `notes` list gets each sentence's notes
+    (what the translator did to it: truncation, unknown characters, a repetition loop cut)."""
     from tqdm.auto import tqdm
 
     out: list[str] = []
     batches = list(iter_batches(texts, batch_size))
     for batch in tqdm(batches, desc=desc, disable=len(batches) < 4, mininterval=2):
-        out += translator.translate(batch)
+        if notes is None:
+            out += translator.translate(batch)
+        else:
+            result = translator.run(batch)
+            out += result.texts
+            notes += result.notes
     return out
 
 
-def evaluate(translator, pairs: list[Pair], batch_size: int = 16) -> tuple[Scores, list[str]]:
-    """BLEU/chrF of `translator` on `pairs` (every reference each pair has), and its hypotheses."""
-    hyps = translate_all(translator, [p.zh for p in pairs], batch_size, desc="evaluate")
+def evaluate(translator, pairs: list[Pair], batch_size: int = 16,
+             notes: list[list[str]] | None = None) -> tuple[Scores, list[str]]:
+    """BLEU/chrF of `translator` on `pairs` (every reference each pair has), and its hypotheses; a `notes`
+    list gets each sentence's notes."""
+    hyps = translate_all(translator, [p.zh for p in pairs], batch_size, desc="evaluate", notes=notes)
     return score(hyps, [p.references for p in pairs]), hyps
+
+
+def loops_cut(notes: list[list[str]]) -> int:
+    """How many outputs had a repetition loop cut (`labkit.core.inputs.cut_loops`' notes)."""
+    return sum(any(n.startswith(LOOP_NOTE) for n in row) for row in notes)
 
 
 def agreement(ids_a: list[list[int]], ids_b: list[list[int]]) -> float:
