@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # pip extras; CI adds ray (`make test EXTRAS=test,peer,graphs,serve,ray`) to run the Ray Serve test
 EXTRAS ?= test,peer,graphs,serve
 
-.PHONY: lab test setup jupyter clean
+.PHONY: lab test setup jupyter workshop clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,11 @@ lab: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# participant notebooks (solutions replaced by stubs) from notebooks/ into workshop/, then the drift/leak check
+workshop: setup
+	$(BIN)/labkit workshop build > /dev/null
+	$(BIN)/labkit workshop check
 
 jupyter: setup
 	$(BIN)/jupyter lab notebooks/

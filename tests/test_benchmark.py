@@ -190,7 +190,7 @@ def test_labkit_bench_is_a_cli_subcommand(capsys):
     out = capsys.readouterr().out
     assert "--variants" in out and "ort-int8" in out
     args = cli.build_parser().parse_args(["bench", "--preset", "ci", "--variants", "torch,ort-fp32", "--threads", "1"])
-    assert args.handler is cli.bench and args.threads == 1
+    assert args.command == "bench" and args.handler is cli.dispatch and args.threads == 1
     assert cli.main(["bench", "--preset", "ci", "--variants", "torch,onnx-fp64"]) == 2
     assert "unknown variant(s) ['onnx-fp64']" in capsys.readouterr().err
     assert cli.main(["bench", "--preset", "no-such-preset", "--variants", "torch"]) == 2

@@ -28,6 +28,7 @@ redistribution.
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import hashlib
 import html
@@ -396,3 +397,35 @@ def sources_markdown(manifest: dict) -> str:
               "Tatoeba's sentences are CC BY 2.0 FR: attribute Tatoeba and its contributors when you share them.",
               "The LibreOffice help text is MPL-2.0 (The Document Foundation).", ""]
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- `labkit data`
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", choices=("build", "check"),
+                        help="build: download the pinned sources and rewrite data/; check: verify the committed files")
+    parser.add_argument("--out", default=str(DATA_DIR), help="the corpus directory (default: the lab's data/)")
+    parser.add_argument("--sources", default=None, help="where downloaded sources are kept (default artifacts/sources)")
+
+
+def data_command(args: argparse.Namespace) -> int:
+    """Handler of `labkit data`: 0 ok, 1 a check failed or a source could not be had."""
+    out = Path(args.out)
+
+    if args.action == "check":
+        problems = check(out)
+        for line in problems:
+            print(f"labkit data check: {line}", file=sys.stderr)
+        print("corpus ok: every file matches corpus.json and no split holds a held-out sentence" if not problems
+              else f"{len(problems)} problem(s)")
+        return 1 if problems else 0
+    try:
+        manifest = build(out, args.sources and Path(args.sources))
+    except (RuntimeError, ValueError) as exc:
+        print(f"labkit data build: {exc}", file=sys.stderr)
+        return 1
+    for name, digest in manifest["files"].items():
+        print(f"{name}  sha256 {digest}")
+    print("  ".join(f"{k} {v['pairs']} pairs" for k, v in manifest["splits"].items()))
+    return 0

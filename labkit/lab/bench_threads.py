@@ -30,10 +30,10 @@ import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from labkit.config import Preset
+from labkit.config import PRESETS, Preset
 from labkit.core.bundle import Bundle, bundle_for, bundle_key
 from labkit.engines.variants import VARIANTS, check_variants, parse_variants
-from labkit.lab.bench import run_variant
+from labkit.lab.bench import add_arguments, bench_command, run_variant
 from labkit.measure.timing import CommandError
 
 if TYPE_CHECKING:
@@ -109,3 +109,17 @@ def add_tune_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tune-threads", action="store_true",
                         help="try the engines' thread settings (ORT spinning; CTranslate2 intra/inter threads, "
                              f"OMP_WAIT_POLICY), each in its own process (default variants: {', '.join(DEFAULT_TUNED)})")
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    """`labkit bench`'s arguments: the bench's own (labkit.lab.bench) and --tune-threads."""
+    add_arguments(parser)
+    add_tune_argument(parser)
+
+
+def bench_or_tune(args: argparse.Namespace) -> int:
+    """Handler of `labkit bench`: 0 ok, 1 a worker failed, 2 bad input; `--tune-threads`: the thread-settings
+    trial instead."""
+    if getattr(args, "tune_threads", False) and args.preset in PRESETS:
+        return tune_command(args)
+    return bench_command(args)

@@ -6,7 +6,7 @@
     # exercise kd-loss: not done yet (NotImplementedError): the notebook goes on with the library's version
 
 Each `Exercise` holds the library's reference, small fixed inputs, and the plausible wrong answers that
-workshops meet, each with its hint. `check(exercise, fn)` runs `fn` on every input and compares with the
+workshops meet, each with its hint. `verdict(exercise, fn)` runs `fn` on every input and compares with the
 reference: equal on all → passed; equal to a known wrong answer on all → that answer's hint ("the loss is
 T^2 = 4x too small: multiply the KL term by T^2"); otherwise the first input where it differs, with what
 was expected. An unfinished exercise (the stub raises NotImplementedError) is "not done yet". Whatever
@@ -29,6 +29,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from labkit.compress.distill import soft_kl
+from labkit.compress.prune import normalize_per_layer
+from labkit.engines.trt_graphs import FP16_MAX
+from labkit.measure import plots
+from labkit.serve.batcher import Job, select_batch
 
 PASSED, NOT_DONE, WRONG = "passed", "not done yet", "wrong"
 VERDICT_PREFIX = "exercise "
@@ -135,7 +141,7 @@ def _copy(args: tuple) -> tuple:
     return tuple(out)
 
 
-def check(exercise: Exercise, fn: Callable | None) -> Callable:
+def check_exercise(exercise: Exercise, fn: Callable | None) -> Callable:
     """Print the verdict; return `fn` when it passed, else the library's reference (so the notebook goes on)."""
     v = verdict(exercise, fn)
     print(str(v) + ("" if v.status == PASSED else "; the notebook goes on with the library's version"))
@@ -166,11 +172,9 @@ AMDAHL = Exercise(
 # 02 — pruning: a head's importance is how much the loss moves when its gate moves.
 
 
-def head_importance(gate_grads: torch.Tensor) -> torch.Tensor:
+def gate_importance(gate_grads: torch.Tensor) -> torch.Tensor:
     """(batches, layers, heads) gradients of the loss w.r.t. each head's gate -> (layers, heads) importance:
     |grad| summed over batches, each layer divided by its L2 norm (Michel et al. 2019)."""
-    from labkit.compress.prune import normalize_per_layer
-
     return normalize_per_layer({"heads": gate_grads.abs().sum(dim=0)})["heads"]
 
 
@@ -181,7 +185,7 @@ def _grads(seed: int, shape=(3, 2, 4)) -> torch.Tensor:
 
 HEAD_IMPORTANCE = Exercise(
     "head-importance", "02", 10, "sum |gate gradient| over batches, then divide each layer by its L2 norm",
-    head_importance, cases=[(_grads(0),), (_grads(1),), (_grads(2, (4, 3, 2)),)],
+    gate_importance, cases=[(_grads(0),), (_grads(1),), (_grads(2, (4, 3, 2)),)],
     wrong=[(lambda g: (s := g.sum(0)) / (s.norm(dim=-1, keepdim=True) + 1e-20),
             "take |gradient| before summing: signed gradients of different batches cancel out"),
            (lambda g: g.abs().sum(0), "normalize each layer (divide by its L2 norm): the layers' gradients differ in "
@@ -197,8 +201,6 @@ HEAD_IMPORTANCE = Exercise(
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float) -> torch.Tensor:
     """T^2 * KL(softmax(teacher / T) || softmax(student / T)), averaged over rows (tokens)."""
-    from labkit.compress.distill import soft_kl
-
     every_row = torch.ones(1, student_logits.shape[0], dtype=torch.bool)
     return soft_kl(student_logits[None], teacher_logits[None], every_row, T)
 
@@ -290,10 +292,7 @@ def int8_error(w: torch.Tensor, q: torch.Tensor, scale: float) -> float:
 
 # 06 — TensorRT precision: which tensors must stay fp32.
 
-FP16_MAX = 65504.0  # the largest finite fp16
-
-
-def keep_fp32(ranges: dict[str, tuple[float, float]], headroom: float = 1.0) -> set[str]:
+def overflowing_fp16(ranges: dict[str, tuple[float, float]], headroom: float = 1.0) -> set[str]:
     """Names of the tensors whose recorded range (low, high) does not fit fp16: max(|low|, |high|) * headroom
     above 65 504 (fp16's largest finite value)."""
     return {name for name, (lo, hi) in ranges.items() if max(abs(lo), abs(hi)) * headroom > FP16_MAX}
@@ -304,7 +303,7 @@ _RANGES = {"attn.softmax": (0.0, 1.0), "ffn.fc1": (-310.0, 288.0), "ln.pow": (0.
 
 KEEP_FP32 = Exercise(
     "keep-fp32", "06", 10, "return the set of names whose range overflows fp16 (max |value| * headroom > 65 504)",
-    keep_fp32, cases=[(_RANGES, 1.0), (_RANGES, 1000.0), ({"a": (-7e4, 7e4)}, 1.0)],
+    overflowing_fp16, cases=[(_RANGES, 1.0), (_RANGES, 1000.0), ({"a": (-7e4, 7e4)}, 1.0)],
     wrong=[(lambda r, h=1.0: {n for n, (lo, hi) in r.items() if hi * h > FP16_MAX},
             "a range's low end overflows too: compare max(|low|, |high|)"),
            (lambda r, h=1.0: {n for n, (lo, hi) in r.items() if max(abs(lo), abs(hi)) > FP16_MAX},
@@ -350,8 +349,6 @@ LITTLE = Exercise(
 def choose_batch(lengths: list[int], max_size: int) -> list[int]:
     """Queue positions of the next batch (`lengths`: waiting sentences' token counts, oldest first): the oldest,
     then those closest to it in length (ties to the older), at most `max_size`, in queue order."""
-    from labkit.serve.batcher import Job, select_batch
-
     jobs = [Job(ids=[0] * n, beams=1, future=None) for n in lengths]
     chosen = {id(j) for j in select_batch(jobs, max_size)}
     return [i for i, j in enumerate(jobs) if id(j) in chosen]
@@ -371,16 +368,14 @@ CHOOSE_BATCH = Exercise(
 # 09 — the story: the Pareto frontier of latency and BLEU.
 
 
-def pareto_frontier(latency: list[float], quality: list[float]) -> list[int]:
+def pareto_indices(latency: list[float], quality: list[float]) -> list[int]:
     """Indices of the points no other point beats on both axes (faster and at least as good), by latency."""
-    from labkit.measure.plots import pareto_frontier as reference
-
-    return reference(latency, quality)
+    return plots.pareto_frontier(latency, quality)
 
 
 PARETO = Exercise(
     "pareto", "09", 10, "return the indices of the points no other point beats on both axes, fastest first",
-    pareto_frontier, cases=[([10, 20, 15, 30], [50, 60, 40, 61]), ([5, 7, 9, 11, 12], [30, 29, 33, 33, 40]),
+    pareto_indices, cases=[([10, 20, 15, 30], [50, 60, 40, 61]), ([5, 7, 9, 11, 12], [30, 29, 33, 33, 40]),
                             ([3.0, 1.0, 2.0], [1.0, 3.0, 2.0])],
     wrong=[(lambda lat, q: sorted(range(len(lat)), key=lambda i: lat[i]),
             "a point slower *and* worse than another is not on the frontier: drop it"),
@@ -394,13 +389,13 @@ EXERCISES: dict[str, Exercise] = {e.name: e for e in (AMDAHL, HEAD_IMPORTANCE, K
 
 
 def _checker(exercise: Exercise) -> Callable[[Callable], Callable]:
-    def check_exercise(fn: Callable) -> Callable:
-        return check(exercise, fn)
+    def checker(fn: Callable) -> Callable:
+        return check_exercise(exercise, fn)
 
-    check_exercise.__name__ = check_exercise.__qualname__ = "check_" + exercise.name.replace("-", "_")
-    check_exercise.__doc__ = (f"Notebook {exercise.notebook}'s exercise: {exercise.task}. Prints the verdict and "
-                              "returns the function to go on with (`check`).")
-    return check_exercise
+    checker.__name__ = checker.__qualname__ = "check_" + exercise.name.replace("-", "_")
+    checker.__doc__ = (f"Notebook {exercise.notebook}'s exercise: {exercise.task}. Prints the verdict and "
+                              "returns the function to go on with (`check_exercise`).")
+    return checker
 
 
 check_amdahl = _checker(AMDAHL)

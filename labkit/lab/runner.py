@@ -16,9 +16,11 @@ share the CPU that is being measured), retries, and resuming after a failure (ru
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import re
+import sys
 import time
 import tomllib
 from collections.abc import Iterable, Iterator
@@ -26,6 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from labkit.config import PRESETS
 from labkit.core import artifacts
 from labkit.core.artifacts import ARTIFACTS_ENV, write_json_atomic
 from labkit.measure import ledger, timing
@@ -288,3 +291,36 @@ def run_notebooks(
         if check:
             raise NotebookFailed(results)
     return results
+
+
+# --------------------------------------------------------------------------- `labkit run`
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", required=True, help="ci, workshop, opus-mt-zh-en, opus-mt-shape, ...")
+    parser.add_argument("--only", help="comma-separated notebook numbers, e.g. 00,01")
+    parser.add_argument("--notebooks-dir", default=None, help="where NN_name.ipynb live (default: the lab's notebooks/)")
+    parser.add_argument("--out", default=None, help="artifacts root (default $LABKIT_ARTIFACTS or artifacts/); output goes to <out>/<preset>/")
+    parser.add_argument("--kernel", default="python3", help="Jupyter kernel name")
+    parser.add_argument("--timeout-per-cell", type=float, default=None, help="seconds; default none")
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Handler of `labkit run`: 0 when every notebook passed, 1 on a failed notebook, 2 on bad input."""
+    presets = sorted(PRESETS)
+    if args.preset not in presets:
+        print(f"labkit run: unknown preset {args.preset!r}; known: {', '.join(presets)}", file=sys.stderr)
+        return 2
+    try:
+        results = run_notebooks(
+            args.preset, only=args.only, notebooks_dir=args.notebooks_dir, out_root=args.out,
+            kernel=args.kernel, timeout_per_cell=args.timeout_per_cell,
+        )  # fmt: skip
+    except RunnerError as exc:
+        print(f"labkit run: {exc}", file=sys.stderr)
+        return 2
+    if results and not results[-1].ok:
+        print(f"labkit run: notebook {results[-1].describe()}", file=sys.stderr)
+        print(f"labkit run: executed copy with the traceback: {results[-1].output}", file=sys.stderr)
+        return 1
+    return 0
