@@ -194,6 +194,16 @@ class Preset:
             raise KeyError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
         return PRESETS[name]
 
+    def summary(self) -> str:
+        """One line for a notebook's first output (the whole dataclass is many lines of budgets):
+        "preset ci: the lab's teacher; BLEU on 100 test sentences; 8 sentences x 2 passes timed on 2 threads"."""
+        model = {"teacher": "the lab's teacher", "opus-mt-shape": "random weights in opus-mt-zh-en's shape"}.get(
+            self.model.kind, self.model.name_or_path or self.model.kind)
+        quality = (f"BLEU on {self.eval_sentences or 'all'} test sentences" if self.quality
+                   else f"no BLEU (decoding forced to {self.forced_length} tokens)")
+        return (f"preset {self.name}: {model}; {quality}; {self.bench_sentences} sentences x {self.bench_repeats} "
+                f"passes timed on {self.threads} threads")
+
     def with_(self, **changes) -> Preset:
         """A modified copy, e.g. preset.with_(eval_sentences=50) in a notebook experiment."""
         return replace(self, **changes)

@@ -26,7 +26,7 @@ def test_handler_translates_each_line_and_shows_timings(translator):
         assert f"<b>{html.escape(text)}</b>" in box.output.value
     table = widgets.timings_table(result)
     assert table["stage"].tolist() == list(STAGES) and (table["ms"] > 0).all()
-    assert table["pct"].sum() == pytest.approx(100)
+    assert table["% of time"].sum() == pytest.approx(100)
     assert "stage timings" in box.output.value
 
 

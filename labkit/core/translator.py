@@ -102,7 +102,7 @@ class Translator:
         notes = []
         unknown = self.unknown_characters(text)
         if unknown:
-            shown = "".join(sorted(set(unknown)))[:10]
+            shown = "".join(dict.fromkeys(unknown))[:10]  # in the order they appear: '意思', not '思意'
             notes.append(f"{len(unknown)} character(s) outside the model's vocabulary become <unk>: {shown!r}")
         ids = self.tokenizer(text, truncation=True, max_length=self.max_input_tokens)["input_ids"]
         if len(ids) >= self.max_input_tokens:

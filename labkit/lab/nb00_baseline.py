@@ -42,3 +42,13 @@ def examples_table(pairs: list[Pair], hyps: list[str]):
                           "teacher": hyps})
     table.index = range(1, len(table) + 1)
     return table.style.set_properties(**{"text-align": "left", "white-space": "pre-wrap"})
+
+
+def inputs_table(sources: list[str], result):
+    """Each example input (long ones shortened), its translation and every note, wrapped to the page's width
+    instead of cut off."""
+    import pandas as pd
+
+    table = pd.DataFrame({"source": [e if len(e) < 40 else e[:40] + "…" for e in sources],
+                          "translation": result.texts, "notes": ["; ".join(n) for n in result.notes]})
+    return table.style.set_properties(**{"text-align": "left", "white-space": "pre-wrap"})

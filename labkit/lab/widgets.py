@@ -29,21 +29,24 @@ def split_lines(text: str) -> list[str]:
 
 
 def timings_table(result: Result) -> pd.DataFrame:
-    """The stage timings of one run: columns stage, ms, pct (of the stage sum)."""
+    """The stage timings of one run: columns stage, ms, "% of time" (of the stages' sum)."""
     import pandas as pd
 
     total = result.total_ms or 1.0
-    return pd.DataFrame([{"stage": s, "ms": ms, "pct": 100 * ms / total} for s, ms in result.timings_ms.items()])
+    return pd.DataFrame([{"stage": s, "ms": ms, "% of time": 100 * ms / total} for s, ms in result.timings_ms.items()])
 
 
 def render(sources: list[str], result: Result) -> str:
     """HTML for a run: one row per input (source, translation, notes) and the timing table."""
+    cell = 'style="text-align:left; vertical-align:top; overflow-wrap:anywhere"'
     rows = "".join(
-        f"<tr><td>{html.escape(src)}</td><td><b>{html.escape(out)}</b></td>"
-        f"<td>{html.escape('; '.join(notes))}</td></tr>"
+        f"<tr><td {cell}>{html.escape(src)}</td><td {cell}><b>{html.escape(out)}</b></td>"
+        f"<td {cell}>{html.escape('; '.join(notes))}</td></tr>"
         for src, out, notes in zip(sources, result.texts, result.notes))
-    table = timings_table(result).to_html(index=False, float_format=lambda x: f"{x:.2f}")
-    return (f"<table><tr><th>source</th><th>translation</th><th>notes</th></tr>{rows}</table>"
+    table = timings_table(result).round({"ms": 2, "% of time": 1}).to_html(index=False)
+    # a fixed layout wraps long sources and notes inside the page instead of widening it
+    return (f'<table style="table-layout:fixed; width:100%"><colgroup><col style="width:30%"><col style="width:35%">'
+            f'<col style="width:35%"></colgroup><tr><th>source</th><th>translation</th><th>notes</th></tr>{rows}</table>'
             f"<p>stage timings for this batch ({result.total_ms:.1f} ms in all):</p>{table}")
 
 
@@ -54,8 +57,9 @@ class TranslateBox:
         import ipywidgets as w
 
         self.translator = translator
-        self.text = w.Textarea(value=text, description="中文", placeholder="one sentence per line",
-                               layout=w.Layout(width="100%", height="6em"))
+        # no description label: with one, a 100 % wide box plus its label is wider than the cell and scrolls
+        self.text = w.Textarea(value=text, placeholder="Chinese, one sentence per line",
+                               layout=w.Layout(width="auto", height="6em"))
         self.button = w.Button(description="Translate", button_style="primary")
         self.output = w.HTML()
         self.result: Result | None = None

@@ -26,6 +26,7 @@ latency. Left out: statistics across runs (one run's numbers per notebook) and H
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -330,6 +331,22 @@ def save(table: pd.DataFrame, directory: str | Path) -> Path:
     tmp = directory / ".report.csv.tmp"
     tmp.write_text(table.to_csv(index=False))
     return tmp.replace(directory / "report.csv")
+
+
+def budget_table(budget) -> pd.DataFrame:
+    """A preset's budget (a dataclass) as a two-column table, one setting per row, instead of its repr:
+    budget_table(PruneBudget()) -> rows ('calibration_sentences', 64), ..."""
+    import pandas as pd
+
+    def shown(value):
+        if dataclasses.is_dataclass(value):
+            return " ".join(f"{k}={v}" for k, v in dataclasses.asdict(value).items())
+        if isinstance(value, tuple | list):
+            return ", ".join(str(shown(v)) for v in value)
+        return value if isinstance(value, str | int | float | bool | None) else str(value)
+
+    rows = [(f.name, shown(getattr(budget, f.name))) for f in dataclasses.fields(budget)]
+    return pd.DataFrame(rows, columns=["setting", "value"]).set_index("setting")
 
 
 def environment_table(env: dict) -> pd.DataFrame:
