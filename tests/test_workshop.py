@@ -105,3 +105,8 @@ def test_status_reads_the_verdicts_of_executed_notebooks(tmp_path, capsys):
 def test_the_command_checks_the_committed_copies(capsys):
     assert cli.main(["workshop", "check"]) == 0
     assert "workshop ok" in capsys.readouterr().out
+
+
+def test_the_workshop_readme_lists_every_exercise_as_the_registry_says():
+    readme = (workshop.WORKSHOP_DIR / "README.md").read_text(encoding="utf-8")
+    assert workshop.exercises_markdown() in readme

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from labkit.core.artifacts import REPO_ROOT
-from labkit.lab.exercises import NOT_DONE, PASSED, VERDICT_PREFIX, WRONG
+from labkit.lab.exercises import EXERCISES, NOT_DONE, PASSED, VERDICT_PREFIX, WRONG
 
 BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
 HINT = re.compile(r"^\s*# hint:\s*(.+)$")
@@ -176,6 +176,20 @@ def leaks(src: Path = NOTEBOOKS_DIR, out: Path = WORKSHOP_DIR) -> list[str]:
                 if code and not code.startswith("#") and (code in same_cell or (len(code) >= 20 and code in every_line)):
                     found.append(f"{path.name} cell {region.cell}: {code!r}")
     return found
+
+
+def exercises_markdown() -> str:
+    """The exercise table of workshop/README.md, from the registry (a test keeps the README in step):
+    notebook, exercise, what the participant writes, minutes, and the mistakes its check names."""
+    lines = ["| notebook | exercise | the participant writes | min | mistakes the check names |",
+             "|---|---|---|---|---|"]
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    for e in EXERCISES.values():
+        mistakes = "<br>".join(f"• {cell(hint)}" for hint in dict.fromkeys(h for _, h in e.wrong))
+        lines.append(f"| {e.notebook} | `{e.name}` | {cell(e.task)} | {e.minutes} | {mistakes} |")
+    return "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------- status of executed notebooks
