@@ -73,3 +73,12 @@ def test_an_engine_that_failed_its_gate_is_recorded_failed_and_not_measured():
     records = nb08.serving_records(sweep().iloc[0:0], {"ort-int8": Check("failed", gate, gate["detail"])}, CI, 500)
     assert {r["status"] for r in records} == {"failed"} and all(r["metrics"] is None for r in records)
     assert all("drop 9" in r["reason"] for r in records)
+
+
+def test_a_target_the_sweep_does_not_measure_stops_the_notebook_at_once():
+    ci = Preset.from_name("ci")
+    nb08.check_parameters(ci, "ort-int8", 8)
+    with pytest.raises(ValueError, match=r"TARGET_CONCURRENCY 4 is not measured on preset 'ci'; it measures 1, 8"):
+        nb08.check_parameters(ci, "torch", 4)
+    with pytest.raises(ValueError, match="TARGET_ENGINE 'ct2' is not served"):
+        nb08.check_parameters(ci, "ct2", 8)

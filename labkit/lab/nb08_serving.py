@@ -47,6 +47,18 @@ READY_TIMEOUT_S = 600  # several servers load at once on 2 cores
 # --------------------------------------------------------------------------- servers
 
 
+def check_parameters(preset: Preset, engine: str, concurrency: int) -> None:
+    """Stop at once, naming what this preset measures, when the notebook's target engine or concurrency is not
+    part of its sweep (the targets would otherwise fail much later, with a KeyError in an assertion)."""
+    budget = preset.serve
+    if engine not in budget.engines:
+        raise ValueError(f"TARGET_ENGINE {engine!r} is not served on preset {preset.name!r}; it serves "
+                         f"{', '.join(budget.engines)} (Preset.serve.engines in labkit.config)")
+    if concurrency not in budget.concurrency:
+        raise ValueError(f"TARGET_CONCURRENCY {concurrency} is not measured on preset {preset.name!r}; it measures "
+                         f"{', '.join(map(str, budget.concurrency))} clients (Preset.serve.concurrency)")
+
+
 def gate_engines(preset: Preset, bundle: Bundle, engines: tuple[str, ...] | None = None) -> dict[str, Check]:
     """Build and gate each engine (and its parents) once: {engine: Check}; only "ok" ones are served."""
     engines = engines or preset.serve.engines
