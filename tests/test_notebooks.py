@@ -16,6 +16,7 @@ import pytest
 
 from labkit.config import Preset
 from labkit.core import data
+from labkit.lab import exercises, outputs, workshop
 from labkit.measure import ledger
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -213,3 +214,20 @@ def test_serving_records_hold_serial_and_batched_points_per_concurrency(ci_run):
             assert p["p50_ms"] <= p["p95_ms"] <= p["p99_ms"] and p["lost"] == p["duplicated"] == 0
     batched = serving[serving["variant"] == "serve-ort-int8-batched"]["record"].iloc[-1]
     assert max(p["mean_batch_size"] for p in batched["points"]) > 1.5  # concurrent requests shared model calls
+
+
+def test_every_exercise_passes_with_the_instructor_solutions(ci_run):
+    out, _ = ci_run
+    rows = workshop.status(out / "notebooks")
+    assert sorted(r["exercise"] for r in rows) == sorted(exercises.EXERCISES)
+    assert all(r["status"] == "passed" for r in rows), [r for r in rows if r["status"] != "passed"]
+
+
+def test_no_raw_reprs_in_what_a_participant_sees(ci_run):
+    """`np.float64(...)` and dataclass reprs instead of numbers and tables (labkit.lab.outputs; its other classes
+    of defect, wide tables, stacked progress bars and colours outside the palette, are listed by
+    `python -m labkit.lab.outputs DIR` and not yet all fixed)."""
+    out, _ = ci_run
+    problems = {p.name: found for p in sorted((out / "notebooks").glob("*.ipynb"))
+                if (found := outputs.output_problems(p, {"raw reprs": outputs.CHECKS["raw reprs"]}))}
+    assert problems == {}

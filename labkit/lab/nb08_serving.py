@@ -172,10 +172,11 @@ def serving_targets(df: pd.DataFrame, engine: str = "ort-int8", concurrency: int
                                              for r in broken.itertuples()]}
     if {"serial", "batched"} <= set(at.index):
         s, b = at.loc["serial"], at.loc["batched"]
-        out |= {"serial_sentences_per_s": s.sentences_per_s, "batched_sentences_per_s": b.sentences_per_s,
-                "batching_speedup": b.sentences_per_s / s.sentences_per_s if s.sentences_per_s else float("nan"),
-                "serial_p95_ms": s.p95_ms, "batched_p95_ms": b.p95_ms,
-                "batched_mean_batch": b.mean_batch_size, "healthz_max_ms_batched": b.healthz_max_ms}
+        numbers = {"serial_sentences_per_s": s.sentences_per_s, "batched_sentences_per_s": b.sentences_per_s,
+                   "batching_speedup": b.sentences_per_s / s.sentences_per_s if s.sentences_per_s else float("nan"),
+                   "serial_p95_ms": s.p95_ms, "batched_p95_ms": b.p95_ms,
+                   "batched_mean_batch": b.mean_batch_size, "healthz_max_ms_batched": b.healthz_max_ms}
+        out |= {k: round(float(v), 3) for k, v in numbers.items()}  # plain floats: no np.float64(...) when shown
         out["speedup_target_4x_met"] = bool(out["batching_speedup"] >= 4)
         out["p95_not_worse_met"] = bool(b.p95_ms <= s.p95_ms)
         out["healthz_under_50ms_met"] = bool(b.healthz_max_ms < 50)
