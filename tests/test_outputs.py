@@ -66,7 +66,7 @@ def test_output_problems_names_the_cell_and_the_command_exits_nonzero_on_a_probl
     path = tmp_path / "02_x.ipynb"
     path.write_text(json.dumps(nb))
     assert outputs.output_problems(path) == ["cell 1: 2 progress bars (at most one per cell): a, b"]
-    assert outputs.main([str(tmp_path)]) == 1
+    assert outputs.report_problems([str(tmp_path)]) == 1
     assert "1 problem(s)" in capsys.readouterr().out
     path.write_text(json.dumps({**nb, "cells": nb["cells"][:1]}))
-    assert outputs.main([str(tmp_path)]) == 0
+    assert outputs.report_problems([str(tmp_path)]) == 0

@@ -132,7 +132,7 @@ def output_problems(path: Path, checks: dict[str, Callable[[dict], list[str]]] =
             for check in checks.values() for problem in check(cell)]
 
 
-def main(argv: list[str] | None = None) -> int:
+def report_problems(argv: list[str] | None = None) -> int:
     """`python -m labkit.lab.outputs DIR`: print every problem; exit status 1 when there is one."""
     directory = Path((argv if argv is not None else sys.argv[1:] or ["artifacts/ci/notebooks"])[0])
     found = 0
@@ -145,4 +145,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(report_problems())
