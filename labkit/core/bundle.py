@@ -14,6 +14,7 @@ shape next to the 6-6 one in `labkit bench --shapes 6-6,6-2`). Left out: non-Mar
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -75,7 +76,8 @@ class Bundle:
         """Write model, tokenizer and sidecar into an existing (staging) directory; `save` commits it."""
         directory = Path(directory)
         model = copy.deepcopy(self.model).to(dtype) if dtype is not None else self.model
-        model.save_pretrained(directory)
+        with quiet_weight_bars():
+            model.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
         meta = {"schema": BUNDLE_SCHEMA, **self.meta, "params": self.params,
                 "storage_dtype": str(dtype or next(self.model.parameters()).dtype)}
@@ -106,6 +108,21 @@ def start_row_norm(model: torch.nn.Module) -> float:
     return float(model.get_decoder().embed_tokens.weight.detach()[model.config.decoder_start_token_id].norm())
 
 
+@contextlib.contextmanager
+def quiet_weight_bars():
+    """Without transformers' "Loading weights" / "Writing model shards" bars: a local bundle loads in well under
+    a second, and a notebook cell should show its own progress bar, not one per model it touches."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def load_bundle(path: Path | str) -> Bundle:
     """Load a bundle saved by `Bundle.save` (fp32 in memory whatever the storage dtype).
 
@@ -121,12 +138,12 @@ def load_bundle(path: Path | str) -> Bundle:
     meta = json.loads(sidecar.read_text())
     if meta.get("schema") != BUNDLE_SCHEMA:
         raise ValueError(f"{sidecar}: schema {meta.get('schema')!r}, expected {BUNDLE_SCHEMA!r}")
-    if meta.get("head_plan"):
-
-        model = load_pruned(path, meta["head_plan"])
-    else:
-        config = MarianConfig.from_pretrained(path)
-        model = MarianMTModel.from_pretrained(path, config=config, dtype=torch.float32)
+    with quiet_weight_bars():
+        if meta.get("head_plan"):
+            model = load_pruned(path, meta["head_plan"])
+        else:
+            config = MarianConfig.from_pretrained(path)
+            model = MarianMTModel.from_pretrained(path, config=config, dtype=torch.float32)
     tokenizer = MarianTokenizer.from_pretrained(path)
     model.eval()
     meta.pop("schema", None)

@@ -53,7 +53,7 @@ def measure_point(bundle, preset, pairs, texts, timed: bool = True) -> dict:
     translator = translator_for(bundle, preset)
     out = {"params": bundle.params, "size_mb": round(bundle.size_mb, 3), "bleu": None, "chrf": None}
     if pairs:
-        scores, _ = evaluate(translator, pairs, batch_size=preset.batch_size)
+        scores, _ = evaluate(translator, pairs, batch_size=preset.batch_size, progress=False)  # callers have a bar
         out |= scores.as_metrics()
     if timed:
         threads = torch.get_num_threads()
@@ -117,8 +117,9 @@ def sweep(teacher, preset, budget: PruneBudget, groups: dict | None = None, prog
     if budget.compare_one_shot and budget.iterative:
         methods.append(("one-shot", False, False))
     model_heads, rows = total_heads(teacher.model), []
-    # One bar for the sweep; each (group, method) line gets a nested bar that clears itself when done.
-    outer = tqdm(total=len(groups) * len(methods), desc="pruning sweep", unit="line", disable=not progress)
+    # One bar for the whole sweep (a cell shows at most one), over its pruned points; the postfix says where it is.
+    points = sum(len(budget.fractions if g == "overall" else (0.0, *budget.type_fractions)) for g in groups)
+    outer = tqdm(total=points * len(methods), desc="pruning sweep", unit="point", disable=not progress)
     for group, kinds in groups.items():
         group_heads = total_heads(teacher.model, kinds)
         fracs = budget.fractions if group == "overall" else (0.0, *budget.type_fractions)
@@ -126,11 +127,11 @@ def sweep(teacher, preset, budget: PruneBudget, groups: dict | None = None, prog
             outer.set_postfix_str(f"{group} {method}")
             plans = prune_schedule(teacher.model, teacher.tokenizer, calib, fracs, kinds,
                                    batch_size=budget.calibration_batch, iterative=iterative)
-            for frac, plan in tqdm(plans.items(), desc=f"{group} {method}", leave=False, disable=not progress):
+            for frac, plan in plans.items():
                 name = variant_name(group, plan_size(plan) / model_heads)
                 rows.append(_row(group, method, frac, plan, model_heads, group_heads,
                                  _measure_plan(teacher, plan, name, bp, pairs, texts, timed) if plan else base))
-            outer.update()
+                outer.update()
     outer.close()
     return with_speedup(pd.DataFrame(rows))
 
@@ -313,12 +314,17 @@ def head_slider(teacher, preset, budget: PruneBudget, scores: dict[str, torch.Te
     total = total_heads(teacher.model)
     most = total - sum(len(m) for m in attention_modules(teacher.model).values())
 
+    seen: dict[int, dict] = {}  # each k is measured once: going back to a position is instant
+
     def show(k: int) -> None:
-        m = measure_point(prune_bundle(teacher, choose_heads(scores, k)), bp, pairs, texts)
+        if k not in seen:
+            seen[k] = measure_point(prune_bundle(teacher, choose_heads(scores, k)), bp, pairs, texts)
+        m = seen[k]
         bleu = "n/a" if m["bleu"] is None else f"{m['bleu']:.1f}"
         print(f"{k}/{total} heads removed ({k / total:.0%}): BLEU {bleu} on {len(pairs)} sentences, "
               f"latency p50 {m['latency_ms']['p50']:.1f} ms on {len(texts)} sentences x {bp.bench_repeats} "
-              f"pass, {m['params']:,} parameters")
+              f"pass, {m['params']:,} parameters\n(a quick look: so few timings are noisy, differences of tens of "
+              "ms can be chance; the sweep's figure above has the measured latencies)")
 
     # A wide track with the value beside it: the default ~100 px track cannot pick one head out of 96.
     slider = widgets.IntSlider(value=round(0.25 * total), min=0, max=most, description="heads removed",
@@ -399,8 +405,13 @@ def sweep_figure(results, max_drop: float = 1.0):
                 fig.add_trace(traces[panel], row=1, col=col)
     teacher_bleu = results.loc[results["heads_removed"] == 0, "bleu"]
     if teacher_bleu.notna().any():
+        # the label sits at the left end, where no point is: the recovered star is at 25 % or more
         fig.add_hline(y=float(teacher_bleu.iloc[0]) - max_drop, line_dash="dash", line_color="gray",
-                      annotation_text=f"teacher - {max_drop:g} BLEU", row=1, col=1)
+                      annotation_text=f"teacher - {max_drop:g} BLEU", annotation_position="bottom left",
+                      row=1, col=1)
     fig.update_xaxes(title="% of all heads removed")
-    fig.update_layout(title="Importance-ordered head pruning", height=420)
+    fig.update_layout(title="Importance-ordered head pruning", height=440, margin={"b": 90})
+    fig.add_annotation(text="latency bars: the middle half of the timings (p25 to p75); overlapping bars "
+                            "are differences the machine's noise can make", xref="paper", yref="paper",
+                       x=1, y=-0.25, showarrow=False, xanchor="right", font={"size": 11, "color": "gray"})
     return fig

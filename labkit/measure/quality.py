@@ -70,14 +70,14 @@ def degenerate(text: str) -> str | None:
 
 
 def translate_all(translator, texts: list[str], batch_size: int = 16, desc: str = "translate",
-                  notes: list[list[str]] | None = None) -> list[str]:
-    """Translate in batches with a progress bar; order is kept. A `notes` list gets each sentence's notes
-    (what the translator did to it: truncation, unknown characters, a repetition loop cut)."""
+                  notes: list[list[str]] | None = None, progress: bool = True) -> list[str]:
+    """Translate in batches with a progress bar (`progress=False` inside a loop that has its own); order is
+    kept. A `notes` list gets each sentence's notes (truncation, unknown characters, a repetition loop cut)."""
     from tqdm.auto import tqdm
 
     out: list[str] = []
     batches = list(iter_batches(texts, batch_size))
-    for batch in tqdm(batches, desc=desc, disable=len(batches) < 4, mininterval=2):
+    for batch in tqdm(batches, desc=desc, disable=not progress or len(batches) < 4, mininterval=2):
         if notes is None:
             out += translator.translate(batch)
         else:
@@ -87,11 +87,12 @@ def translate_all(translator, texts: list[str], batch_size: int = 16, desc: str 
     return out
 
 
-def evaluate(translator, pairs: list[Pair], batch_size: int = 16,
-             notes: list[list[str]] | None = None) -> tuple[Scores, list[str]]:
+def evaluate(translator, pairs: list[Pair], batch_size: int = 16, notes: list[list[str]] | None = None,
+             progress: bool = True) -> tuple[Scores, list[str]]:
     """BLEU/chrF of `translator` on `pairs` (every reference each pair has), and its hypotheses; a `notes`
     list gets each sentence's notes."""
-    hyps = translate_all(translator, [p.zh for p in pairs], batch_size, desc="evaluate", notes=notes)
+    hyps = translate_all(translator, [p.zh for p in pairs], batch_size, desc="evaluate", notes=notes,
+                         progress=progress)
     return score(hyps, [p.references for p in pairs]), hyps
 
 
