@@ -138,3 +138,37 @@ def test_locust_and_labkit_loadtest_measure_the_same_server_alike(server):
 def test_a_model_that_cannot_load_exits_1_with_the_reason(tmp_path):
     with pytest.raises(RuntimeError, match="exited with 1"):
         ServerProcess.start(["--preset", "ci", "--bundle-dir", str(tmp_path / "missing")], ready_timeout_s=120)
+
+
+def _gone(pid: int) -> bool:
+    """No such process, or a zombie waiting to be reaped (it no longer runs or listens)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_a_server_dies_with_the_process_that_started_it(tiny_bundle_dir):
+    """What a killed notebook kernel does: the parent is SIGKILLed (no clean-up runs), the server follows."""
+    code = ("import sys, time\nfrom labkit.serve.process import ServerProcess\n"
+            f"s = ServerProcess.start({serve_args(tiny_bundle_dir)!r}, threads=1)\n"
+            "print(s.pid, s.port, flush=True)\ntime.sleep(300)\n")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    pid = None
+    try:
+        pid, port = map(int, parent.stdout.readline().split())
+        assert httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=10).status_code == 200
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 30
+        while not _gone(pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _gone(pid), "the server outlived the process that started it"
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2)
+    finally:
+        parent.kill()
+        if pid is not None and not _gone(pid):
+            os.kill(pid, signal.SIGKILL)

@@ -5,10 +5,14 @@
     # leaving the block sends SIGTERM to that PID (SIGKILL if it does not exit in time)
 
 The child listens on 127.0.0.1 only; `start` returns once `/readyz` answers 200 and raises
-with the tail of the child's log when it exits or does not get ready in time. Its output goes to
+with the tail of the child's log when it exits or does not get ready in time. On Linux the child gets
+SIGTERM when the thread that launched it dies (`prctl(PR_SET_PDEATHSIG)`), so a server a notebook started
+dies with the notebook's kernel, even one killed outright; launch from the thread that owns the server
+(a notebook's main thread), since the signal follows that thread, not the whole process. Its output goes to
 a log file, not a pipe, so a chatty server can never block on a full pipe (removed after a clean
 exit, kept after a failure).
-Left out: other hosts (loopback only, on purpose) and restarting a crashed server.
+Left out: other hosts (loopback only, on purpose), restarting a crashed server, and the parent-death
+signal outside Linux (there a killed kernel still leaves its servers running).
 """
 
 from __future__ import annotations
@@ -54,6 +58,22 @@ def _tail(path: Path, lines: int = 30) -> str:
         return "<no log>"
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """In the child, before exec: ask Linux for SIGTERM when the launching thread dies; exit at once if the
+    parent is already gone (it could die between fork and this call). Elsewhere: nothing."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
 def child_env(threads: int | None = None) -> dict[str, str]:
     """The child's environment: this checkout's labkit first on PYTHONPATH, thread counts pinned,
     idle OpenMP threads sleeping (OMP_WAIT_POLICY=PASSIVE unless the caller set it)."""
@@ -93,8 +113,9 @@ class ServerProcess:
         log = Path(tempfile.mkstemp(prefix=f"labkit-serve-{port}-", suffix=".log", dir=log_dir)[1])
         argv = [sys.executable, "-m", "labkit", "serve", *serve_args, "--host", HOST, "--port", str(port)]
         with open(log, "wb") as out:
+            parent = os.getpid()
             proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=child_env(threads),
-                                    cwd=REPO_ROOT)
+                                    cwd=REPO_ROOT, preexec_fn=lambda: die_with_parent(parent))
         return cls(proc, port, log)
 
     @classmethod
