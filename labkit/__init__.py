@@ -4,7 +4,7 @@
     >>> teacher = labkit.load_teacher()              # the committed Chinese-English Marian model
     >>> translator = labkit.Translator(teacher)      # PyTorch, greedy, KV cache
     >>> translator.translate(["今天天气很好。"])
-    ["It's fine today."]
+    ['The weather today is fine today.']
     >>> pairs = labkit.load_split("test", limit=20)
     >>> scores, outputs = labkit.evaluate(translator, pairs)    # sacreBLEU BLEU/chrF, every reference
     >>> round(scores.bleu) > 10

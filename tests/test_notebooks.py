@@ -59,7 +59,8 @@ def test_teacher_baseline_reaches_the_quality_floor(ci_run):
     teacher = records(df, variant="teacher", technique="baseline")
     assert len(teacher) >= 1
     row = teacher.iloc[-1]
-    assert row["metrics.bleu"] >= 20, row["metrics.bleu"]  # the synthetic-grammar teacher scored 2.3 on real text
+    # the synthetic-grammar teacher scored 2.3 on real text; the real teacher must keep >= 24 (it scores 25.6)
+    assert row["metrics.bleu"] >= 24, row["metrics.bleu"]
     assert finite(row["metrics.chrf"]) and finite(row["metrics.latency_ms.p50"])
     assert row["metrics.bleu_signature"].startswith("nrefs:var")  # every Tatoeba reference of a sentence
     # the floor holds on the whole test split, not on the preset's subset

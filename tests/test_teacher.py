@@ -143,3 +143,14 @@ def test_resuming_matches_one_uninterrupted_run(small_corpus, tmp_path):
         assert _tensors_equal(st, sb["optimizer"]["state"][k]), k
     logs = [[json.loads(line) for line in (d / teacher.LOG).read_text().splitlines()] for d in (a, b)]
     assert _without_wall(logs[0]) == _without_wall(logs[1]) and len(logs[0]) == 2
+
+
+@pytest.mark.slow
+def test_a_time_budget_stop_is_saved_with_the_state(small_corpus, tmp_path):
+    """`max_minutes` ends at the first evaluation past it, and state.pt (what `finish` exports) says why."""
+    tok_dir, train, dev = small_corpus
+    recipe = replace(teacher.RECIPES["tiny"], eval_every=2, average=2, eval_sentences=len(dev))
+    state = teacher.train(recipe, tok_dir, tmp_path / "w", max_steps=50, max_minutes=1e-9, train_pairs=train,
+                          dev_pairs=dev, world=teacher.World(), progress=False)
+    assert state["step"] == 2 and state["stopped"] == "time budget"
+    assert torch.load(tmp_path / "w" / teacher.STATE, weights_only=False)["state"]["stopped"] == "time budget"

@@ -337,15 +337,16 @@ def evaluate_and_checkpoint(model, opt, tokenizer, dev_pairs, recipe: TeacherRec
         for old in state["checkpoints"][:-recipe.average]:
             (work / old).unlink(missing_ok=True)
         state["checkpoints"] = state["checkpoints"][-recipe.average:]
+        # why training ends goes into the saved state, so the exported bundle records it
+        if state["since_best"] >= recipe.patience:
+            state["stopped"] = f"early stop: no dev-BLEU gain in {recipe.patience} evaluations"
+        elif out_of_time:
+            state["stopped"] = "time budget"
         _save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "state": state,
                       "recipe": asdict(recipe)}, work / STATE)
         with open(work / LOG, "a") as f:
             f.write(json.dumps(entry) + "\n")
         bar.write(f"step {state['step']}: loss {loss:.3f}  dev BLEU {bleu:.2f}  chrF {chrf:.1f}  ({wall_s:.0f} s)")
-        if state["since_best"] >= recipe.patience:
-            state["stopped"] = f"early stop: no dev-BLEU gain in {recipe.patience} evaluations"
-        elif out_of_time:
-            state["stopped"] = "time budget"
         stop[0] = float("stopped" in state)
     if world.size > 1:
         torch.distributed.broadcast(stop, 0)
