@@ -173,7 +173,8 @@ def test_tensorrt_graphs_are_gated_and_engines_skipped_with_reasons(ci_run):
     graphs = rows[rows["variant"].isin(["onnx-trt-fp16", "onnx-trt-int8"])]
     assert set(graphs["precision"]) == {"fp16", "int8"}
     for record in graphs["record"]:
-        assert gated_honestly(record) and record["gate"]["passed"], record["gate"]
+        assert gated_honestly(record), record["gate"]  # int8 may fail its BLEU gate; then it is on file as failed
+        assert record["precision"] == "int8" or record["gate"]["passed"], record["gate"]
         # the fp16 numerics were checked in true fp16, not only by ONNX Runtime's CPU provider
         wheres = {c["where"] for c in record["checks"]}
         assert "onnxruntime CPU" in wheres and (record["precision"] == "int8" or "onnx.reference (true fp16)" in wheres)

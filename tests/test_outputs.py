@@ -70,3 +70,10 @@ def test_output_problems_names_the_cell_and_the_command_exits_nonzero_on_a_probl
     assert "1 problem(s)" in capsys.readouterr().out
     path.write_text(json.dumps({**nb, "cells": nb["cells"][:1]}))
     assert outputs.report_problems([str(tmp_path)]) == 0
+
+
+def test_a_table_whose_cells_wrap_is_not_too_wide():
+    long = "<table><tr><th>source</th><th>translation</th></tr><tr><td>x</td><td>" + "word " * 300 + "</td></tr></table>"
+    assert outputs.table_problems(cell(html(long)))[0].startswith("a table about")
+    wrapped = '<style>td {white-space: pre-wrap}</style>' + long
+    assert outputs.table_problems(cell(html(wrapped))) == []

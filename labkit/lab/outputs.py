@@ -72,20 +72,23 @@ def raw_reprs(cell: dict) -> list[str]:
     return found
 
 
-def _tables(cell: dict) -> list[list[list[str]]]:
+def _tables(cell: dict) -> list[tuple[list[list[str]], bool]]:
+    """(rows of cell texts, whether its cells wrap: a pre-wrap or overflow-wrap style) per HTML table."""
     tables = []
     for out in cell.get("outputs", []):
         page = _text(out.get("data", {}).get("text/html"))
+        wraps = "pre-wrap" in page or "overflow-wrap" in page
         for table in re.findall(r"<table.*?</table>", page, re.S):
             rows = [[html_lib.unescape(_TAG.sub("", c)).strip() for c in _CELL.findall(r)] for r in _ROW.findall(table)]
-            tables.append([r for r in rows if r])
+            tables.append(([r for r in rows if r], wraps))
     return tables
 
 
 def table_problems(cell: dict) -> list[str]:
-    """Unrounded numbers and estimated widths over the page, one line per table at fault."""
+    """Unrounded numbers and estimated widths over the page (of tables whose cells do not wrap), one line per
+    table at fault."""
     found = []
-    for rows in _tables(cell):
+    for rows, wraps in _tables(cell):
         long = sorted({c for r in rows for c in r if _LONG_DECIMAL.match(c)})
         if long:
             found.append(f"unrounded numbers such as {long[0]}")
@@ -94,7 +97,7 @@ def table_problems(cell: dict) -> list[str]:
             for k, c in enumerate(r):
                 width[k] = max(width[k], len(c))
         px = sum(w * CHAR_PX + CELL_PAD_PX for w in width)
-        if px > PAGE_PX:
+        if px > PAGE_PX and not wraps:
             found.append(f"a table about {px:.0f} px wide ({len(width)} columns) in a {PAGE_PX} px page")
     return found
 

@@ -343,7 +343,7 @@ def budget_table(budget) -> pd.DataFrame:
             return " ".join(f"{k}={v}" for k, v in dataclasses.asdict(value).items())
         if isinstance(value, tuple | list):
             return ", ".join(str(shown(v)) for v in value)
-        return value if isinstance(value, str | int | float | bool | None) else str(value)
+        return str(value)  # text, so pandas does not turn a column of ints and floats into 20.0000
 
     rows = [(f.name, shown(getattr(budget, f.name))) for f in dataclasses.fields(budget)]
     return pd.DataFrame(rows, columns=["setting", "value"]).set_index("setting")
