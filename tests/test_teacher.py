@@ -154,3 +154,15 @@ def test_a_time_budget_stop_is_saved_with_the_state(small_corpus, tmp_path):
                           dev_pairs=dev, world=teacher.World(), progress=False)
     assert state["step"] == 2 and state["stopped"] == "time budget"
     assert torch.load(tmp_path / "w" / teacher.STATE, weights_only=False)["state"]["stopped"] == "time budget"
+
+
+@pytest.mark.slow
+def test_export_averages_as_many_checkpoints_as_asked(small_corpus, tmp_path):
+    """Training kept three checkpoints; an export asking for two averages the last two (the override wins)."""
+    tok_dir, train, dev = small_corpus
+    recipe = replace(teacher.RECIPES["tiny"], eval_every=2, average=3, eval_sentences=len(dev))
+    teacher.train(recipe, tok_dir, tmp_path / "w", max_steps=6, train_pairs=train, dev_pairs=dev,
+                  world=teacher.World(), progress=False)
+    bundle = teacher.finish(replace(recipe, average=2), tok_dir, tmp_path / "w", tmp_path / "out", dev_pairs=dev)
+    assert set(bundle.meta["training"]["dev_scores"]) == {"best", "average of last 2"}
+    assert (tmp_path / "out" / "bundle.json").exists()

@@ -365,7 +365,8 @@ def finish(recipe: TeacherRecipe, tokenizer_dir: Path, work: Path, out: Path, *,
     dev_pairs = (dev_pairs if dev_pairs is not None else data.load_split("dev"))[: recipe.eval_sentences]
     model = model_for(recipe, tokenizer).to(device)
     candidates = {"best": torch.load(work / "best.pt", map_location="cpu")}
-    ckpts = [torch.load(work / c, map_location="cpu") for c in state["checkpoints"] if (work / c).exists()]
+    kept = [c for c in state["checkpoints"] if (work / c).exists()][-recipe.average:]  # --average may ask for fewer
+    ckpts = [torch.load(work / c, map_location="cpu") for c in kept]
     if len(ckpts) > 1:
         candidates[f"average of last {len(ckpts)}"] = average_states(ckpts)
     scores = {}
