@@ -47,9 +47,16 @@ class WorkshopError(ValueError):
 @dataclass(frozen=True)
 class Region:
     cell: int  # index of the code cell
+    begin: int  # line index of the BEGIN marker in that cell
+    end: int  # line index of the END marker
     indent: str
     hint: str
     solution: list[str]  # the lines between the markers, hint line included
+
+    @property
+    def stub(self) -> str:
+        """The line that replaces the region in the participant's copy."""
+        return f"{self.indent}raise NotImplementedError({json.dumps(self.hint, ensure_ascii=False)})"
 
 
 def _lines(cell: dict) -> list[str]:
@@ -77,41 +84,27 @@ def regions(nb: dict, name: str = "notebook") -> list[Region]:
             body = lines[start + 1:i]
             hint = next((m.group(1).strip() for line in body if (m := HINT.match(line))), DEFAULT_HINT)
             indent = lines[start][: len(lines[start]) - len(lines[start].lstrip())]
-            found.append(Region(k, indent, hint, body))
+            found.append(Region(k, start, i, indent, hint, body))
             start = None
         if start is not None:
             raise WorkshopError(f"{name}: cell {k} line {start + 1}: {BEGIN!r} without its END")
     return found
 
 
-def participant_cell_source(lines: list[str]) -> str:
-    """A code cell's source with every solution region replaced by its stub."""
-    out, inside = [], False
-    for line in lines:
-        stripped = line.strip()
-        if stripped == BEGIN:
-            inside, indent, body = True, line[: len(line) - len(line.lstrip())], []
-            continue
-        if stripped == END:
-            hint = next((m.group(1).strip() for b in body if (m := HINT.match(b))), DEFAULT_HINT)
-            out.append(f"{indent}raise NotImplementedError({json.dumps(hint, ensure_ascii=False)})")
-            inside = False
-            continue
-        if inside:
-            body.append(line)
-        else:
-            out.append(line)
-    return "\n".join(out)
-
-
 def participant_notebook(nb: dict, name: str = "notebook") -> dict:
-    """The participant's copy: stubs for solutions, no outputs or execution counts, the metadata kept."""
-    regions(nb, name)  # validates the markers
+    """The participant's copy: each solution region replaced by its stub, no outputs or execution counts, the
+    metadata kept. Unpaired or nested markers are a WorkshopError."""
+    by_cell: dict[int, list[Region]] = {}
+    for region in regions(nb, name):
+        by_cell.setdefault(region.cell, []).append(region)
     cells = []
-    for cell in nb["cells"]:
+    for k, cell in enumerate(nb["cells"]):
         cell = dict(cell)
         if cell["cell_type"] == "code":
-            cell["source"] = _as_source(participant_cell_source(_lines(cell)))
+            lines = _lines(cell)
+            for region in reversed(by_cell.get(k, [])):  # from the bottom, so earlier line numbers stay valid
+                lines[region.begin:region.end + 1] = [region.stub]
+            cell["source"] = _as_source("\n".join(lines))
             cell["outputs"], cell["execution_count"] = [], None
         cells.append(cell)
     return {**nb, "cells": cells}
@@ -126,13 +119,18 @@ def dumps(nb: dict) -> str:
     return json.dumps(nb, indent=1, ensure_ascii=False) + "\n"
 
 
+def participant_texts(src: Path = NOTEBOOKS_DIR) -> dict[str, str]:
+    """{file name: the participant copy's bytes as text} for every NN_*.ipynb of `src`."""
+    return {path.name: dumps(participant_notebook(json.loads(path.read_text(encoding="utf-8")), path.name))
+            for path in sorted(src.glob("[0-9][0-9]_*.ipynb"))}
+
+
 def build_participant_notebooks(src: Path = NOTEBOOKS_DIR, out: Path = WORKSHOP_DIR) -> list[Path]:
     """Write the participant copy of every NN_*.ipynb of `src` into `out`; returns the paths written."""
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for path in sorted(src.glob("[0-9][0-9]_*.ipynb")):
-        text = dumps(participant_notebook(json.loads(path.read_text(encoding="utf-8")), path.name))
-        target = out / path.name
+    for name, text in participant_texts(src).items():
+        target = out / name
         if not target.exists() or target.read_text(encoding="utf-8") != text:
             tmp = target.with_suffix(".ipynb.tmp")
             tmp.write_text(text, encoding="utf-8")
@@ -144,9 +142,7 @@ def build_participant_notebooks(src: Path = NOTEBOOKS_DIR, out: Path = WORKSHOP_
 def drift(src: Path = NOTEBOOKS_DIR, out: Path = WORKSHOP_DIR) -> list[str]:
     """What a rebuild would change in `out`: missing, stale or extra participant notebooks (empty: none)."""
     problems = []
-    expected = {}
-    for path in sorted(src.glob("[0-9][0-9]_*.ipynb")):
-        expected[path.name] = dumps(participant_notebook(json.loads(path.read_text(encoding="utf-8")), path.name))
+    expected = participant_texts(src)
     for name, text in expected.items():
         target = out / name
         if not target.exists():
