@@ -54,3 +54,9 @@ def test_evaluate_on_tiny_bundle(tiny_bundle):
     pairs = load_split("test", limit=8)
     scores, hyps = quality.evaluate(StepperTranslator(tiny_bundle), pairs, batch_size=4)
     assert len(hyps) == 8 and scores.n == 8 and 0.0 <= scores.bleu <= 100.0
+
+
+def test_looped_sentences_are_the_ones_with_a_loop_note():
+    notes = [[], ["the decoder repeated 'ly' 3 times"], ["truncated from 300 to 256 tokens"],
+             ["converted 1 Traditional character(s) to Simplified", "the decoder repeated 'a b' 4 times"]]
+    assert quality.looped_sentences(notes) == [1, 3]

@@ -96,9 +96,12 @@ def evaluate(translator, pairs: list[Pair], batch_size: int = 16, notes: list[li
     return score(hyps, [p.references for p in pairs]), hyps
 
 
-def loops_cut(notes: list[list[str]]) -> int:
-    """How many outputs had a repetition loop cut (`labkit.core.inputs.cut_loops`' notes)."""
-    return sum(any(n.startswith(LOOP_NOTE) for n in row) for row in notes)
+def looped_sentences(notes: list[list[str]]) -> list[int]:
+    """Indices of the sentences whose decoder looped (the loop was cut: `labkit.core.inputs.cut_loops`' note).
+
+    [[], ["the decoder repeated 'ly' 3 times"], ["truncated from 300 to 256 tokens"]] -> [1]
+    """
+    return [i for i, row in enumerate(notes) if any(n.startswith(LOOP_NOTE) for n in row)]
 
 
 def agreement(ids_a: list[list[int]], ids_b: list[list[int]]) -> float:
