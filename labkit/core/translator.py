@@ -32,6 +32,7 @@ from labkit.core.inputs import Prepared, cut_loops, prepare
 STAGES = ("normalize", "tokenize", "encode", "decode", "detokenize")
 DEFAULT_MAX_INPUT_TOKENS = 256
 
+
 @dataclass
 class Result:
     texts: list[str]
