@@ -203,7 +203,34 @@ class DecoderWithPastGraph(nn.Module):
         return (last_logits(self.model, x), *presents)
 
 
-GRAPH_MODULES = {"encoder": EncoderGraph, "decoder": DecoderGraph, "decoder_with_past": DecoderWithPastGraph}
+class DecoderRowsGraph(nn.Module):
+    """One new token per row, each row at its own position over a left-padded cache (continuous batching).
+
+    positions (B,) is each row's position; self_mask (B, P) marks the real entries of the past (the new
+    token is always real). With every row at position P and no padding it computes what
+    DecoderWithPastGraph computes.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, positions, self_mask, encoder_attention_mask, *cache):
+        decoder = self.model.model.decoder
+        n = len(decoder.layers)
+        past, cross = cache[: 2 * n], cache[2 * n:]
+        x = decoder.embed_tokens(input_ids) * decoder.embed_scale + decoder.embed_positions.weight[positions][:, None]
+        mask = torch.cat([self_mask, torch.ones_like(self_mask[:, :1])], dim=1)
+        self_bias, cross_bias = padding_bias(mask), padding_bias(encoder_attention_mask)
+        presents = []
+        for i, layer in enumerate(decoder.layers):
+            x, present = decoder_layer(layer, x, self_bias, past[2 * i: 2 * i + 2], cross[2 * i: 2 * i + 2], cross_bias)
+            presents += present
+        return (last_logits(self.model, x), *presents)
+
+
+GRAPH_MODULES = {"encoder": EncoderGraph, "decoder": DecoderGraph, "decoder_with_past": DecoderWithPastGraph,
+                 "decoder_rows": DecoderRowsGraph}
 
 
 # --------------------------------------------------------------------------- names, shapes, examples
@@ -228,6 +255,9 @@ def io_names(graph: str, n_layers: int) -> tuple[list[str], list[str]]:
     if graph == "decoder_with_past":
         return (["input_ids", "encoder_attention_mask", *kv_names("past", n_layers), *cross_names(n_layers)],
                 ["logits", *kv_names("present", n_layers)])
+    if graph == "decoder_rows":
+        return (["input_ids", "positions", "self_mask", "encoder_attention_mask", *kv_names("past", n_layers),
+                 *cross_names(n_layers)], ["logits", *kv_names("present", n_layers)])
     raise ValueError(f"unknown graph {graph!r}; known: {GRAPHS}")
 
 
@@ -237,15 +267,16 @@ def dynamic_axes(graph: str, n_layers: int) -> dict[str, dict[int, str]]:
     axes = {"input_ids": {0: "batch", 1: "source" if graph == "encoder" else "target"},
             "attention_mask": {0: "batch", 1: "source"}, "encoder_attention_mask": {0: "batch", 1: "source"},
             "encoder_hidden_states": {0: "batch", 1: "source"}, "logits": {0: "batch"}}
-    if graph == "decoder_with_past":
+    if graph in ("decoder_with_past", "decoder_rows"):
         axes["input_ids"] = {0: "batch"}  # exactly one new token
+        axes["positions"], axes["self_mask"] = {0: "batch"}, {0: "batch", 1: "past"}
     for name in inputs + outputs:
         if name.startswith("cross_"):
             axes[name] = {0: "batch", 2: "source"}
         elif name.startswith("past_"):
             axes[name] = {0: "batch", 2: "past"}
         elif name.startswith("present_"):
-            axes[name] = {0: "batch", 2: "past+1" if graph == "decoder_with_past" else "target"}
+            axes[name] = {0: "batch", 2: "target" if graph == "decoder" else "past+1"}
     return {name: axes[name] for name in inputs + outputs}
 
 
@@ -293,6 +324,13 @@ def example_inputs(graph: str, model: nn.Module, batch: int = 2, source: int = 5
     ids = torch.randint(0, vocab, (batch, 1), generator=g)
     pasts = [kv(h, past) for h in shape["heads"] for _ in range(2)]
     crosses = [kv(h, source) for h in shape["cross_heads"] for _ in range(2)]
+    if graph == "decoder_rows":  # row 0 at the last position, row 1 two positions in (left padding)
+        positions = torch.full((batch,), past, dtype=torch.long)
+        self_mask = torch.ones(batch, past, dtype=torch.long)
+        if batch > 1 and past > 2:
+            positions[1] = 2
+            self_mask[1, : past - 2] = 0
+        return (ids, positions, self_mask, mask, *pasts, *crosses)
     return (ids, mask, *pasts, *crosses)
 
 
@@ -312,6 +350,8 @@ def _dynamo_shapes(graph: str, n_layers: int) -> tuple:
                      for ax, label in axes[name].items()})
     if graph == "decoder_with_past":  # *cache is one varargs tuple for torch.export
         return (spec[0], spec[1], tuple(spec[2:]))
+    if graph == "decoder_rows":
+        return (*spec[:4], tuple(spec[4:]))
     return tuple(spec)
 
 
