@@ -8,9 +8,14 @@
 The model loads in a thread after the server starts, so `/healthz` answers at once and
 `/readyz` turns 200 only once the model is loaded and warmed. Answers: 422 naming the field for
 bad JSON, wrong types, too many texts or beams out of range; 503 with Retry-After while loading,
-when the queue is full, or while draining for shutdown; 504 past the request's deadline. On
-SIGTERM uvicorn stops accepting connections and waits for requests in flight; the lifespan's end
-then drains the batcher, so every accepted request gets exactly one answer.
+when the queue is full, or while draining for shutdown; 504 past the request's deadline.
+
+Shutdown loses nothing (labkit.serve.server's SIGTERM handling): first a lame-duck period in which
+`/readyz` answers 503 "draining" (load balancers stop sending), requests keep being answered, and
+every response carries `Connection: close` (clients leave their keep-alive connections after the
+answer instead of sending on one the server is about to close); then uvicorn closes the listener
+(new connections are refused) and waits for requests in flight; the lifespan's end drains the
+batcher, so every request that reached the server gets exactly one answer.
 
 Left out: authentication, TLS, streaming, and sentence splitting of long documents.
 """
@@ -74,6 +79,7 @@ class AppState:
         self.metrics = metrics
         self.service: TranslationService | None = None
         self.error: str | None = None
+        self.draining = False  # lame duck: /readyz 503, every response closes its connection
 
 
 async def _load(state: AppState, load: Loader, on_error: Callable[[BaseException], None] | None) -> None:
@@ -110,6 +116,15 @@ def create_app(load: Loader, on_load_error: Callable[[BaseException], None] | No
 
 
 def _add_metrics_middleware(app: FastAPI, metrics: Metrics) -> None:
+    state: AppState = app.state.labkit
+
+    @app.middleware("http")
+    async def lame_duck(request: Request, call_next):
+        response = await call_next(request)
+        if state.draining:
+            response.headers["Connection"] = "close"
+        return response
+
     @app.middleware("http")
     async def count(request: Request, call_next):
         if request.url.path != TRANSLATE_PATH:
@@ -152,10 +167,13 @@ def _add_routes(app: FastAPI, state: AppState) -> None:
 
     @app.get("/readyz")
     async def readyz():
+        if state.draining:
+            return JSONResponse({"status": "draining", "detail": "shutting down: requests are still answered, "
+                                 "send new ones elsewhere"}, status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
         if state.service is not None:  # the page reads the limits from here
             limits = state.service.config.limits
             return {"status": "ready", "model": state.service.model_id, "max_texts": limits.max_texts,
-                    "max_chars": limits.max_chars}
+                    "max_chars": limits.max_chars, **state.service.info}
         status = "failed" if state.error else "loading"
         return JSONResponse({"status": status, "detail": state.error}, status_code=503,
                             headers={"Retry-After": str(RETRY_AFTER_S)})

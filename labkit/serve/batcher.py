@@ -95,7 +95,16 @@ def select_batch(pending: list[Job], max_size: int, by_length: bool = True) -> l
     return [oldest] + rest[: max_size - 1]
 
 
-def _resolve(job: Job, value=None, error: BaseException | None = None) -> None:
+def row_steps(generated: list[list[int]]) -> tuple[int, int]:
+    """(useful, computed) decoder row-steps of a static greedy batch: every row runs until the longest ends.
+
+    Outputs of 3 and 1 tokens (+ </s> each): useful 4 + 2 = 6, computed 2 rows x 4 steps = 8.
+    """
+    useful = sum(len(g) + 1 for g in generated)
+    return useful, len(generated) * (max(len(g) for g in generated) + 1)
+
+
+def resolve(job: Job, value=None, error: BaseException | None = None) -> None:
     """Set a job's result once; a job whose request gave up (deadline) is already cancelled."""
     if job.future.done():
         return
@@ -112,9 +121,11 @@ class MicroBatcher:
     """One queue, one model thread, one detokenize thread; see the module docstring."""
 
     def __init__(self, stages: Stages, config: BatchConfig = BatchConfig(),
-                 on_batch: Callable[[int, float], None] | None = None):
+                 on_batch: Callable[[int, float], None] | None = None,
+                 on_work: Callable[[int, int], None] | None = None):
         self.stages, self.config = stages, config
         self.on_batch = on_batch  # (sentences, model seconds) per model call, for /metrics
+        self.on_work = on_work  # (useful, computed) decoder row-steps per greedy model call
         self._pending: list[Job] = []
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
@@ -211,12 +222,14 @@ class MicroBatcher:
                                                    [j.ids for j in batch], batch[0].beams)
         except Exception as exc:  # a failing model call fails its own sentences, not the service
             for job in batch:
-                _resolve(job, error=exc)
+                resolve(job, error=exc)
             return
         self._model_free_at = time.perf_counter()
         model_s = self._model_free_at - start
         if self.on_batch is not None:
             self.on_batch(len(batch), model_s)
+        if self.on_work is not None and batch[0].beams == 1:
+            self.on_work(*row_steps(generated))
         task = asyncio.create_task(self._finish(batch, generated, start, model_s))
         self._finishing.add(task)
         task.add_done_callback(self._finishing.discard)
@@ -227,7 +240,7 @@ class MicroBatcher:
             texts, notes = await loop.run_in_executor(self._post_pool, self.stages.detokenize, generated)
         except Exception as exc:
             for job in batch:
-                _resolve(job, error=exc)
+                resolve(job, error=exc)
             return
         for job, ids, text, note in zip(batch, generated, texts, notes):
-            _resolve(job, Done(text, ids, note, len(batch), (start - job.enqueued) * 1e3, model_s * 1e3))
+            resolve(job, Done(text, ids, note, len(batch), (start - job.enqueued) * 1e3, model_s * 1e3))

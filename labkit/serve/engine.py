@@ -1,7 +1,11 @@
 """Which translator a server runs: an engine by name, or the fastest one whose gate passes.
 
-    translator, model_id = load_translator(argparse.Namespace(preset="ci", engine="auto", ...))
-    engine_order("ci")     # -> ('ort-int8', 'ct2-int8', 'ort-fp32', 'torch') without bench records
+    served = load_served(argparse.Namespace(preset="ci", engine="auto", bundle="teacher", ...))
+    served.engine, served.why, served.invariance     # what /readyz reports
+    engine_order("ci")     # -> ('ort-int8', 'ct2-int8', 'ort-fp32', 'torch', ...) without bench records
+
+`--engine` takes every variant of labkit.engines.variants (the registry `labkit bench` times), for
+any bundle of the preset (`--bundle student-6-2`).
 
 `auto` tries engines fastest first: the ledger's latest `labkit bench` numbers decide when
 there are some, else the order measured on this machine (SERVING_ORDER). A variant is built if
@@ -13,6 +17,13 @@ then starts several servers on it). ONNX Runtime's idle threads sleep instead of
 for PyTorch the same is OMP_WAIT_POLICY=PASSIVE, which must be set before torch loads
 (labkit.serve.process sets it for the servers it starts).
 
+Batch invariance (`INVARIANCE`): a served sentence should get the same tokens whatever shares its
+batch. fp32 engines and CTranslate2 int8 (per-row activation scales) do; ONNX Runtime's dynamic int8
+quantizes activations with one scale per tensor, over the whole batch, so a sentence's answer can
+change with its batch mates (measured: `labkit.serve.engine.invariance_probe`). `auto` skips an
+engine that is not invariant when the server batches (max batch size > 1); a named one is served
+with a warning at start-up and in /readyz.
+
 Left out: hot-swapping models in a running server.
 """
 
@@ -20,69 +31,164 @@ from __future__ import annotations
 
 import argparse
 import logging
+import random
+from dataclasses import dataclass
+from typing import Any
 
 from labkit.config import Preset
 from labkit.core.bundle import Bundle, bundle_for, load_bundle
 from labkit.core.data import load_split
 from labkit.core.translator import translator_for
 from labkit.engines import variants
+from labkit.engines.rows import OrtRowStepper, TorchRowStepper, ensure_rows
 from labkit.measure import ledger
 from labkit.measure.timing import pin_threads
 
 log = logging.getLogger("labkit.serve")
-ENGINES = ("torch", "ort-fp32", "ort-int8", "ct2-int8")
+ENGINES = tuple(variants.VARIANTS)
 # Fastest first, as measured here (DESIGN: opus-mt shape, batch 1, 2 threads: ORT int8 240 ms,
 # CTranslate2 int8 345, ORT fp32 480, PyTorch 760); a ledger with bench records overrides it.
 SERVING_ORDER = ("ort-int8", "ct2-int8", "ort-fp32", "torch")
+INVARIANT_INT8 = {"ct2-int8", "ct2-int8-vmap", "ort-int8-qdq"}  # per-row or static activation scales
+
+
+def invariance(engine: str) -> tuple[bool, str]:
+    """(batch-invariant?, why) for an engine of the registry."""
+    v = variants.VARIANTS[engine]
+    if v.precision == "fp32":
+        return True, "fp32: a row's arithmetic does not depend on the other rows (up to summation order)"
+    if engine in INVARIANT_INT8:
+        return True, ("int8 with per-row activation scales (CTranslate2)" if v.backend == "ctranslate2"
+                      else "int8 with calibrated static activation scales")
+    return False, ("dynamic int8 quantizes activations with one scale per tensor over the whole batch: "
+                   "a sentence's tokens can change with what shares its batch")
 WARM_TEXTS = 16  # test sentences the model translates before /readyz says ready
 
 
-def measured_order(preset_name: str) -> tuple[str, ...]:
+def measured_order(preset_name: str, bundle_name: str | None = None) -> tuple[str, ...]:
     """Engines by the p50 of their latest ok `labkit bench` record, fastest first; () without records."""
     path = ledger.ledger_path(preset_name)
     if not path.exists():
         return ()
     df = ledger.read(path)
-    df = ledger.latest(df[df["variant"].isin([variants.ledger_variant(e) for e in ENGINES])])
+    df = df[df["variant"].isin([variants.ledger_variant(e) for e in ENGINES])]
+    if bundle_name is not None and "model" in df:
+        df = df[df["model"].astype(str).str.contains(bundle_name, regex=False)]
+    df = ledger.latest(df)
     df = df[(df["status"] == "ok") & df["metrics.latency_ms.p50"].notna()].sort_values("metrics.latency_ms.p50")
     return tuple(v.removeprefix("bench-") for v in df["variant"])
 
 
-def engine_order(preset_name: str) -> tuple[str, ...]:
-    measured = measured_order(preset_name)
+def engine_order(preset_name: str, bundle_name: str | None = None) -> tuple[str, ...]:
+    measured = measured_order(preset_name, bundle_name)
     return measured + tuple(e for e in SERVING_ORDER if e not in measured)
 
 
-def gated_translator(preset: Preset, engine: str, threads: int, bundle: Bundle, artifact: str | None = None):
-    """(translator, engine) for `engine`, or for the fastest gated one when engine is 'auto'.
+@dataclass(frozen=True)
+class Served:
+    """The translator a server runs and what /readyz says about it."""
+
+    translator: Any
+    model_id: str
+    engine: str
+    artifact: str | None  # the gated directory (None: PyTorch)
+    bundle: Bundle | None
+    threads: int
+    why: str  # why this engine
+    gate: str | None  # its gate's verdict
+    invariance: tuple[bool, str]
+
+    def describe(self) -> dict:
+        return {"engine": self.engine, "why": self.why, "gate": self.gate,
+                "batch_invariant": self.invariance[0], "batch_invariance": self.invariance[1]}
+
+
+def gated_translator(preset: Preset, engine: str, threads: int, bundle: Bundle, artifact: str | None = None,
+                     batching: bool = True) -> Served:
+    """The Served `engine`, or the fastest gated one when engine is 'auto'.
 
     A variant whose gate fails (or whose engine is not installed) is never served: 'auto' moves
-    on to the next; a named engine raises with the gate's reason.
+    on to the next; a named engine raises with the gate's reason. With `batching`, 'auto' also
+    skips engines whose answers depend on their batch mates (`invariance`).
     """
+    model_id = f"{preset.name}/{bundle.name}"
     if artifact is not None or engine == "torch":
-        return variants.build_translator(engine, preset, threads, bundle, artifact, spin=False), engine
-    candidates = engine_order(preset.name) if engine == "auto" else (engine,)
+        translator = variants.build_translator(engine, preset, threads, bundle, artifact, spin=False)
+        why = "named on the command line" + (" (--artifact: gated by the caller)" if artifact else "")
+        return Served(translator, f"{model_id}/{engine}", engine, artifact, bundle, threads, why, None,
+                      invariance(engine))
+    measured = measured_order(preset.name, bundle.name)
+    candidates = engine_order(preset.name, bundle.name) if engine == "auto" else (engine,)
     reasons = []
     for candidate in candidates:
+        invariant = invariance(candidate)
+        if engine == "auto" and batching and not invariant[0]:
+            reasons.append(f"{candidate} skipped: not batch-invariant ({invariant[1]})")
+            continue
         check = variants.check_chain(preset, candidate, bundle)
         if check.status == "ok":
             translator = variants.build_translator(candidate, preset, threads, bundle, check.artifact, spin=False)
-            return translator, candidate
+            order = "the ledger's `labkit bench` p50" if candidate in measured else "the default order (SERVING_ORDER)"
+            why = ("named on the command line" if engine != "auto"
+                   else f"auto: the fastest by {order} whose gate passes" + (f"; {'; '.join(reasons)}" if reasons else ""))
+            gate = (check.gate or {}).get("detail")
+            return Served(translator, f"{model_id}/{candidate}", candidate, check.artifact, bundle, threads, why,
+                          gate, invariant)
         reasons.append(f"{candidate} {check.status}: {check.reason}")
         log.warning("not serving %s", reasons[-1])
     raise RuntimeError("no engine passed its gate: " + "; ".join(reasons))
 
 
-def load_translator(args: argparse.Namespace):
-    """(translator, model id) as the `labkit serve` arguments say; threads pinned first."""
+def load_served(args: argparse.Namespace) -> Served:
+    """What the `labkit serve` arguments ask for, gated; threads pinned first."""
     preset = Preset.from_name(args.preset)
     preset = preset.with_(threads=args.threads or preset.threads)
     pin_threads(preset.threads)
     if args.bundle_dir:  # a bundle directory served as is with PyTorch (tests, experiments)
-        return translator_for(load_bundle(args.bundle_dir), preset), f"{args.bundle_dir}/torch"
+        bundle = load_bundle(args.bundle_dir)
+        return Served(translator_for(bundle, preset), f"{args.bundle_dir}/torch", "torch", None, bundle,
+                      preset.threads, "--bundle-dir: served with PyTorch", None, invariance("torch"))
     bundle = bundle_for(preset, args.bundle)
-    translator, engine = gated_translator(preset, args.engine, preset.threads, bundle, args.artifact)
-    return translator, f"{preset.name}/{args.bundle}/{engine}"
+    batching = getattr(args, "max_batch_size", 2) > 1
+    return gated_translator(preset, args.engine, preset.threads, bundle, args.artifact, batching)
+
+
+def load_translator(args: argparse.Namespace):
+    """(translator, model id) as the `labkit serve` arguments say (Ray replicas)."""
+    served = load_served(args)
+    return served.translator, served.model_id
+
+
+def row_stepper(served: Served):
+    """The continuous-batching stepper of a served engine (labkit.engines.rows), or ValueError saying why not."""
+    if served.engine == "torch":
+        return TorchRowStepper(served.bundle.model)
+    if served.engine in ("ort-fp32", "ort-int8", "ort-int8-all"):
+        return OrtRowStepper.from_dir(served.artifact, ensure_rows(served.artifact, served.bundle), served.threads,
+                                      spin=False)
+    raise ValueError(f"{served.engine} has no continuous batching here (torch, ort-fp32, ort-int8 and "
+                     "ort-int8-all do); serve it with --batching static")
+
+
+def invariance_probe(translator, rows: list[list[int]], probes: int = 5, batches: int = 20,
+                     max_mates: int = 15, seed: int = 0) -> dict:
+    """Each of `probes` sentences alone and inside `batches` random mixed batches: how many answers changed.
+
+    The mates come from rows[probes:]; the probe sits at a random position of its batch.
+    """
+    rng = random.Random(seed)
+    changed, trials, examples = 0, 0, []
+    for probe in rows[:probes]:
+        alone = translator.generate([probe], 1)[0]
+        for _ in range(batches):
+            mates = rng.sample(rows[probes:], rng.randint(1, min(max_mates, len(rows) - probes)))
+            at = rng.randint(0, len(mates))
+            got = translator.generate(mates[:at] + [probe] + mates[at:], 1)[at]
+            trials += 1
+            if got != alone:
+                changed += 1
+                examples.append({"alone": alone, "batched": got, "batch": len(mates) + 1})
+    return {"trials": trials, "changed": changed, "invariant": changed == 0, "examples": examples[:3]}
 
 
 def warm_texts() -> list[str]:

@@ -7,7 +7,7 @@
 
 Names: labkit_requests_total{status}, labkit_request_seconds (histogram), labkit_batch_size
 (histogram of sentences per model call), labkit_model_seconds, labkit_queue_depth (sentences
-waiting), labkit_inflight_requests, labkit_sentences_total, labkit_cache_lookups_total{cache,
+waiting), labkit_inflight_requests, labkit_decode_row_steps_total{kind=useful|padding}, labkit_sentences_total, labkit_cache_lookups_total{cache,
 result}, labkit_cache_hit_ratio{cache}. A registry of its own (not the global one) lets tests
 and notebooks build several services in one process.
 Left out: per-engine labels (one service serves one model) and process metrics.
@@ -34,6 +34,8 @@ class Metrics:
                                     registry=r)
         self.model_seconds = Histogram("labkit_model_seconds", "model call duration", buckets=LATENCY_BUCKETS,
                                        registry=r)
+        self.row_steps = Counter("labkit_decode_row_steps", "decoder row-steps computed, by whether the row was "
+                                 "still decoding (useful) or padding a finished row", ["kind"], registry=r)
         self.sentences = Counter("labkit_sentences", "sentences translated (cache hits included)", registry=r)
         self.cache_lookups = Counter("labkit_cache_lookups", "cache lookups", ["cache", "result"], registry=r)
         self.queue_depth = Gauge("labkit_queue_depth", "sentences waiting for the model", registry=r)
@@ -49,6 +51,11 @@ class Metrics:
     def observe_batch(self, sentences: int, model_s: float) -> None:
         self.batch_size.observe(sentences)
         self.model_seconds.observe(model_s)
+
+    def observe_work(self, useful: int, computed: int) -> None:
+        """Row-steps of one model call: useful / computed is the useful-step fraction."""
+        self.row_steps.labels(kind="useful").inc(useful)
+        self.row_steps.labels(kind="padding").inc(computed - useful)
 
     def count_cache(self, cache: str, hits: int, misses: int) -> None:
         if hits:

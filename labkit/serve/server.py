@@ -23,21 +23,45 @@ from labkit.config import PRESETS
 from labkit.serve import ray_app
 from labkit.serve.app import create_app
 from labkit.serve.batcher import BatchConfig
-from labkit.serve.engine import ENGINES, load_translator, warm_texts
+from labkit.serve.continuous import ContinuousBatcher
+from labkit.serve.engine import ENGINES, Served, load_served, row_stepper, warm_texts
 from labkit.serve.metrics import Metrics
 from labkit.serve.service import Limits, ServeConfig, TranslationService
 
+log = logging.getLogger("labkit.serve")
 # Idle keep-alive connections live this long: longer than clients keep theirs (httpx: 5 s), so a
 # client never sends on a connection the server is closing at that moment (uvicorn's default: 5 s).
 KEEP_ALIVE_S = 20
 
 
+BATCHING = ("auto", "continuous", "static")  # auto: continuous where the engine has a row stepper
+
+
+def make_runner(served: Served, config: ServeConfig, metrics: Metrics, batching: str):
+    """(runner or None for the service's static micro-batcher, the batching mode in words)."""
+    if batching == "static" or config.batch.max_batch_size == 1:
+        return None, "static" if config.batch.max_batch_size > 1 else "serial (max batch size 1)"
+    try:
+        stepper = row_stepper(served)
+    except ValueError as exc:
+        if batching == "continuous":
+            raise
+        return None, f"static ({exc})"
+    runner = ContinuousBatcher(served.translator, stepper, config.batch, metrics.observe_batch, metrics.observe_work)
+    return runner, "continuous"
+
+
 def make_loader(args: argparse.Namespace, config: ServeConfig) -> Callable[[Metrics], TranslationService]:
-    """What the app calls in a worker thread at start-up: build, gate, warm."""
+    """What the app calls in a worker thread at start-up: build, gate, pick the batching, warm."""
 
     def load(metrics: Metrics) -> TranslationService:
-        translator, model_id = load_translator(args)
-        service = TranslationService(translator, model_id, config, metrics)
+        served = load_served(args)
+        runner, batching = make_runner(served, config, metrics, getattr(args, "batching", "auto"))
+        service = TranslationService(served.translator, served.model_id, config, metrics, runner=runner)
+        service.info = {**served.describe(), "batching": batching, "max_batch_size": config.batch.max_batch_size}
+        if not served.invariance[0] and config.batch.max_batch_size > 1:
+            log.warning("%s is not batch-invariant: %s", served.engine, served.invariance[1])
+        log.info("serving %s (%s), %s batching", served.engine, served.why, batching)
         service.warm(warm_texts(), config.batch.max_batch_size)
         return service
 
@@ -65,6 +89,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the preset's)")
     parser.add_argument("--max-batch-size", type=int, default=d.max_batch_size, help="1 = serial serving")
+    parser.add_argument("--batching", default="auto", choices=BATCHING,
+                        help="continuous: rows join and leave at every decode step; static: whole batches; "
+                             "auto: continuous where the engine supports it")
     parser.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms)
     parser.add_argument("--max-queue", type=int, default=d.max_queue, help="sentences waiting before 503")
     parser.add_argument("--token-cache", type=int, default=ServeConfig.token_cache, help="entries; 0 = off")
@@ -76,7 +103,44 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--replicas", type=int, default=1, help="ray: most replicas the autoscaler may start")
     parser.add_argument("--ray-address", default=None, help="ray: join this cluster (default: start one here)")
     parser.add_argument("--replica-cpus", type=float, default=1.0, help="ray: CPUs reserved per replica (fractions ok)")
+    parser.add_argument("--lame-duck-s", type=float, default=LAME_DUCK_S,
+                        help="on SIGTERM: seconds of /readyz 503 and Connection: close before the listener closes")
     parser.add_argument("--log-level", default="warning")
+
+
+LAME_DUCK_S = 2.0  # default lame-duck period: longer than a client's gap between two requests
+
+
+def lame_duck_server(config, state, lame_duck_s: float):
+    """A uvicorn.Server whose first SIGTERM/SIGINT starts a lame-duck period before the usual shutdown.
+
+    During it `state.draining` is set (labkit.serve.app: /readyz 503, `Connection: close` on every
+    response) and requests are still served; when it ends uvicorn closes the listener and drains.
+    A second signal during the period shuts down at once.
+    """
+    import time
+
+    import uvicorn
+
+    class LameDuckServer(uvicorn.Server):
+        until: float | None = None
+
+        def handle_exit(self, sig, frame) -> None:
+            if self.until is None and not self.should_exit and lame_duck_s > 0:
+                self._captured_signals.append(sig)
+                state.draining = True
+                self.until = time.monotonic() + lame_duck_s
+                log.warning("signal %s: lame duck for %.1f s, then shutdown", sig, lame_duck_s)
+                return
+            state.draining = True
+            super().handle_exit(sig, frame)
+
+        async def on_tick(self, counter: int) -> bool:
+            if self.until is not None and time.monotonic() >= self.until:
+                self.should_exit = True
+            return await super().on_tick(counter)
+
+    return LameDuckServer(config)
 
 
 def _exit_cleanly_on_sigterm() -> None:
@@ -110,9 +174,11 @@ def serve_command(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(create_app(make_loader(args, config), on_load_error), host=args.host,
-                                           port=args.port, log_level=args.log_level, timeout_keep_alive=KEEP_ALIVE_S,
-                                           timeout_graceful_shutdown=int(config.limits.deadline_s) + 5))
+    app = create_app(make_loader(args, config), on_load_error)
+    server = lame_duck_server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                             timeout_keep_alive=KEEP_ALIVE_S,
+                                             timeout_graceful_shutdown=int(config.limits.deadline_s) + 5),
+                              app.state.labkit, args.lame_duck_s)
     server_box.append(server)
     _exit_cleanly_on_sigterm()
     try:

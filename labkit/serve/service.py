@@ -106,8 +106,10 @@ class TranslationService:
         self.metrics = metrics or Metrics()
         self.tokens = LRU(config.token_cache)
         self.translations = LRU(config.translation_cache)
-        self.runner = runner or MicroBatcher(translator, config.batch, self.metrics.observe_batch)
+        self.runner = runner or MicroBatcher(translator, config.batch, self.metrics.observe_batch,
+                                             self.metrics.observe_work)
         self.decoding = repr(getattr(translator, "decode_cfg", None))  # part of the cache key
+        self.info: dict = {}  # what /readyz says about the engine and batching (labkit.serve.server)
         self._pre_pool = ThreadPoolExecutor(1, thread_name_prefix="labkit-tokenize")
         self.metrics.watch(lambda: self.runner.queue_depth,
                            {"tokenize": lambda: self.tokens.hit_rate, "translation": lambda: self.translations.hit_rate})

@@ -1,0 +1,107 @@
+"""The continuous batcher in the service: sentences arriving at any time get their batch-1 answers.
+
+The oracle is the tiny model's own static greedy loop at batch 1; requests arrive while others
+decode, so they join running batches at different positions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from labkit.config import Preset
+from labkit.core.data import load_split
+from labkit.core.translator import translator_for
+from labkit.engines.rows import TorchRowStepper
+from labkit.serve.batcher import BatchConfig, Closed, QueueFull, row_steps
+from labkit.serve.continuous import ContinuousBatcher
+from labkit.serve.metrics import Metrics, parse
+
+TEXTS = [p.zh for p in load_split("test", limit=20)]
+
+
+@pytest.fixture(scope="module")
+def translator(tiny_module_bundle):
+    return translator_for(tiny_module_bundle, Preset.from_name("ci"))
+
+
+@pytest.fixture(scope="module")
+def rows(translator) -> list[list[int]]:
+    return [translator.token_ids(t)[0] for t in TEXTS]
+
+
+@pytest.fixture(scope="module")
+def alone(translator, rows) -> list[list[int]]:
+    return [translator.generate([r], 1)[0] for r in rows]
+
+
+def _batcher(translator, **config) -> tuple[ContinuousBatcher, Metrics]:
+    metrics = Metrics()
+    return ContinuousBatcher(translator, TorchRowStepper(translator.bundle.model), BatchConfig(**config),
+                             metrics.observe_batch, metrics.observe_work), metrics
+
+
+def test_row_steps_worked_example():
+    assert row_steps([[5, 6, 7], [8]]) == (6, 8)
+
+
+def test_staggered_requests_get_their_batch1_answers(translator, rows, alone):
+    async def main():
+        batcher, metrics = _batcher(translator, max_batch_size=4)
+        await batcher.start()
+        futures = []
+        for i, r in enumerate(rows):
+            futures += batcher.submit([r])
+            await asyncio.sleep(0.003 * (i % 3))  # arrivals while others decode
+        done = await asyncio.gather(*futures)
+        await batcher.close()
+        return done, metrics
+
+    done, metrics = asyncio.run(main())
+    assert [d.ids for d in done] == alone
+    assert [d.text for d in done] == translator.detokenize(alone)[0]
+    assert max(d.batch_size for d in done) > 1  # they did share steps
+    steps = parse(metrics.render().decode())["labkit_decode_row_steps_total"]
+    assert steps[(("kind", "padding"),)] == 0 and steps[(("kind", "useful"),)] > len(rows)
+
+
+def test_beam_requests_are_decoded_between_steps(translator, rows):
+    async def main():
+        batcher, _ = _batcher(translator, max_batch_size=4)
+        await batcher.start()
+        greedy = batcher.submit(rows[:3])
+        beams = batcher.submit(rows[3:5], beams=2)
+        done = await asyncio.gather(*greedy, *beams)
+        await batcher.close()
+        return done
+
+    done = asyncio.run(main())
+    assert [d.ids for d in done[3:]] == translator.generate(rows[3:5], 2)
+
+
+def test_close_finishes_everything_submitted_and_refuses_new_work(translator, rows, alone):
+    async def main():
+        batcher, _ = _batcher(translator, max_batch_size=2)
+        await batcher.start()
+        futures = batcher.submit(rows[:6])
+        await batcher.close()
+        assert all(f.done() for f in futures)
+        with pytest.raises(Closed):
+            batcher.submit(rows[:1])
+        return [f.result().ids for f in futures]
+
+    assert asyncio.run(main()) == alone[:6]
+
+
+def test_a_full_queue_refuses_the_whole_request(translator, rows):
+    async def main():
+        batcher, _ = _batcher(translator, max_batch_size=1, max_queue=3)
+        await batcher.start()
+        first = batcher.submit(rows[:3])
+        with pytest.raises(QueueFull):
+            batcher.submit(rows[3:5])
+        await asyncio.gather(*first)
+        await batcher.close()
+
+    asyncio.run(main())
