@@ -105,3 +105,35 @@ def test_a_full_queue_refuses_the_whole_request(translator, rows):
         await batcher.close()
 
     asyncio.run(main())
+
+
+class Broken:
+    """A row stepper whose first step fails: the sentences it held fail, later ones are served."""
+
+    def __init__(self, inner):
+        self.inner, self.failed = inner, False
+        self.start_id, self.eos_id, self.pad_id = inner.start_id, inner.eos_id, inner.pad_id
+
+    def start(self, ids, mask):
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("model failed")
+        return self.inner.start(ids, mask)
+
+    def step(self, tokens, state):
+        return self.inner.step(tokens, state)
+
+
+def test_a_failing_step_fails_its_sentences_and_the_service_goes_on(translator, rows, alone):
+    async def main():
+        batcher = ContinuousBatcher(translator, Broken(TorchRowStepper(translator.bundle.model)), BatchConfig())
+        await batcher.start()
+        first = batcher.submit(rows[:2])
+        results = await asyncio.gather(*first, return_exceptions=True)
+        later = await asyncio.gather(*batcher.submit(rows[2:4]))
+        await batcher.close()
+        return results, later
+
+    results, later = asyncio.run(main())
+    assert all(isinstance(r, RuntimeError) for r in results)
+    assert [d.ids for d in later] == alone[2:4]

@@ -138,6 +138,7 @@ class Counters:
     row_steps: int = 0  # rows computed, summed over calls
     admitted: int = 0
     finished: int = 0
+    last_calls: list[int] = field(default_factory=list)  # rows of each decoder call of the latest step
 
 
 class ContinuousDecoder:
@@ -167,18 +168,23 @@ class ContinuousDecoder:
             raise ValueError(f"sentence {key!r} has no source ids (it needs at least </s>)")
         self.waiting.append((key, list(ids)))
 
+    @torch.inference_mode()
     def step(self) -> list[tuple[Hashable, list[int]]]:
         """Advance every running row by one token, then admit what fits; the sentences that ended."""
         finished = []
+        self.counters.last_calls = []
         if self.running:
             logits, state = self.stepper.step(self.last, self.state)
             self._count(state.rows)
             nxt = self._choose(logits, state.lengths - 1)
             keep, finished = self._settle(self.running, nxt)
-            index = torch.tensor(keep, dtype=torch.long)
-            self.state = keep_rows(state, index) if keep else None
-            self.running = [self.running[i] for i in keep]
-            self.last = nxt[index]
+            if len(keep) == len(self.running):  # nobody left: no copy
+                self.state, self.last = state, nxt
+            else:
+                index = torch.tensor(keep, dtype=torch.long)
+                self.state = keep_rows(state, index) if keep else None
+                self.running = [self.running[i] for i in keep]
+                self.last = nxt[index]
         return finished + self._admit()
 
     def _admit(self) -> list[tuple[Hashable, list[int]]]:
@@ -206,8 +212,9 @@ class ContinuousDecoder:
         """Greedy choice under Marian's constraints, per row: never <pad>; </s> forced at the length limit.
 
         `generated` counts tokens each row produced before this one (decode.constrain's cur_len - 1).
+        The logits are the stepper's fresh output, changed in place (as decode.constrain does).
         """
-        logits = logits.float().clone()
+        logits = logits.float()
         logits[:, self.stepper.pad_id] = -float("inf")
         at_limit = (generated + 1) >= self.cfg.max_new_tokens
         if bool(at_limit.any()):
@@ -229,6 +236,7 @@ class ContinuousDecoder:
     def _count(self, rows: int) -> None:
         self.counters.steps += 1
         self.counters.row_steps += rows
+        self.counters.last_calls.append(rows)
 
 
 def run_staggered(decoder: ContinuousDecoder, rows: list[list[int]], arrivals: list[int]) -> list[list[int]]:

@@ -43,6 +43,7 @@ class ContinuousBatcher:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._started: dict[int, float] = {}  # id(job) -> when it was admitted (model thread only)
+        self._active: dict[int, Job] = {}  # id(job) -> job handed to the decoder, until it is answered
         self._post_pool = ThreadPoolExecutor(1, thread_name_prefix="labkit-detokenize")
         self._posted: list = []
 
@@ -96,6 +97,7 @@ class ContinuousBatcher:
             beams = [j for j in taken if j.beams != 1 and not j.future.done()]
             for job in taken:
                 if job.beams == 1 and not job.future.done():  # a request that gave up is not decoded
+                    self._active[id(job)] = job
                     self.decoder.add(job, job.ids)
             if beams:
                 self._static(beams)
@@ -114,10 +116,14 @@ class ContinuousBatcher:
         rows = self.decoder.counters.row_steps - before
         for row in self.decoder.running:
             self._started.setdefault(id(row.key), now)
-        if self.on_step is not None:
-            self.on_step(rows, now - start)
+        if self.on_step is not None:  # one observation per decoder call (an admission's first step is one)
+            calls = self.decoder.counters.last_calls
+            for n in calls:
+                self.on_step(n, (now - start) / len(calls))
         if self.on_work is not None:
             self.on_work(rows, rows)  # a finished row leaves at once: every computed row-step is useful
+        for job, _ in finished:
+            self._active.pop(id(job), None)
         if finished:
             batch = len(self.decoder.running) + len(finished)
             self._post([(job, ids, self._started.pop(id(job), now), batch) for job, ids in finished], now)
@@ -137,7 +143,9 @@ class ContinuousBatcher:
             self._post([(j, ids, start, len(group)) for j, ids in zip(group, generated)], now)
 
     def _fail_all(self, exc: BaseException) -> None:
-        jobs = [row.key for row in self.decoder.running] + [key for key, _ in self.decoder.waiting]
+        """Every sentence the decoder held fails with `exc`; the decoder starts afresh for the next ones."""
+        jobs, self._active = list(self._active.values()), {}
+        self._started.clear()
         self.decoder = ContinuousDecoder(self.decoder.stepper, self.decoder.cfg, self.decoder.max_rows)
         self._call(lambda: [resolve(j, error=exc) for j in jobs])
 

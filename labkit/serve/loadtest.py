@@ -118,7 +118,9 @@ class LoadPoint:
     mean_batch_size: float = float("nan")  # from /metrics over the window
     batch_sizes: dict = field(default_factory=dict)  # histogram bucket (le) -> model calls, over the window
     cache_hit_rate: float = float("nan")  # translation cache, from /metrics over the window
+    useful_fraction: float = float("nan")  # decoder row-steps of rows still decoding / all computed (/metrics)
     healthz_p50_ms: float = float("nan")
+    healthz_p95_ms: float = float("nan")
     healthz_max_ms: float = float("nan")
     answers: dict = field(default_factory=dict, repr=False)  # source -> first translation seen
     latencies_ms: list = field(default_factory=list, repr=False)  # of the ok answers inside the window
@@ -137,6 +139,17 @@ class LoadPoint:
 
 
 # --------------------------------------------------------------------------- primitives
+
+
+def useful_window(before: dict, after: dict) -> float:
+    """Useful-step fraction between two /metrics scrapes (NaN when no greedy decoding happened)."""
+    def delta(kind):
+        key = (("kind", kind),)
+        return (after.get("labkit_decode_row_steps_total", {}).get(key, 0.0)
+                - before.get("labkit_decode_row_steps_total", {}).get(key, 0.0))
+
+    useful, padding = delta("useful"), delta("padding")
+    return useful / (useful + padding) if useful + padding else float("nan")
 
 
 def batch_window(before: dict, after: dict) -> tuple[float, dict, float]:
@@ -181,6 +194,7 @@ def summarize(mode: str, load: float, samples: list[Sample], window: tuple[float
         dropped=dropped, requests=len(ok), sentences=sum(s.sentences for s in ok), errors=errors,
         rps=len(ok) / duration, sentences_per_s=sum(s.sentences for s in ok) / duration,
         mean_batch_size=mean_batch, batch_sizes=buckets, cache_hit_rate=hit_rate, answers=answers,
+        useful_fraction=useful_window(metrics_before, metrics_after),
         latencies_ms=lat)
     # L measured directly: the time each request spent outstanding inside the window, per second
     point.in_flight = sum(max(0.0, min(s.end, end) - max(s.start, start)) for s in samples) / duration
@@ -188,7 +202,8 @@ def summarize(mode: str, load: float, samples: list[Sample], window: tuple[float
         point.p50_ms, point.p95_ms, point.p99_ms = (percentile(lat, q) for q in (0.5, 0.95, 0.99))
         point.mean_ms = sum(lat) / len(lat)
     if health_ms:
-        point.healthz_p50_ms, point.healthz_max_ms = percentile(health_ms, 0.5), max(health_ms)
+        point.healthz_p50_ms, point.healthz_p95_ms = percentile(health_ms, 0.5), percentile(health_ms, 0.95)
+        point.healthz_max_ms = max(health_ms)
     return point
 
 
@@ -339,7 +354,7 @@ def crosscheck(url: str, texts: list[str], users: int, duration_s: float) -> tup
 
 COLUMNS = ("mode", "load", "requests", "rps", "sentences_per_s", "p50_ms", "p95_ms", "p99_ms", "mean_ms",
            "mean_batch_size", "cache_hit_rate", "errors", "sent", "answered", "lost", "duplicated", "dropped",
-           "healthz_p50_ms", "healthz_max_ms", "in_flight")
+           "useful_fraction", "healthz_p50_ms", "healthz_p95_ms", "healthz_max_ms", "in_flight")
 
 
 def points_frame(points: list[LoadPoint], **labels) -> pd.DataFrame:
