@@ -252,3 +252,17 @@ def test_ensure_ct2_converts_again_for_a_changed_bundle(tiny_bundle_dir, tmp_pat
     assert ct2.read_ct2_sidecar(out)["source"]["meta"]["retrained"] is True
     assert ct2.Ct2Translator(out).translate(["我喜欢猫。"])[0]
     assert sorted(p.name for p in (tmp_path / "ci").iterdir()) == ["ct2-tiny-float32", "tiny"]
+
+
+@requires_ct2
+def test_the_served_int8_recipe_answers_the_same_whatever_shares_its_batch(fixture_ct2):
+    """CTranslate2 int8 (what `labkit serve --engine auto` serves in int8 when batching) quantizes
+    activations per row: each probe sentence alone and inside 20 different mixed batches, same tokens."""
+    from labkit.serve.engine import invariance, invariance_probe
+
+    bundle, dirs = fixture_ct2
+    translator = ct2.Ct2Translator(dirs["int8"], decode=DecodeConfig(max_new_tokens=32))
+    rows = [translator.token_ids(p.zh)[0] for p in load_split("test", limit=40)]
+    probe = invariance_probe(translator, rows, probes=3, batches=20)
+    assert probe["trials"] == 60 and probe["changed"] == 0, probe["examples"]
+    assert invariance("ct2-int8")[0] and not invariance("ort-int8")[0]

@@ -137,3 +137,35 @@ def test_a_failing_step_fails_its_sentences_and_the_service_goes_on(translator, 
     results, later = asyncio.run(main())
     assert all(isinstance(r, RuntimeError) for r in results)
     assert [d.ids for d in later] == alone[2:4]
+
+
+def test_every_registry_engine_is_servable_and_says_whether_it_is_batch_invariant():
+    from labkit.engines.variants import VARIANTS
+    from labkit.serve.engine import ENGINES, invariance
+
+    assert set(ENGINES) == set(VARIANTS)
+    verdicts = {e: invariance(e)[0] for e in ENGINES}
+    assert verdicts["torch"] and verdicts["ort-fp32"] and verdicts["ct2-int8"] and verdicts["ort-int8-qdq"]
+    assert not verdicts["ort-int8"] and not verdicts["ort-int8-all"] and not verdicts["ort-int8-sl"]
+    assert "one scale per tensor" in invariance("ort-int8")[1]
+
+
+def test_auto_skips_engines_whose_answers_depend_on_the_batch(monkeypatch, tiny_module_bundle):
+    """With batching, `auto` passes over ort-int8 (not invariant) without building or gating it."""
+    from labkit.engines import variants
+    from labkit.serve import engine
+
+    gated = []
+
+    def check_chain(preset, candidate, bundle):
+        gated.append(candidate)
+        return variants.Check("ok", {"detail": "fake gate"}, artifact=None)
+
+    monkeypatch.setattr(engine, "measured_order", lambda *a: ())
+    monkeypatch.setattr(variants, "check_chain", check_chain)
+    monkeypatch.setattr(variants, "build_translator", lambda *a, **k: "translator")
+    served = engine.gated_translator(Preset.from_name("ci"), "auto", 1, tiny_module_bundle, batching=True)
+    assert served.engine == "ct2-int8" and gated == ["ct2-int8"]
+    assert "ort-int8 skipped: not batch-invariant" in served.why and served.invariance[0]
+    served = engine.gated_translator(Preset.from_name("ci"), "auto", 1, tiny_module_bundle, batching=False)
+    assert served.engine == "ort-int8"  # serial serving: one row per call, nothing to depend on

@@ -172,3 +172,68 @@ def test_a_server_dies_with_the_process_that_started_it(tiny_bundle_dir):
         parent.kill()
         if pid is not None and not _gone(pid):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_sigterm_under_keep_alive_load_answers_or_refuses_every_request(tiny_bundle_dir, oracle):
+    """Eight clients on keep-alive connections send through the signal. During the lame duck /readyz
+    says 503 "draining" and answers carry `Connection: close`; then the listener closes. Every request
+    is answered (200) or refused at connect; none is reset or left without an answer."""
+    server = ServerProcess.start(serve_args(tiny_bundle_dir, "--max-batch-size", "8", "--translation-cache", "0",
+                                            "--lame-duck-s", "1.5"), threads=1)
+    outcomes: list[tuple[str, str | None, float]] = []  # (status or error name, Connection header, time)
+    lock = threading.Lock()
+    stop_at = time.monotonic() + 60
+
+    def client(k: int):
+        with httpx.Client(base_url=server.url, timeout=60) as c:  # one keep-alive connection per client
+            i = k
+            while time.monotonic() < stop_at:
+                try:
+                    r = c.post("/v1/translate", json={"texts": [TEXTS[i % len(TEXTS)]]})
+                    ok = r.status_code == 200 and r.json()["translations"] == [oracle[TEXTS[i % len(TEXTS)]]]
+                    outcome = (str(r.status_code) if ok or r.status_code != 200 else "wrong", r.headers.get("connection"))
+                except httpx.HTTPError as exc:
+                    outcome = (type(exc).__name__, None)
+                with lock:
+                    outcomes.append((*outcome, time.monotonic()))
+                if outcome[0] == "ConnectError":
+                    return
+                i += 8
+
+    try:
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
+        for t in threads:
+            t.start()
+        time.sleep(1.5)
+        signalled = time.monotonic()
+        os.kill(server.pid, signal.SIGTERM)
+        ready = httpx.get(server.url + "/readyz", timeout=10)
+        for t in threads:
+            t.join(90)
+        assert server.process.wait(60) == 0, server.log_tail()
+    finally:
+        server.stop()
+    kinds = {o[0] for o in outcomes}
+    assert kinds <= {"200", "ConnectError"}, [o for o in outcomes if o[0] not in ("200", "ConnectError")]
+    assert ready.status_code == 503 and ready.json()["status"] == "draining"
+    after = [o for o in outcomes if o[0] == "200" and o[2] > signalled]
+    assert after and all(o[1] == "close" for o in after)  # answered during the lame duck, then let go
+    assert sum(o[0] == "ConnectError" for o in outcomes) == 8  # each client ends at the closed door
+
+
+def test_readyz_says_what_is_served_and_how(server):
+    body = httpx.get(server.url + "/readyz", timeout=10).json()
+    assert body["engine"] == "torch" and body["batching"] == "continuous" and body["batch_invariant"] is True
+    assert body["max_batch_size"] == 8 and "PyTorch" in body["why"]
+
+
+def test_healthz_stays_fast_while_32_clients_saturate_the_teacher():
+    """The ci teacher served with PyTorch (nothing to export), 32 closed-loop clients for a few
+    seconds: /healthz is probed every 100 ms throughout; its p95 must stay under 50 ms."""
+    with ServerProcess.start(["--preset", "ci", "--engine", "torch", "--translation-cache", "0", "--threads", "2",
+                              "--lame-duck-s", "0"], threads=2) as s:
+        pool = TextPool.from_split("test", limit=200)
+        (point,) = closed_loop(s.url, pool, [32], LoadSpec(duration_s=4, warmup_s=1))
+    assert point.lost == 0 and point.duplicated == 0 and point.requests > 0
+    assert point.mean_batch_size > 2  # the model was busy with many rows at once
+    assert point.healthz_p95_ms <= 50, point
