@@ -135,10 +135,10 @@ class TrtBudget:
 class ServeBudget:
     """Notebook 08: which servers are started and how long each load point runs."""
 
-    engines: tuple[str, ...] = ("torch", "ort-int8")  # variants served (each gated first)
-    modes: tuple[str, ...] = ("serial", "batched", "batched+cache")  # labkit.lab.nb08_serving.MODES
+    engines: tuple[str, ...] = ("torch", "ort-int8", "ct2-int8")  # variants served (each gated first); ct2: the peer
+    modes: tuple[str, ...] = ("serial", "static", "continuous", "continuous+cache")  # nb08_serving.MODES (ct2: its own)
     concurrency: tuple[int, ...] = (1, 2, 5, 8, 16, 32)  # closed-loop clients per point
-    rates: tuple[float, ...] = (2.0, 5.0, 10.0, 20.0)  # open-loop Poisson arrivals/s (batched mode only)
+    rates: tuple[float, ...] = (2.0, 5.0, 10.0, 20.0)  # open-loop Poisson arrivals/s (continuous mode only)
     duration_s: float = 10.0  # measured window per point
     warmup_s: float = 2.0  # load before the window, not counted
     max_batch_size: int = 16  # sentences per model call in the batched modes
@@ -146,6 +146,7 @@ class ServeBudget:
     pool_sentences: int = 400  # test sentences the requests draw from
     zipf: float = 1.1  # draw exponent: repeats the translation cache can catch (0 = uniform)
     locust_s: float = 10.0  # duration of the locust cross-check point (0 = skip it)
+    threads: int | None = None  # each server's model threads (None: one less than the preset's; nb08.serve_threads)
 
 
 @dataclass(frozen=True)
@@ -253,10 +254,10 @@ PRESETS: dict[str, Preset] = {
         # ~60 s on 2 cores; the no-cache mode only greedy batch 1 (it is the O(n^2) one)
         kv=KvBudget(tokens=128, repeats=1, warmup=0, settings=(Setting(1, 1), Setting(4, 1), Setting(1, 8)),
                     none_settings=(Setting(1, 1),)),
-        # ~90 s on 2 idle cores: 6 servers (2 engines x 3 modes) starting together, then 2 points each
-        # of 3 s after 1 s of warm-up (shorter windows swing by 2x on a busy machine)
-        serve=ServeBudget(concurrency=(1, 8), rates=(), duration_s=3.0, warmup_s=1.0, pool_sentences=200,
-                          locust_s=0.0),
+        # 7 servers (torch and ort-int8 x serial, static, continuous; CTranslate2's own batching) starting
+        # together, then 3 points each of 3 s after 1 s of warm-up (shorter windows swing by 2x on a busy machine)
+        serve=ServeBudget(modes=("serial", "static", "continuous"), concurrency=(1, 8, 32), rates=(), duration_s=3.0,
+                          warmup_s=1.0, pool_sentences=200, locust_s=0.0),
     ),
     "workshop": Preset(
         "workshop", TEACHER, eval_sentences=None, bench_sentences=64, bench_repeats=10,

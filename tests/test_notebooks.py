@@ -6,6 +6,8 @@ builds its prerequisites itself); each test then checks one notebook's records.
 
 from __future__ import annotations
 
+import importlib.util
+
 import math
 import os
 import subprocess
@@ -200,11 +202,14 @@ def test_profiling_runs_on_the_opus_mt_shape_preset_it_lists(tmp_path):
     assert profile["forced_length"] == 40 and all(p["output_tokens"] == 40 for p in profile["length_curve"])
 
 
-def test_serving_records_hold_serial_and_batched_points_per_concurrency(ci_run):
+def test_serving_records_hold_serial_static_and_continuous_points_per_concurrency(ci_run):
     _, df = ci_run
     serving = records(df, technique="serving")
-    modes = ("serial", "batched", "batched+cache")
-    assert {f"serve-{e}-{m}" for e in ("torch", "ort-int8") for m in modes} <= set(serving["variant"])
+    modes = ("serial", "static", "continuous")
+    want = {f"serve-{e}-{m}" for e in ("torch", "ort-int8") for m in modes}
+    if importlib.util.find_spec("ctranslate2") is not None:
+        want.add("serve-ct2-int8-ct2")  # the peer, with its own batching
+    assert want <= set(serving["variant"])
     concurrency = set(Preset.from_name("ci").serve.concurrency)
     for record in serving["record"]:
         assert record["status"] == "ok" and record["gate"]["passed"], record["gate"]  # every request answered once
@@ -214,8 +219,11 @@ def test_serving_records_hold_serial_and_batched_points_per_concurrency(ci_run):
         for p in points.values():
             assert all(finite(p[k]) for k in ("rps", "sentences_per_s", "p50_ms", "p95_ms", "p99_ms"))
             assert p["p50_ms"] <= p["p95_ms"] <= p["p99_ms"] and p["lost"] == p["duplicated"] == 0
-    batched = serving[serving["variant"] == "serve-ort-int8-batched"]["record"].iloc[-1]
-    assert max(p["mean_batch_size"] for p in batched["points"]) > 1.5  # concurrent requests shared model calls
+    batched = serving[serving["variant"] == "serve-ort-int8-continuous"]["record"].iloc[-1]
+    assert max(p["mean_batch_size"] for p in batched["points"]) > 1.5  # concurrent requests shared decoder steps
+    assert all(p["useful_fraction"] == 1.0 for p in batched["points"])  # finished rows leave at once
+    static = serving[serving["variant"] == "serve-ort-int8-static"]["record"].iloc[-1]
+    assert min(p["useful_fraction"] for p in static["points"]) < 1.0  # padding of rows that finished early
 
 
 def test_every_exercise_passes_with_the_instructor_solutions(ci_run):

@@ -144,7 +144,8 @@ class Counters:
 class ContinuousDecoder:
     """Greedy decoding of a changing set of sentences; see the module docstring."""
 
-    def __init__(self, stepper: RowStepper, cfg: DecodeConfig | None = None, max_rows: int = 16):
+    def __init__(self, stepper: RowStepper, cfg: DecodeConfig | None = None, max_rows: int = 16,
+                 admit_min: int | None = None):
         cfg = cfg or DecodeConfig()
         if cfg.num_beams != 1:
             raise ValueError("continuous batching decodes greedily (num_beams=1); use static batching for beams")
@@ -153,6 +154,11 @@ class ContinuousDecoder:
         if max_rows < 1:
             raise ValueError(f"max_rows must be >= 1, got {max_rows}")
         self.stepper, self.cfg, self.max_rows = stepper, cfg, max_rows
+        # An admission is a model call of its own (encoder + first step): under a long queue, wait until this
+        # many rows are free rather than admitting one or two at every step (measured: at 32 clients the
+        # one-by-one admissions made continuous batching slower than static). An idle or light load
+        # (fewer waiting than this) is admitted at once.
+        self.admit_min = admit_min if admit_min is not None else max(1, max_rows // 4)
         self.waiting: deque[tuple[Hashable, list[int]]] = deque()
         self.running: list[_Row] = []
         self.state: RowState | None = None
@@ -192,6 +198,8 @@ class ContinuousDecoder:
         the next step on they run with the others (appended after the rows already running)."""
         room = self.max_rows - len(self.running)
         if room <= 0 or not self.waiting:
+            return []
+        if self.running and room < min(self.admit_min, len(self.waiting)):
             return []
         batch = [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
         ids, mask = pad_sources([ids for _, ids in batch], self.stepper.pad_id)

@@ -104,7 +104,7 @@ class Served:
 
 
 def gated_translator(preset: Preset, engine: str, threads: int, bundle: Bundle, artifact: str | None = None,
-                     batching: bool = True) -> Served:
+                     batching: bool = True, inter_threads: int = 1) -> Served:
     """The Served `engine`, or the fastest gated one when engine is 'auto'.
 
     A variant whose gate fails (or whose engine is not installed) is never served: 'auto' moves
@@ -112,8 +112,15 @@ def gated_translator(preset: Preset, engine: str, threads: int, bundle: Bundle, 
     skips engines whose answers depend on their batch mates (`invariance`).
     """
     model_id = f"{preset.name}/{bundle.name}"
+
+    def build(candidate: str, path):
+        if variants.VARIANTS[candidate].backend == "ctranslate2":  # inter translators share the threads
+            return variants.build_translator(candidate, preset, max(1, threads // inter_threads), bundle, path,
+                                             inter_threads=inter_threads)
+        return variants.build_translator(candidate, preset, threads, bundle, path, spin=False)
+
     if artifact is not None or engine == "torch":
-        translator = variants.build_translator(engine, preset, threads, bundle, artifact, spin=False)
+        translator = build(engine, artifact)
         why = "named on the command line" + (" (--artifact: gated by the caller)" if artifact else "")
         return Served(translator, f"{model_id}/{engine}", engine, artifact, bundle, threads, why, None,
                       invariance(engine))
@@ -127,7 +134,7 @@ def gated_translator(preset: Preset, engine: str, threads: int, bundle: Bundle, 
             continue
         check = variants.check_chain(preset, candidate, bundle)
         if check.status == "ok":
-            translator = variants.build_translator(candidate, preset, threads, bundle, check.artifact, spin=False)
+            translator = build(candidate, check.artifact)
             order = "the ledger's `labkit bench` p50" if candidate in measured else "the default order (SERVING_ORDER)"
             why = ("named on the command line" if engine != "auto"
                    else f"auto: the fastest by {order} whose gate passes" + (f"; {'; '.join(reasons)}" if reasons else ""))
@@ -150,7 +157,10 @@ def load_served(args: argparse.Namespace) -> Served:
                       preset.threads, "--bundle-dir: served with PyTorch", None, invariance("torch"))
     bundle = bundle_for(preset, args.bundle)
     batching = getattr(args, "max_batch_size", 2) > 1
-    return gated_translator(preset, args.engine, preset.threads, bundle, args.artifact, batching)
+    inter = getattr(args, "inter_threads", None)
+    if inter is None:  # CTranslate2's throughput advice: parallel translators when it batches on its own
+        inter = 2 if batching and getattr(args, "batching", "auto") in ("auto", "ct2") and preset.threads >= 2 else 1
+    return gated_translator(preset, args.engine, preset.threads, bundle, args.artifact, batching, inter)
 
 
 def load_translator(args: argparse.Namespace):

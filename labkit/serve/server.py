@@ -24,6 +24,7 @@ from labkit.serve import ray_app
 from labkit.serve.app import create_app
 from labkit.serve.batcher import BatchConfig
 from labkit.serve.continuous import ContinuousBatcher
+from labkit.serve.ct2_runner import TOKENS_PER_BATCH, Ct2Runner
 from labkit.serve.engine import ENGINES, Served, load_served, row_stepper, warm_texts
 from labkit.serve.metrics import Metrics
 from labkit.serve.service import Limits, ServeConfig, TranslationService
@@ -34,13 +35,24 @@ log = logging.getLogger("labkit.serve")
 KEEP_ALIVE_S = 20
 
 
-BATCHING = ("auto", "continuous", "static")  # auto: continuous where the engine has a row stepper
+BATCHING = ("auto", "continuous", "static", "ct2")  # auto: continuous where the engine has a row stepper,
+# CTranslate2's own batching for its engines, else static
 
 
 def make_runner(served: Served, config: ServeConfig, metrics: Metrics, batching: str):
     """(runner or None for the service's static micro-batcher, the batching mode in words)."""
-    if batching == "static" or config.batch.max_batch_size == 1:
-        return None, "static" if config.batch.max_batch_size > 1 else "serial (max batch size 1)"
+    is_ct2 = served.engine.startswith("ct2")
+    if batching == "ct2" and not is_ct2:
+        raise ValueError(f"--batching ct2 is CTranslate2's own batching; {served.engine} is not a CTranslate2 engine")
+    if config.batch.max_batch_size == 1:
+        return None, "serial (max batch size 1)"
+    if is_ct2 and batching in ("auto", "ct2"):
+        engine = served.translator.engine
+        return Ct2Runner(served.translator, config.batch, on_batch=metrics.observe_batch), (
+            f"ct2 (CTranslate2's own: translate_batch asynchronous, batch_type tokens, {TOKENS_PER_BATCH} tokens, "
+            f"inter_threads {engine.num_translators}, intra_threads {served.translator.threads})")
+    if batching == "static":
+        return None, "static"
     try:
         stepper = row_stepper(served)
     except ValueError as exc:
@@ -88,6 +100,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the preset's)")
+    parser.add_argument("--inter-threads", type=int, default=None,
+                        help="CTranslate2: translators run in parallel, each with threads/inter intra threads "
+                             "(default: 2 with --batching ct2/auto on 2+ threads, else 1)")
     parser.add_argument("--max-batch-size", type=int, default=d.max_batch_size, help="1 = serial serving")
     parser.add_argument("--batching", default="auto", choices=BATCHING,
                         help="continuous: rows join and leave at every decode step; static: whole batches; "
