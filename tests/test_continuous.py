@@ -143,3 +143,18 @@ def test_ort_int8_rows_graph_is_quantized_like_its_directory(tiny_module_bundle,
     stepper = OrtRowStepper.from_dir(int8, out)
     gate = identity_gate(stepper, OrtStepper.from_dir(int8), rows[:8], CFG, max_rows=1)
     assert gate["passed"], gate["detail"]  # batch 1 throughout: int8 per-tensor scales see one row
+
+
+def test_the_teacher_decodes_the_same_tokens_with_staggered_arrivals():
+    """The committed teacher, 48 test sentences joining a running batch of up to 8 at staggered steps:
+    every sentence's tokens are its batch-1 greedy decode (PyTorch fp32)."""
+    from labkit.core.bundle import load_teacher
+
+    torch.set_num_threads(2)
+    teacher = load_teacher()
+    tok = teacher.tokenizer
+    teacher_rows = [tok(p.zh)["input_ids"] for p in data.load_split("test", limit=48)]
+    cfg = DecodeConfig(max_new_tokens=64)
+    gate = identity_gate(TorchRowStepper(teacher.model), TorchStepper(teacher.model), teacher_rows, cfg, max_rows=8)
+    assert gate["passed"], gate["detail"]
+    assert gate["mean_rows"] > 2
