@@ -14,6 +14,10 @@ TensorRT, a quantizer) can drive them without knowing Hugging Face cache objects
                                   cross_key_{i}, cross_value_{i} (B,H_i,S,d_head)
                                   -> logits (B,V), present_key_self_{i}, present_value_self_{i} (B,H_i,P+1,d_head)
 
+A fourth graph, `decoder_rows` (DecoderRowsGraph: positions (B,) and self_mask (B,P) added, so every
+row sits at its own position over a left-padded cache), is exported on demand for continuous
+batching (labkit.engines.rows), not as part of an export directory.
+
 Batch, source length, target length and past length are dynamic; the head count
 H_i may differ per layer (pruned models). The decoder graphs are the Marian
 decoder written over explicit K/V tensors (`decoder_layer` below), not Hugging

@@ -1,12 +1,15 @@
-"""`labkit serve`: one process, one gated translator, the micro-batcher, uvicorn on a local port.
+"""`labkit serve`: one process, one gated translator, a batcher, uvicorn on a local port.
 
     labkit serve --preset ci --engine ort-int8 --host 127.0.0.1 --port 8000
     labkit serve --preset ci --max-batch-size 1          # serial serving, for comparison
     labkit serve --preset ci --backend ray               # the same app as a Ray Serve deployment
 
-`--engine` is any gated variant (torch, ort-fp32, ort-int8, ct2-int8; `auto`, the default, is
-the fastest whose gate passes: labkit.serve.engine). The model loads and warms in a thread while
-the server already answers /healthz. SIGTERM drains requests in flight and exits 0.
+`--engine` is any variant of the registry (labkit.engines.variants; `auto`, the default, is the
+fastest whose gate passes and whose answers do not depend on the batch: labkit.serve.engine).
+`--batching`: continuous (labkit.serve.continuous; the default where the engine has a row stepper),
+static (labkit.serve.batcher), or ct2 (CTranslate2's own, labkit.serve.ct2_runner). The model loads
+and warms in a thread while the server already answers /healthz. SIGTERM starts a lame-duck period
+(`lame_duck_server`), then drains requests in flight and exits 0.
 
 Left out: process managers and multiple workers per port (scale out with `--backend ray`).
 """
