@@ -158,3 +158,23 @@ def test_the_teacher_decodes_the_same_tokens_with_staggered_arrivals():
     gate = identity_gate(TorchRowStepper(teacher.model), TorchStepper(teacher.model), teacher_rows, cfg, max_rows=8)
     assert gate["passed"], gate["detail"]
     assert gate["mean_rows"] > 2
+
+
+def test_per_token_int8_answers_the_same_whatever_shares_its_batch(tiny_module_bundle, tiny_onnx_dir, rows, tmp_path):
+    """The served int8 recipe: one sentence alone and inside 20 different mixed batches gives the same tokens,
+    and continuous batching (rows joining and leaving every step) gives every sentence its batch-1 tokens."""
+    from labkit.config import Preset
+    from labkit.engines.onnx_export import derive
+    from labkit.engines.ort import translator as ort_translator
+    from labkit.engines.ort_int8 import per_token_activations, recipe_of
+    from labkit.serve.engine import invariance_probe
+
+    int8 = quantize_dir(tiny_onnx_dir, tmp_path / "int8")
+    token = derive(int8, tmp_path / "token", per_token_activations,
+                   quantization={**recipe_of(int8), "per_token": True})
+    translator = ort_translator(token, tiny_module_bundle, Preset.from_name("ci"))
+    probe = invariance_probe(translator, rows, probes=3, batches=20)
+    assert probe["trials"] == 60 and probe["changed"] == 0, probe["examples"]
+    gate = identity_gate(OrtRowStepper.from_dir(token, ensure_rows(token, tiny_module_bundle)), OrtStepper.from_dir(token),
+                         rows, CFG, max_rows=6)
+    assert gate["passed"], gate["detail"]

@@ -7,7 +7,6 @@ builds its prerequisites itself); each test then checks one notebook's records.
 from __future__ import annotations
 
 import importlib.util
-
 import math
 import os
 import subprocess

@@ -15,7 +15,7 @@ from labkit.core.data import load_split
 from labkit.core.translator import translator_for
 from labkit.engines.rows import TorchRowStepper
 from labkit.serve.batcher import BatchConfig, Closed, QueueFull, row_steps
-from labkit.serve.continuous import ContinuousBatcher
+from labkit.serve.continuous_batcher import ContinuousBatcher
 from labkit.serve.metrics import Metrics, parse
 
 TEXTS = [p.zh for p in load_split("test", limit=20)]
@@ -151,7 +151,8 @@ def test_every_registry_engine_is_servable_and_says_whether_it_is_batch_invarian
 
 
 def test_auto_skips_engines_whose_answers_depend_on_the_batch(monkeypatch, tiny_module_bundle):
-    """With batching, `auto` passes over ort-int8 (not invariant) without building or gating it."""
+    """With batching, `auto` passes over ort-int8 (not invariant) without building or gating it, and serves the
+    same weights with per-token scales."""
     from labkit.engines import variants
     from labkit.serve import engine
 
@@ -165,7 +166,7 @@ def test_auto_skips_engines_whose_answers_depend_on_the_batch(monkeypatch, tiny_
     monkeypatch.setattr(variants, "check_chain", check_chain)
     monkeypatch.setattr(variants, "build_translator", lambda *a, **k: "translator")
     served = engine.gated_translator(Preset.from_name("ci"), "auto", 1, tiny_module_bundle, batching=True)
-    assert served.engine == "ct2-int8" and gated == ["ct2-int8"]
+    assert served.engine == "ort-int8-token" and gated == ["ort-int8-token"]
     assert "ort-int8 skipped: not batch-invariant" in served.why and served.invariance[0]
     served = engine.gated_translator(Preset.from_name("ci"), "auto", 1, tiny_module_bundle, batching=False)
     assert served.engine == "ort-int8"  # serial serving: one row per call, nothing to depend on

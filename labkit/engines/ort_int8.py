@@ -441,6 +441,26 @@ def ensure_quantized(preset: Preset, bundle: Bundle, kind: str = "dynamic", bloc
     return ensure(out, SIDECAR, recipe, build)
 
 
+def ensure_per_token(preset: Preset, bundle: Bundle) -> Path:
+    """The dynamic int8 copy with one activation scale per token (`per_token_activations`): the same weights
+    as `ensure_quantized(preset, bundle, "dynamic")`, answers that do not depend on the batch.
+
+        ensure_per_token(Preset.from_name("ci"), teacher)   # artifacts/ci/onnx-teacher-int8-dynamic-token
+    """
+    src = ensure_quantized(preset, bundle, "dynamic")
+    out = src.with_name(src.name + "-token")
+    parent = recipe_of(src) or {}
+    recipe = {"parent_sidecar_sha256": sidecar_digest(src), "activations": "uint8 dynamic, one scale per token"}
+    counts: dict[str, int] = {}
+
+    def build(tmp: Path) -> None:
+        derive_into(src, tmp, lambda a, b: counts.__setitem__(a.name, per_token_activations(a, b)),
+                    quantization={**parent, "activations": recipe["activations"], "per_token": True,
+                                  "per_token_rewrites": counts})
+
+    return ensure(out, SIDECAR, recipe, build)
+
+
 def calibration_for(onnx_dir: Path | str, preset, budget: QuantBudget | None = None) -> dict[str, list[dict]]:
     """Calibration feeds from the preset's training sentences, decoded as the preset decodes."""
 
@@ -458,3 +478,80 @@ def _tokenizer_for(preset):
 
         return MarianTokenizer.from_pretrained(preset.model.name_or_path)
     return load_teacher().tokenizer
+
+
+# --------------------------------------------------------------------------- per-token activation scales
+
+
+def per_token_activations(src: Path, dst: Path) -> int:
+    """Rewrite a dynamically quantized graph so every activation gets one scale per token, not per tensor.
+
+    `quantize_dynamic` quantizes a MatMul's input with DynamicQuantizeLinear: one uint8 scale and zero
+    point for the whole tensor, i.e. for every sentence in the batch at once, so a sentence's answer
+    depends on its batch mates. Here each DynamicQuantizeLinear becomes the same arithmetic over the last
+    axis only (ReduceMin/ReduceMax per token, range widened to include 0, scale = range / 255), and
+    since MatMulInteger takes only a scalar input zero point, the zero point is subtracted after it:
+    (x_q - zp) @ W = x_q @ W - zp * colsum(W). Nothing mixes tokens any more, so nothing mixes
+    sentences. Returns the number of DynamicQuantizeLinear nodes rewritten.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(str(src))
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    added_consts: set[str] = set()
+
+    def const(name: str, value: np.ndarray) -> str:
+        if name not in added_consts:
+            graph.initializer.append(numpy_helper.from_array(value, name))
+            added_consts.add(name)
+        return name
+
+    zero, top = const("pt/zero", np.array(0.0, np.float32)), const("pt/255", np.array(255.0, np.float32))
+    eps, axes = const("pt/eps", np.array(1e-12, np.float32)), const("pt/last_axis", np.array([-1], np.int64))
+    after_cast: dict[str, list] = {}  # Cast node name -> nodes that must follow it
+    out_nodes, count = [], 0
+
+    def op(kind, inputs, out, **attrs):
+        out_nodes.append(helper.make_node(kind, inputs, [out], name=f"pt/{out}", **attrs))
+        return out
+
+    for node in graph.node:
+        if node.op_type != "DynamicQuantizeLinear":
+            out_nodes.append(node)
+            out_nodes += after_cast.pop(node.name, [])
+            continue
+        count += 1
+        x, (xq, xs, _xzp) = node.input[0], node.output
+        p = f"pt{count}"
+        lo = op("Min", [op("ReduceMin", [x, axes], f"{p}_min", keepdims=1), zero], f"{p}_lo")
+        hi = op("Max", [op("ReduceMax", [x, axes], f"{p}_max", keepdims=1), zero], f"{p}_hi")
+        op("Max", [op("Div", [op("Sub", [hi, lo], f"{p}_range"), top], f"{p}_s"), eps], xs)
+        zp = op("Clip", [op("Round", [op("Div", [op("Neg", [lo], f"{p}_neg"), xs], f"{p}_zq")], f"{p}_zr"), zero, top],
+                f"{p}_zp")
+        shifted = op("Add", [op("Round", [op("Div", [x, xs], f"{p}_xd")], f"{p}_xr"), zp], f"{p}_xs")
+        op("Cast", [op("Clip", [shifted, zero, top], f"{p}_xc")], xq, to=TensorProto.UINT8)
+        for mm in consumers.get(xq, []):
+            if mm.op_type != "MatMulInteger":
+                raise ValueError(f"{src.name}: {mm.name} ({mm.op_type}) reads {xq}; only MatMulInteger is rewritten")
+            w = numpy_helper.to_array(inits[mm.input[1]]).astype(np.int64)
+            w_zp = numpy_helper.to_array(inits[mm.input[3]]).astype(np.int64) if len(mm.input) > 3 and mm.input[3] else 0
+            colsum = const(f"{mm.name or mm.output[0]}/colsum", (w - w_zp).sum(0).astype(np.float32))
+            mm.input[2] = ""  # input zero point 0: subtracted below instead
+            (cast,) = [c for c in consumers[mm.output[0]] if c.op_type == "Cast"]
+            out = cast.output[0]
+            cast.output[0] = f"{out}/raw"
+            after_cast[cast.name] = [
+                helper.make_node("Mul", [zp, colsum], [f"{out}/zp_term"], name=f"{cast.name}/zp_term"),
+                helper.make_node("Sub", [f"{out}/raw", f"{out}/zp_term"], [out], name=f"{cast.name}/zp_fix")]
+    if after_cast:
+        raise ValueError(f"{src.name}: Cast nodes {sorted(after_cast)} not found after their MatMulInteger")
+    del graph.node[:]
+    graph.node.extend(out_nodes)
+    onnx.save_model(model, str(dst))
+    return count

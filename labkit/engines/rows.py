@@ -37,7 +37,7 @@ from labkit.engines.onnx_graphs import (
     read_sidecar,
 )
 from labkit.engines.ort import load_session
-from labkit.engines.ort_int8 import quantize_dynamic_file, sidecar_digest
+from labkit.engines.ort_int8 import per_token_activations, quantize_dynamic_file, sidecar_digest
 
 ROWS_SIDECAR = "rows.json"
 ROWS_FILE = "decoder_rows_model.onnx"
@@ -158,6 +158,8 @@ def write_rows(model, directory: Path, tmp: Path) -> None:
         nodes = quantize_dynamic_file(fp32, tmp / ROWS_FILE, recipe["blocks"], meta["model"],
                                       recipe.get("ort_optimizer", True))
         fp32.unlink()
+        if recipe.get("per_token"):  # as the directory's graphs: one activation scale per token
+            per_token_activations(tmp / ROWS_FILE, tmp / ROWS_FILE)
     write_json_atomic(tmp / ROWS_SIDECAR, {"schema": ROWS_SCHEMA, "file": ROWS_FILE, "exporter": exporter,
                                            "parity_fp32": parity, "nodes_quantized": nodes,
                                            "seconds": round(time.perf_counter() - start, 1)})

@@ -4,7 +4,7 @@
     check.status, check.gate["detail"]                    # 'ok', 'BLEU 99.24 vs ort-fp32 99.24: drop 0.00 ...'
     translator = build_translator("ort-int8", preset, 2, bundle, artifact=check.artifact)
 
-VARIANTS names every variant (torch, ort-fp32, ort-int8, ort-int8-all, ort-int8-qdq, ct2-fp32,
+VARIANTS names every variant (torch, ort-fp32, ort-int8, ort-int8-token (per-token activation scales), ort-int8-all, ort-int8-qdq, ct2-fp32,
 ct2-int8; ort-int8-sl, ort-int8-all-sl and ct2-int8-vmap, the same engines decoding over a vocabulary
 shortlist; ort-fp32-loop, ort-int8-loop and ort-int8-all-loop, the decode loop inside the engine) with its backend,
 precision and parent. `check_variant(s)` builds what a variant runs
@@ -33,6 +33,7 @@ from labkit.engines.ort import OrtStepper
 from labkit.engines.ort_int8 import (
     ALL_BLOCKS_BASIS,
     BLOCKS,
+    ensure_per_token,
     ensure_quantized,
     evaluate_translator,
     gate_pairs,
@@ -66,6 +67,8 @@ VARIANTS: dict[str, Variant] = {
     "ort-fp32": Variant("onnxruntime", "onnx", "fp32", "torch", "ONNX Runtime, exported graphs"),
     "ort-int8": Variant("onnxruntime", "quantization", "int8", "ort-fp32",
                         "ONNX Runtime, optimized + dynamic int8 (labkit.engines.ort_int8 'dynamic')"),
+    "ort-int8-token": Variant("onnxruntime", "quantization", "int8", "ort-fp32",
+                              "ort-int8 with one activation scale per token: answers independent of the batch"),
     "ort-int8-all": Variant("onnxruntime", "quantization", "int8", "ort-fp32",
                             "ONNX Runtime, dynamic int8 of every block, LM head and embeddings included"),
     "ort-int8-qdq": Variant("onnxruntime", "quantization", "int8", "ort-fp32",
@@ -129,6 +132,8 @@ def artifact_for(variant: str, preset: Preset, bundle: Bundle):
         # The LM head is the largest matrix of a 65k-vocabulary model: where int8 pays most, and
         # what the default recipe keeps in float until it is measured safe. Its own gate still applies.
         return ensure_quantized(preset, bundle, "dynamic", blocks=BLOCKS, tag="all", basis=ALL_BLOCKS_BASIS)
+    if variant == "ort-int8-token":
+        return ensure_per_token(preset, bundle)
     if variant.startswith("ort-int8"):
         return ensure_quantized(preset, bundle, "qdq" if variant.endswith("qdq") else "dynamic")
     compute_type = {short: full for full, short in COMPUTE_TYPES_SHORT.items()}[VARIANTS[variant].precision]

@@ -11,7 +11,7 @@ start-ups overlap), measured one at a time (`labkit.serve.loadtest`), and stoppe
 when something fails. Modes (MODES): `serial` serves one sentence per model call, `static`
 batches up to the budget's max_batch_size and decodes each batch until its longest sentence ends,
 `continuous` lets sentences join and leave the running batch at every decode step
-(labkit.serve.continuous), `continuous+cache` adds the translation cache, and `ct2` is CTranslate2's
+(labkit.serve.continuous_batcher), `continuous+cache` adds the translation cache, and `ct2` is CTranslate2's
 own batching (labkit.serve.ct2_runner), for CTranslate2 engines only (`modes_for`). All use the
 tokenizer cache and the same Zipf-drawn texts, so repeated sentences exist in every run and only
 the cache mode can skip them.
@@ -23,19 +23,20 @@ process would not) and tuning max_batch_size/max_wait_ms (parameters of the note
 from __future__ import annotations
 
 import math
-import time
 from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any
 
 from labkit.config import Preset, ServeBudget
 from labkit.core.bundle import Bundle
 from labkit.core.data import load_split
+from labkit.core.translator import decode_config
 from labkit.engines.rows import identity_gate
 from labkit.engines.variants import VARIANTS, Check, ancestors, build_translator, check_variants
 from labkit.measure.gates import exactly_once_gate
 from labkit.measure.ledger import make_record
 from labkit.measure.plots import series_colors
 from labkit.serve.crosscheck import compare_rows
+from labkit.serve.engine import Served, invariance, row_stepper
 from labkit.serve.loadtest import LoadPoint, LoadSpec, TextPool, closed_loop, crosscheck, open_loop, points_frame
 from labkit.serve.process import ServerProcess
 
@@ -176,9 +177,6 @@ def continuous_gates(preset: Preset, checks: dict[str, Check], bundle: Bundle, s
     activation scales depend on the rows that share a step.
     """
     import pandas as pd
-
-    from labkit.core.translator import decode_config
-    from labkit.serve.engine import Served, invariance, row_stepper
 
     rows_out = []
     texts = [p.zh for p in load_split("test", limit=sentences)]

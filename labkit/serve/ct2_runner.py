@@ -27,9 +27,9 @@ TOKENS_PER_BATCH = 1024  # CTranslate2's documented example for batch_type="toke
 
 
 class Ct2Runner:
-    def __init__(self, translator, config: BatchConfig = BatchConfig(), tokens_per_batch: int = TOKENS_PER_BATCH,
+    def __init__(self, translator, config: BatchConfig | None = None, tokens_per_batch: int = TOKENS_PER_BATCH,
                  on_batch: Callable[[int, float], None] | None = None):
-        self.translator, self.config, self.tokens_per_batch = translator, config, tokens_per_batch
+        self.translator, self.config, self.tokens_per_batch = translator, config or BatchConfig(), tokens_per_batch
         self.on_batch = on_batch
         self._pending: list[Job] = []
         self._wakeup: asyncio.Event | None = None
@@ -96,8 +96,8 @@ class Ct2Runner:
         try:
             ids = [[self.translator.ids[tok] for tok in r.result().hypotheses[0]] for r in results]
             texts, notes = self.translator.detokenize(ids)
-        except Exception as exc:  # noqa: BLE001 - the engine's error goes to its own sentences
-            loop.call_soon_threadsafe(lambda: [resolve(j, error=exc) for j in jobs])
+        except Exception as exc:  # the engine's error goes to its own sentences
+            loop.call_soon_threadsafe(lambda e=exc: [resolve(j, error=e) for j in jobs])
             return
         model_ms = (time.perf_counter() - start) * 1e3
         if self.on_batch is not None:

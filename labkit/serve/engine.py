@@ -48,8 +48,8 @@ log = logging.getLogger("labkit.serve")
 ENGINES = tuple(variants.VARIANTS)
 # Fastest first, as measured here (DESIGN: opus-mt shape, batch 1, 2 threads: ORT int8 240 ms,
 # CTranslate2 int8 345, ORT fp32 480, PyTorch 760); a ledger with bench records overrides it.
-SERVING_ORDER = ("ort-int8", "ct2-int8", "ort-fp32", "torch")
-INVARIANT_INT8 = {"ct2-int8", "ct2-int8-vmap", "ort-int8-qdq"}  # per-row or static activation scales
+SERVING_ORDER = ("ort-int8", "ort-int8-token", "ct2-int8", "ort-fp32", "torch")
+INVARIANT_INT8 = {"ct2-int8", "ct2-int8-vmap", "ort-int8-qdq", "ort-int8-token"}  # per-row/token or static scales
 
 
 def invariance(engine: str) -> tuple[bool, str]:
@@ -58,8 +58,10 @@ def invariance(engine: str) -> tuple[bool, str]:
     if v.precision == "fp32":
         return True, "fp32: a row's arithmetic does not depend on the other rows (up to summation order)"
     if engine in INVARIANT_INT8:
-        return True, ("int8 with per-row activation scales (CTranslate2)" if v.backend == "ctranslate2"
-                      else "int8 with calibrated static activation scales")
+        if v.backend == "ctranslate2":
+            return True, "int8 with per-row activation scales (CTranslate2)"
+        return True, ("int8 with one activation scale per token (labkit.engines.ort_int8.per_token_activations)"
+                      if engine == "ort-int8-token" else "int8 with calibrated static activation scales")
     return False, ("dynamic int8 quantizes activations with one scale per tensor over the whole batch: "
                    "a sentence's tokens can change with what shares its batch")
 WARM_TEXTS = 16  # test sentences the model translates before /readyz says ready
@@ -169,15 +171,18 @@ def load_translator(args: argparse.Namespace):
     return served.translator, served.model_id
 
 
+ROW_ENGINES = ("ort-fp32", "ort-int8", "ort-int8-token", "ort-int8-all")  # ONNX Runtime engines with a rows graph
+
+
 def row_stepper(served: Served):
     """The continuous-batching stepper of a served engine (labkit.engines.rows), or ValueError saying why not."""
     if served.engine == "torch":
         return TorchRowStepper(served.bundle.model)
-    if served.engine in ("ort-fp32", "ort-int8", "ort-int8-all"):
+    if served.engine in ROW_ENGINES:
         return OrtRowStepper.from_dir(served.artifact, ensure_rows(served.artifact, served.bundle), served.threads,
                                       spin=False)
-    raise ValueError(f"{served.engine} has no continuous batching here (torch, ort-fp32, ort-int8 and "
-                     "ort-int8-all do); serve it with --batching static")
+    raise ValueError(f"{served.engine} has no continuous batching here (torch, {', '.join(ROW_ENGINES)} do); "
+                     "serve it with --batching static")
 
 
 def invariance_probe(translator, rows: list[list[int]], probes: int = 5, batches: int = 20,

@@ -6,7 +6,7 @@
 
 `--engine` is any variant of the registry (labkit.engines.variants; `auto`, the default, is the
 fastest whose gate passes and whose answers do not depend on the batch: labkit.serve.engine).
-`--batching`: continuous (labkit.serve.continuous; the default where the engine has a row stepper),
+`--batching`: continuous (labkit.serve.continuous_batcher; the default where the engine has a row stepper),
 static (labkit.serve.batcher), or ct2 (CTranslate2's own, labkit.serve.ct2_runner). The model loads
 and warms in a thread while the server already answers /healthz. SIGTERM starts a lame-duck period
 (`lame_duck_server`), then drains requests in flight and exits 0.
@@ -26,7 +26,7 @@ from labkit.config import PRESETS
 from labkit.serve import ray_app
 from labkit.serve.app import create_app
 from labkit.serve.batcher import BatchConfig
-from labkit.serve.continuous import ContinuousBatcher
+from labkit.serve.continuous_batcher import ContinuousBatcher
 from labkit.serve.ct2_runner import TOKENS_PER_BATCH, Ct2Runner
 from labkit.serve.engine import ENGINES, Served, load_served, row_stepper, warm_texts
 from labkit.serve.metrics import Metrics

@@ -29,10 +29,11 @@ from labkit.serve.batcher import BatchConfig, Closed, Done, Job, QueueFull, Stag
 
 
 class ContinuousBatcher:
-    def __init__(self, stages: Stages, stepper: RowStepper, config: BatchConfig = BatchConfig(),
+    def __init__(self, stages: Stages, stepper: RowStepper, config: BatchConfig | None = None,
                  on_step: Callable[[int, float], None] | None = None,
                  on_work: Callable[[int, int], None] | None = None):
-        self.stages, self.config = stages, config
+        self.stages, self.config = stages, config or BatchConfig()
+        config = self.config
         self.on_step = on_step  # (rows, seconds) per decoder step, for /metrics' batch histograms
         self.on_work = on_work  # (useful row-steps, computed row-steps), for the useful-step fraction
         cfg = replace(stages.decode_cfg, num_beams=1)
@@ -156,7 +157,7 @@ class ContinuousBatcher:
             try:
                 texts, notes = self.stages.detokenize([ids for _, ids, _, _ in finished])
             except Exception as exc:
-                self._call(lambda: [resolve(j, error=exc) for j, *_ in finished])
+                self._call(lambda e=exc: [resolve(j, error=e) for j, *_ in finished])
                 return
             done = [(job, Done(text, ids, note, batch, (started - job.enqueued) * 1e3, (now - started) * 1e3))
                     for (job, ids, started, batch), text, note in zip(finished, texts, notes)]
