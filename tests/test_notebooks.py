@@ -205,7 +205,7 @@ def test_serving_records_hold_serial_static_and_continuous_points_per_concurrenc
     _, df = ci_run
     serving = records(df, technique="serving")
     modes = ("serial", "static", "continuous")
-    want = {f"serve-{e}-{m}" for e in ("torch", "ort-int8") for m in modes}
+    want = {f"serve-{e}-{m}" for e in ("torch", "ort-int8-token") for m in modes}
     if importlib.util.find_spec("ctranslate2") is not None:
         want.add("serve-ct2-int8-ct2")  # the peer, with its own batching
     assert want <= set(serving["variant"])
@@ -218,10 +218,10 @@ def test_serving_records_hold_serial_static_and_continuous_points_per_concurrenc
         for p in points.values():
             assert all(finite(p[k]) for k in ("rps", "sentences_per_s", "p50_ms", "p95_ms", "p99_ms"))
             assert p["p50_ms"] <= p["p95_ms"] <= p["p99_ms"] and p["lost"] == p["duplicated"] == 0
-    batched = serving[serving["variant"] == "serve-ort-int8-continuous"]["record"].iloc[-1]
+    batched = serving[serving["variant"] == "serve-ort-int8-token-continuous"]["record"].iloc[-1]
     assert max(p["mean_batch_size"] for p in batched["points"]) > 1.5  # concurrent requests shared decoder steps
     assert all(p["useful_fraction"] == 1.0 for p in batched["points"])  # finished rows leave at once
-    static = serving[serving["variant"] == "serve-ort-int8-static"]["record"].iloc[-1]
+    static = serving[serving["variant"] == "serve-ort-int8-token-static"]["record"].iloc[-1]
     assert min(p["useful_fraction"] for p in static["points"]) < 1.0  # padding of rows that finished early
 
 

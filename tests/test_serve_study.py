@@ -109,7 +109,7 @@ def test_an_engine_that_failed_its_gate_is_recorded_failed_and_not_measured():
 
 def test_a_target_the_sweep_does_not_measure_stops_the_notebook_at_once():
     ci = Preset.from_name("ci")
-    nb08.check_parameters(ci, "ort-int8", 8)
+    nb08.check_parameters(ci, "ort-int8-token", 8)
     with pytest.raises(ValueError, match=r"TARGET_CONCURRENCY 4 is not measured on preset 'ci'; it measures 1, 8, 32"):
         nb08.check_parameters(ci, "torch", 4)
     with pytest.raises(ValueError, match="TARGET_ENGINE 'ct2' is not served"):

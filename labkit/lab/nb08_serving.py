@@ -169,15 +169,17 @@ def locust_crosscheck(preset: Preset, checks: dict[str, Check], engine: str, use
 
 
 def continuous_gates(preset: Preset, checks: dict[str, Check], bundle: Bundle, sentences: int = 48,
-                     max_rows: int = 8) -> pd.DataFrame:
+                     max_rows: int = 8, also: tuple[str, ...] = ("ort-int8",)) -> pd.DataFrame:
     """Each served engine with a row stepper: its tokens under continuous batching with staggered arrivals vs
     its own batch-1 decodes on `sentences` test sentences (`labkit.engines.rows.identity_gate`).
 
-    fp32 engines must be identical (`required`); a dynamic-int8 engine is shown, not required: its
-    activation scales depend on the rows that share a step.
+    Batch-invariant engines must be identical (`required`); `also` adds engines that are not served here
+    but teach the contrast (ort-int8: per-tensor activation scales depend on the rows that share a step).
     """
     import pandas as pd
 
+    extra = [e for e in also if e not in checks]
+    checks = {**checks, **(gate_engines(preset, bundle, tuple(extra)) if extra else {})}
     rows_out = []
     texts = [p.zh for p in load_split("test", limit=sentences)]
     for engine, check in checks.items():
@@ -245,7 +247,7 @@ def _ratio(a, b, column: str = "sentences_per_s") -> float | None:
     return round(float(a[column] / b[column]), 2)
 
 
-def serving_targets(df: pd.DataFrame, engine: str = "ort-int8", concurrency: int = 8,
+def serving_targets(df: pd.DataFrame, engine: str = "ort-int8-token", concurrency: int = 8,
                     peer: str = "ct2-int8") -> list[dict]:
     """The issue's aims, one row each: what was measured, whether it was met, and how to read it.
 
