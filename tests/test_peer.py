@@ -266,3 +266,35 @@ def test_the_served_int8_recipe_answers_the_same_whatever_shares_its_batch(fixtu
     probe = invariance_probe(translator, rows, probes=3, batches=20)
     assert probe["trials"] == 60 and probe["changed"] == 0, probe["examples"]
     assert invariance("ct2-int8")[0] and not invariance("ort-int8")[0]
+
+
+@requires_ct2
+def test_ct2s_own_batching_answers_every_sentence_as_ctranslate2_alone_does(fixture_ct2):
+    """The peer runner (labkit.serve.ct2_runner): requests handed over while earlier ones run, two translators;
+    each answer is CTranslate2's own for that sentence, and close() waits for everything accepted."""
+    import asyncio
+
+    from labkit.serve.batcher import BatchConfig, Closed
+    from labkit.serve.ct2_runner import Ct2Runner
+
+    _, dirs = fixture_ct2
+    translator = ct2.Ct2Translator(dirs["int8"], decode=DecodeConfig(max_new_tokens=32), inter_threads=2)
+    rows = [translator.token_ids(p.zh)[0] for p in load_split("test", limit=24)]
+    alone = [translator.generate([r])[0] for r in rows]
+
+    async def main():
+        runner = Ct2Runner(translator, BatchConfig(max_queue=64))
+        await runner.start()
+        futures = []
+        for i, r in enumerate(rows):
+            futures += runner.submit([r])
+            await asyncio.sleep(0.002 * (i % 2))
+        late = runner.submit(rows[:2])
+        await runner.close()
+        with pytest.raises(Closed):
+            runner.submit(rows[:1])
+        return [f.result() for f in futures + late]
+
+    done = asyncio.run(main())
+    assert [d.ids for d in done] == alone + alone[:2]
+    assert [d.text for d in done[:3]] == translator.detokenize(alone[:3])[0]

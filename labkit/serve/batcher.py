@@ -95,6 +95,15 @@ def select_batch(pending: list[Job], max_size: int, by_length: bool = True) -> l
     return [oldest] + rest[: max_size - 1]
 
 
+def new_jobs(rows: list[list[int]], beams: int, waiting: int, max_queue: int) -> list[Job]:
+    """One request's sentences as jobs on the running loop, all or none: QueueFull when `waiting` sentences plus
+    these would pass `max_queue`."""
+    if waiting + len(rows) > max_queue:
+        raise QueueFull(f"{waiting} sentences queued (limit {max_queue})")
+    loop = asyncio.get_running_loop()
+    return [Job(list(r), beams, loop.create_future()) for r in rows]
+
+
 def row_steps(generated: list[list[int]]) -> tuple[int, int]:
     """(useful, computed) decoder row-steps of a static greedy batch: every row runs until the longest ends.
 
@@ -117,24 +126,19 @@ def resolve(job: Job, value=None, error: BaseException | None = None) -> None:
 # --------------------------------------------------------------------------- runtime
 
 
-class MicroBatcher:
-    """One queue, one model thread, one detokenize thread; see the module docstring."""
+class QueueRunner:
+    """What every event-loop runner shares: one queue of jobs, a task that serves it, all-or-none admission,
+    and a close that finishes what was accepted. Subclasses write `_loop` (and `_shutdown` for their threads)."""
 
-    def __init__(self, stages: Stages, config: BatchConfig = BatchConfig(),
-                 on_batch: Callable[[int, float], None] | None = None,
-                 on_work: Callable[[int, int], None] | None = None):
-        self.stages, self.config = stages, config
-        self.on_batch = on_batch  # (sentences, model seconds) per model call, for /metrics
-        self.on_work = on_work  # (useful, computed) decoder row-steps per greedy model call
+    task_name = "labkit-runner"
+
+    def __init__(self, config: BatchConfig):
+        self.config = config
         self._pending: list[Job] = []
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
-        self._finishing: set[asyncio.Task] = set()
+        self._tasks: set[asyncio.Future] = set()  # work still finishing after the loop handed it on
         self._closing = False
-        self._model_free_at = 0.0  # perf_counter() when the last model call returned (0: never ran)
-        # One model thread: a model call already uses every core (intra-op threads); two would fight.
-        self._model_pool = ThreadPoolExecutor(1, thread_name_prefix="labkit-model")
-        self._post_pool = ThreadPoolExecutor(1, thread_name_prefix="labkit-detokenize")
 
     @property
     def queue_depth(self) -> int:
@@ -143,7 +147,7 @@ class MicroBatcher:
 
     async def start(self) -> None:
         self._wakeup = asyncio.Event()
-        self._task = asyncio.create_task(self._loop(), name="labkit-batcher")
+        self._task = asyncio.create_task(self._loop(), name=self.task_name)
 
     def submit(self, rows: list[list[int]], beams: int = 1) -> list[asyncio.Future]:
         """Queue one request's sentences (all or none); one future per row, in order.
@@ -153,10 +157,7 @@ class MicroBatcher:
         if self._closing or self._task is None:
             raise Closed("the translation service is shutting down" if self._closing else "batcher not started")
         self._pending = [j for j in self._pending if not j.future.done()]  # drop jobs whose request gave up
-        if len(self._pending) + len(rows) > self.config.max_queue:
-            raise QueueFull(f"{len(self._pending)} sentences queued (limit {self.config.max_queue})")
-        loop = asyncio.get_running_loop()
-        jobs = [Job(list(r), beams, loop.create_future()) for r in rows]
+        jobs = new_jobs(rows, beams, len(self._pending), self.config.max_queue)
         self._pending.extend(jobs)
         self._wakeup.set()
         return [j.future for j in jobs]
@@ -167,8 +168,39 @@ class MicroBatcher:
         if self._task is not None:
             self._wakeup.set()
             await self._task
-        if self._finishing:
-            await asyncio.gather(*self._finishing)
+        if self._tasks:
+            await asyncio.gather(*self._tasks)
+        self._shutdown()
+
+    def _track(self, work: asyncio.Future) -> None:
+        self._tasks.add(work)
+        work.add_done_callback(self._tasks.discard)
+
+    async def _loop(self) -> None:
+        raise NotImplementedError
+
+    def _shutdown(self) -> None:
+        """Stop the runner's threads (after everything accepted was answered)."""
+
+
+class MicroBatcher(QueueRunner):
+    """One queue, one model thread, one detokenize thread; see the module docstring."""
+
+    task_name = "labkit-batcher"
+
+    def __init__(self, stages: Stages, config: BatchConfig | None = None,
+                 on_batch: Callable[[int, float], None] | None = None,
+                 on_work: Callable[[int, int], None] | None = None):
+        super().__init__(config or BatchConfig())
+        self.stages = stages
+        self.on_batch = on_batch  # (sentences, model seconds) per model call, for /metrics
+        self.on_work = on_work  # (useful, computed) decoder row-steps per greedy model call
+        self._model_free_at = 0.0  # perf_counter() when the last model call returned (0: never ran)
+        # One model thread: a model call already uses every core (intra-op threads); two would fight.
+        self._model_pool = ThreadPoolExecutor(1, thread_name_prefix="labkit-model")
+        self._post_pool = ThreadPoolExecutor(1, thread_name_prefix="labkit-detokenize")
+
+    def _shutdown(self) -> None:
         self._model_pool.shutdown(wait=True)
         self._post_pool.shutdown(wait=True)
 
@@ -230,9 +262,7 @@ class MicroBatcher:
             self.on_batch(len(batch), model_s)
         if self.on_work is not None and batch[0].beams == 1:
             self.on_work(*row_steps(generated))
-        task = asyncio.create_task(self._finish(batch, generated, start, model_s))
-        self._finishing.add(task)
-        task.add_done_callback(self._finishing.discard)
+        self._track(asyncio.create_task(self._finish(batch, generated, start, model_s)))
 
     async def _finish(self, batch: list[Job], generated: list[list[int]], start: float, model_s: float) -> None:
         loop = asyncio.get_running_loop()

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 from labkit.core.continuous import ContinuousDecoder, RowStepper
-from labkit.serve.batcher import BatchConfig, Closed, Done, Job, QueueFull, Stages, resolve
+from labkit.serve.batcher import BatchConfig, Closed, Done, Job, Stages, new_jobs, resolve
 
 
 class ContinuousBatcher:
@@ -62,9 +62,7 @@ class ContinuousBatcher:
         """Queue one request's sentences (all or none); one future per row. QueueFull, Closed as the micro-batcher."""
         if self._closing or self._thread is None:
             raise Closed("the translation service is shutting down" if self._closing else "batcher not started")
-        if self.queue_depth + len(rows) > self.config.max_queue:
-            raise QueueFull(f"{self.queue_depth} sentences queued (limit {self.config.max_queue})")
-        jobs = [Job(list(r), beams, self._loop.create_future()) for r in rows]
+        jobs = new_jobs(rows, beams, self.queue_depth, self.config.max_queue)
         with self._cond:
             self._incoming.extend(jobs)
             self._cond.notify()

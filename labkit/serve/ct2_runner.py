@@ -21,49 +21,21 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from labkit.serve.batcher import BatchConfig, Closed, Done, Job, QueueFull, resolve
+from labkit.serve.batcher import BatchConfig, Done, Job, QueueRunner, resolve
 
 TOKENS_PER_BATCH = 1024  # CTranslate2's documented example for batch_type="tokens"
 
 
-class Ct2Runner:
+class Ct2Runner(QueueRunner):
+    task_name = "labkit-ct2"
+
     def __init__(self, translator, config: BatchConfig | None = None, tokens_per_batch: int = TOKENS_PER_BATCH,
                  on_batch: Callable[[int, float], None] | None = None):
-        self.translator, self.config, self.tokens_per_batch = translator, config or BatchConfig(), tokens_per_batch
-        self.on_batch = on_batch
-        self._pending: list[Job] = []
-        self._wakeup: asyncio.Event | None = None
-        self._task: asyncio.Task | None = None
-        self._closing = False
-        self._running: set[asyncio.Future] = set()
+        super().__init__(config or BatchConfig())
+        self.translator, self.tokens_per_batch, self.on_batch = translator, tokens_per_batch, on_batch
         self._waiters = ThreadPoolExecutor(8, thread_name_prefix="labkit-ct2-wait")  # they only block on results
 
-    @property
-    def queue_depth(self) -> int:
-        return len(self._pending)
-
-    async def start(self) -> None:
-        self._wakeup = asyncio.Event()
-        self._task = asyncio.create_task(self._loop(), name="labkit-ct2")
-
-    def submit(self, rows: list[list[int]], beams: int = 1) -> list[asyncio.Future]:
-        if self._closing or self._task is None:
-            raise Closed("the translation service is shutting down" if self._closing else "runner not started")
-        if len(self._pending) + len(rows) > self.config.max_queue:
-            raise QueueFull(f"{len(self._pending)} sentences queued (limit {self.config.max_queue})")
-        loop = asyncio.get_running_loop()
-        jobs = [Job(list(r), beams, loop.create_future()) for r in rows]
-        self._pending.extend(jobs)
-        self._wakeup.set()
-        return [j.future for j in jobs]
-
-    async def close(self) -> None:
-        self._closing = True
-        if self._task is not None:
-            self._wakeup.set()
-            await self._task
-        if self._running:
-            await asyncio.gather(*self._running)
+    def _shutdown(self) -> None:
         self._waiters.shutdown(wait=True)
 
     async def _loop(self) -> None:
@@ -86,9 +58,7 @@ class Ct2Runner:
         start = time.perf_counter()
         results = t.engine.translate_batch(source, **options, max_batch_size=self.tokens_per_batch,
                                            batch_type="tokens", asynchronous=True)
-        waiting = asyncio.get_running_loop().run_in_executor(self._waiters, self._collect, jobs, results, start)
-        self._running.add(waiting)
-        waiting.add_done_callback(self._running.discard)
+        self._track(asyncio.get_running_loop().run_in_executor(self._waiters, self._collect, jobs, results, start))
 
     def _collect(self, jobs: list[Job], results, start: float) -> None:
         """In a waiter thread: block on CTranslate2's results, detokenize, resolve on the loop."""
