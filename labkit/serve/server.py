@@ -17,12 +17,15 @@ Left out: process managers and multiple workers per port (scale out with `--back
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import signal
 import sys
+import time
 from collections.abc import Callable
 
 from labkit.config import PRESETS
+from labkit.engines.variants import VARIANTS
 from labkit.serve import ray_app
 from labkit.serve.app import create_app
 from labkit.serve.batcher import BatchConfig
@@ -36,6 +39,8 @@ log = logging.getLogger("labkit.serve")
 # Idle keep-alive connections live this long: longer than clients keep theirs (httpx: 5 s), so a
 # client never sends on a connection the server is closing at that moment (uvicorn's default: 5 s).
 KEEP_ALIVE_S = 20
+LAME_DUCK_S = 2.0  # default lame-duck period on SIGTERM: longer than a client's gap between two requests
+ACCEPTED_GRACE_S = 0.5  # after the listener closes: time for requests on just-accepted connections to arrive
 
 
 BATCHING = ("auto", "continuous", "static", "ct2")  # auto: continuous where the engine has a row stepper,
@@ -44,7 +49,7 @@ BATCHING = ("auto", "continuous", "static", "ct2")  # auto: continuous where the
 
 def make_runner(served: Served, config: ServeConfig, metrics: Metrics, batching: str):
     """(runner or None for the service's static micro-batcher, the batching mode in words)."""
-    is_ct2 = served.engine.startswith("ct2")
+    is_ct2 = VARIANTS[served.engine].backend == "ctranslate2"
     if batching == "ct2" and not is_ct2:
         raise ValueError(f"--batching ct2 is CTranslate2's own batching; {served.engine} is not a CTranslate2 engine")
     if config.batch.max_batch_size == 1:
@@ -57,7 +62,7 @@ def make_runner(served: Served, config: ServeConfig, metrics: Metrics, batching:
     if batching == "static":
         return None, "static"
     try:
-        stepper = row_stepper(served)
+        stepper = row_stepper(served.engine, served.bundle, served.artifact, served.threads)
     except ValueError as exc:
         if batching == "continuous":
             raise
@@ -126,18 +131,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="warning")
 
 
-LAME_DUCK_S = 2.0  # default lame-duck period: longer than a client's gap between two requests
-
-
 def lame_duck_server(config, state, lame_duck_s: float):
     """A uvicorn.Server whose first SIGTERM/SIGINT starts a lame-duck period before the usual shutdown.
 
     During it `state.draining` is set (labkit.serve.app: /readyz 503, `Connection: close` on every
-    response) and requests are still served; when it ends uvicorn closes the listener and drains.
+    response) and requests are still served; when it ends the listener closes, requests on connections
+    accepted just before get `ACCEPTED_GRACE_S` to arrive, and uvicorn drains.
     A second signal during the period shuts down at once.
     """
-    import time
-
     import uvicorn
 
     class LameDuckServer(uvicorn.Server):
@@ -157,6 +158,16 @@ def lame_duck_server(config, state, lame_duck_s: float):
             if self.until is not None and time.monotonic() >= self.until:
                 self.should_exit = True
             return await super().on_tick(counter)
+
+        async def shutdown(self, sockets=None) -> None:
+            # uvicorn closes the listener and then at once every connection without a request in progress,
+            # which includes one accepted a moment ago whose request is still on the wire: its client reads
+            # a reset (seen in tests/test_serve_process.py). Stop accepting first, let those requests
+            # arrive and become in-flight, then shut down as usual (they are answered, then closed).
+            for server in self.servers:
+                server.close()
+            await asyncio.sleep(ACCEPTED_GRACE_S)
+            await super().shutdown(sockets)
 
     return LameDuckServer(config)
 
