@@ -31,7 +31,7 @@ from typing import Protocol
 
 import torch
 
-from labkit.core.decode import DecodeConfig
+from labkit.core.decode import DecodeConfig, constrain
 
 
 @dataclass
@@ -162,7 +162,7 @@ class ContinuousDecoder:
         self.waiting: deque[tuple[Hashable, list[int]]] = deque()
         self.running: list[_Row] = []
         self.state: RowState | None = None
-        self.last: torch.Tensor | None = None  # (B,) each running row's last token
+        self.last = torch.empty(0, dtype=torch.long)  # (B,) each running row's last token
         self.counters = Counters()
 
     @property
@@ -213,22 +213,13 @@ class ContinuousDecoder:
             index = torch.tensor(keep, dtype=torch.long)
             self.state = merge_rows(self.state, keep_rows(fresh, index))
             self.running += [rows[i] for i in keep]
-            self.last = nxt[index] if self.last is None or not len(self.last) else torch.cat([self.last, nxt[index]])
+            self.last = torch.cat([self.last, nxt[index]])
         return finished
 
     def _choose(self, logits: torch.Tensor, generated: torch.Tensor) -> torch.Tensor:
-        """Greedy choice under Marian's constraints, per row: never <pad>; </s> forced at the length limit.
-
-        `generated` counts tokens each row produced before this one (decode.constrain's cur_len - 1).
-        The logits are the stepper's fresh output, changed in place (as decode.constrain does).
-        """
-        logits = logits.float()
-        logits[:, self.stepper.pad_id] = -float("inf")
-        at_limit = (generated + 1) >= self.cfg.max_new_tokens
-        if bool(at_limit.any()):
-            logits[at_limit] = -float("inf")
-            logits[at_limit, self.stepper.eos_id] = 0.0
-        return logits.argmax(-1)
+        """Greedy choice under Marian's constraints (decode.constrain, per row); `generated` counts the tokens
+        each row produced before this one. The logits are the stepper's fresh output, changed in place."""
+        return constrain(logits.float(), self.stepper, generated + 1, self.cfg).argmax(-1)
 
     def _settle(self, rows: list[_Row], nxt: torch.Tensor) -> tuple[list[int], list[tuple[Hashable, list[int]]]]:
         keep, finished = [], []

@@ -134,18 +134,22 @@ class TorchStepper:
 # --------------------------------------------------------------------------- logits processing
 
 
-def constrain(logits: torch.Tensor, stepper: Stepper, cur_len: int, cfg: DecodeConfig) -> torch.Tensor:
+def constrain(logits: torch.Tensor, stepper: Stepper, cur_len: int | torch.Tensor, cfg: DecodeConfig) -> torch.Tensor:
     """Marian's generate constraints, in place: never <pad>; </s> forced at the limit.
 
-    cur_len counts the decoder start token, as HF does: the first step has cur_len 1.
+    cur_len counts the decoder start token, as HF does: the first step has cur_len 1. One int for
+    every row, or a (rows,) tensor when rows are at different lengths (labkit.core.continuous).
     With `forced_length`, </s> is banned so every row runs the full length.
     """
     logits[:, stepper.pad_id] = -float("inf")
     if cfg.forced_length is not None:
         logits[:, stepper.eos_id] = -float("inf")
-    elif cur_len == cfg.max_new_tokens:  # HF ForcedEOS: cur_len == max_length - 1
-        logits[:, :] = -float("inf")
-        logits[:, stepper.eos_id] = 0.0
+        return logits
+    at_limit = cur_len == cfg.max_new_tokens  # HF ForcedEOS: cur_len == max_length - 1
+    rows = at_limit if isinstance(at_limit, torch.Tensor) else slice(None) if at_limit else None
+    if rows is not None:
+        logits[rows] = -float("inf")
+        logits[rows, stepper.eos_id] = 0.0
     return logits
 
 

@@ -250,10 +250,16 @@ class Ct2Translator(Translator):
     def generate(self, input_ids: list[list[int]], beams: int | None = None) -> list[list[int]]:
         """Source ids (with </s>, no padding) -> generated ids (no start token, no </s>); `beams`
         overrides the decoding's beam count for this call. CTranslate2 takes ragged rows: no padding."""
-        source = [[self.tokens[i] for i in row] for row in input_ids]
-        options = self.options if beams in (None, self.decode_cfg.num_beams) else self.options | {"beam_size": beams}
-        results = self.engine.translate_batch(source, **options)
+        results = self.engine.translate_batch(self.source_tokens(input_ids), **self.options_for(beams))
         return [[self.ids[t] for t in r.hypotheses[0]] for r in results]
+
+    def source_tokens(self, input_ids: list[list[int]]) -> list[list[str]]:
+        """Source ids as the token strings CTranslate2 takes."""
+        return [[self.tokens[i] for i in row] for row in input_ids]
+
+    def options_for(self, beams: int | None) -> dict:
+        """translate_batch options decoding as configured, with `beams` (None: the configured count)."""
+        return self.options if beams in (None, self.decode_cfg.num_beams) else self.options | {"beam_size": beams}
 
     def _generate(self, batch, timings: dict[str, float], cfg: DecodeConfig) -> list[list[int]]:
         rows = [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]

@@ -451,12 +451,14 @@ def ensure_per_token(preset: Preset, bundle: Bundle) -> Path:
     out = src.with_name(src.name + "-token")
     parent = recipe_of(src) or {}
     recipe = {"parent_sidecar_sha256": sidecar_digest(src), "activations": "uint8 dynamic, one scale per token"}
-    counts: dict[str, int] = {}
+    counts: dict[str, int] = {}  # file -> nodes rewritten, filled before derive_into writes the sidecar
+
+    def rewrite(a: Path, b: Path) -> None:
+        counts[a.name] = per_token_activations(a, b)
 
     def build(tmp: Path) -> None:
-        derive_into(src, tmp, lambda a, b: counts.__setitem__(a.name, per_token_activations(a, b)),
-                    quantization={**parent, "activations": recipe["activations"], "per_token": True,
-                                  "per_token_rewrites": counts})
+        derive_into(src, tmp, rewrite, quantization={**parent, "activations": recipe["activations"], "per_token": True,
+                                                     "per_token_rewrites": counts})
 
     return ensure(out, SIDECAR, recipe, build)
 

@@ -36,7 +36,7 @@ from labkit.engines.onnx_graphs import (
     io_names,
     read_sidecar,
 )
-from labkit.engines.ort import load_session
+from labkit.engines.ort import OrtStepper, load_session
 from labkit.engines.ort_int8 import per_token_activations, quantize_dynamic_file, sidecar_digest
 
 ROWS_SIDECAR = "rows.json"
@@ -45,10 +45,11 @@ ROWS_SCHEMA = "labkit.rows/1"
 PARITY_ATOL = 1e-4  # fp32 ORT vs PyTorch on random inputs (the export's own parity uses 1e-5 on smaller graphs)
 
 
-def _first_state(lengths_rows: int, presents: list[torch.Tensor], crosses: list[torch.Tensor],
-                 mask: torch.Tensor) -> RowState:
-    return RowState(torch.ones(lengths_rows, dtype=torch.long), torch.ones(lengths_rows, 1, dtype=torch.long),
-                    list(presents), list(crosses), mask.long())
+def _first_state(out: list[torch.Tensor], n_layers: int, mask: torch.Tensor) -> RowState:
+    """The state after the first decoder step: `out` is (logits, presents..., crosses...) of the `decoder` graph."""
+    rows, n = mask.shape[0], 2 * n_layers
+    return RowState(torch.ones(rows, dtype=torch.long), torch.ones(rows, 1, dtype=torch.long),
+                    list(out[1:1 + n]), list(out[1 + n:]), mask.long())
 
 
 # --------------------------------------------------------------------------- PyTorch
@@ -69,8 +70,7 @@ class TorchRowStepper:
         hidden = self._encoder(input_ids, attention_mask)
         start = torch.full((input_ids.shape[0], 1), self.start_id, dtype=torch.long)
         out = self._first(start, attention_mask, hidden)
-        n = 2 * self.n_layers
-        return out[0].float(), _first_state(input_ids.shape[0], out[1:1 + n], out[1 + n:], attention_mask)
+        return out[0].float(), _first_state(out, self.n_layers, attention_mask)
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor, state: RowState) -> tuple[torch.Tensor, RowState]:
@@ -88,13 +88,14 @@ def _stepped(state: RowState, presents: list[torch.Tensor]) -> RowState:
 
 
 class OrtRowStepper:
-    """Encoder and first-step graphs of an ONNX directory plus its `decoder_rows` graph, as a RowStepper."""
+    """An ONNX directory's encoder and first-step graphs (run by its OrtStepper) plus its `decoder_rows` graph,
+    as a RowStepper."""
 
     def __init__(self, sessions: dict, meta: dict):
-        self.sessions, self.meta = sessions, meta
-        shape = meta["model"]
-        self.start_id, self.eos_id, self.pad_id = shape["start_id"], shape["eos_id"], shape["pad_id"]
-        self.n_layers = shape["decoder_layers"]
+        self.first = OrtStepper(sessions, meta)  # encode + the first step, which also gives the cross K/V
+        self.rows = sessions["decoder_rows"]
+        self.start_id, self.eos_id, self.pad_id = self.first.start_id, self.first.eos_id, self.first.pad_id
+        self.n_layers = self.first.n_layers
         self._rows_inputs = io_names("decoder_rows", self.n_layers)[0]
 
     @classmethod
@@ -107,21 +108,15 @@ class OrtRowStepper:
         return cls(sessions, meta)
 
     def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, RowState]:
-        ids, mask = input_ids.numpy().astype(np.int64), attention_mask.numpy().astype(np.int64)
-        (hidden,) = self.sessions["encoder"].run(None, {"input_ids": ids, "attention_mask": mask})
-        start = np.full((len(ids), 1), self.start_id, dtype=np.int64)
-        out = self.sessions["decoder"].run(None, {"input_ids": start, "encoder_attention_mask": mask,
-                                                  "encoder_hidden_states": hidden})
-        n = 2 * self.n_layers
-        tensors = [torch.from_numpy(o) for o in out]
-        return tensors[0].float(), _first_state(len(ids), tensors[1:1 + n], tensors[1 + n:], attention_mask)
+        state = self.first.encode(input_ids, attention_mask)
+        logits, state = self.first.step(torch.full((input_ids.shape[0], 1), self.start_id), state)
+        out = [logits, *(torch.from_numpy(t) for t in state.past + state.cross)]
+        return logits, _first_state(out, self.n_layers, attention_mask)
 
     def step(self, tokens: torch.Tensor, state: RowState) -> tuple[torch.Tensor, RowState]:
         values = [tokens[:, None], state.lengths, state.self_mask, state.cross_mask, *state.past, *state.cross]
-        feed = {name: np.ascontiguousarray(v.numpy()) for name, v in zip(self._rows_inputs, values)}
-        for name in ("input_ids", "positions", "self_mask", "encoder_attention_mask"):
-            feed[name] = feed[name].astype(np.int64, copy=False)
-        out = self.sessions["decoder_rows"].run(None, feed)
+        # ascontiguousarray: trimming (keep_rows) leaves views of the cache
+        out = self.rows.run(None, {name: np.ascontiguousarray(v.numpy()) for name, v in zip(self._rows_inputs, values)})
         return torch.from_numpy(out[0]).float(), _stepped(state, [torch.from_numpy(o) for o in out[1:]])
 
 
@@ -143,9 +138,9 @@ def _supported(meta: dict) -> str | None:
     return None
 
 
-def write_rows(model, directory: Path, tmp: Path) -> None:
-    """Export DecoderRowsGraph into tmp (quantized as `directory` was), check fp32 parity, write the sidecar."""
-    meta = read_sidecar(directory)
+def write_rows(model, meta: dict, tmp: Path) -> None:
+    """Export DecoderRowsGraph into tmp (quantized as the directory of sidecar `meta` was), check fp32 parity,
+    write the sidecar."""
     recipe = meta.get("quantization")
     start = time.perf_counter()
     fp32 = tmp / ("fp32-" + ROWS_FILE if recipe else ROWS_FILE)
@@ -174,7 +169,7 @@ def ensure_rows(directory: Path | str, bundle) -> Path:
         raise ValueError(f"no continuous batching for {directory.name}: {why}")
     recipe = {"parent_sidecar_sha256": sidecar_digest(directory), "quantization": meta.get("quantization"),
               "graph": "decoder_rows/1"}
-    return ensure(rows_dir(directory), ROWS_SIDECAR, recipe, lambda tmp: write_rows(bundle.model, directory, tmp),
+    return ensure(rows_dir(directory), ROWS_SIDECAR, recipe, lambda tmp: write_rows(bundle.model, meta, tmp),
                   valid=lambda out: (out / ROWS_FILE).exists() and read_json(out / ROWS_SIDECAR) is not None)
 
 

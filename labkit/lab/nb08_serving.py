@@ -29,14 +29,13 @@ from typing import TYPE_CHECKING, Any
 from labkit.config import Preset, ServeBudget
 from labkit.core.bundle import Bundle
 from labkit.core.data import load_split
-from labkit.core.translator import decode_config
 from labkit.engines.rows import identity_gate
 from labkit.engines.variants import VARIANTS, Check, ancestors, build_translator, check_variants
 from labkit.measure.gates import exactly_once_gate
 from labkit.measure.ledger import make_record
 from labkit.measure.plots import series_colors
 from labkit.serve.crosscheck import compare_rows
-from labkit.serve.engine import Served, invariance, row_stepper
+from labkit.serve.engine import invariance, row_stepper
 from labkit.serve.loadtest import LoadPoint, LoadSpec, TextPool, closed_loop, crosscheck, open_loop, points_frame
 from labkit.serve.process import ServerProcess
 
@@ -185,12 +184,11 @@ def continuous_gates(preset: Preset, checks: dict[str, Check], bundle: Bundle, s
     for engine, check in checks.items():
         if check.status != "ok" or VARIANTS[engine].backend == "ctranslate2":
             continue
-        translator = build_translator(engine, preset, serve_threads(preset), bundle, check.artifact, spin=False)
-        served = Served(translator, engine, engine, check.artifact, bundle, serve_threads(preset), "", None,
-                        invariance(engine))
+        threads = serve_threads(preset)
+        translator = build_translator(engine, preset, threads, bundle, check.artifact, spin=False)
         rows = [translator.token_ids(t)[0] for t in texts]
-        reference = [translator.generate([r], 1)[0] for r in rows]
-        gate = identity_gate(row_stepper(served), reference, rows, decode_config(preset), max_rows=max_rows)
+        gate = identity_gate(row_stepper(engine, bundle, check.artifact, threads), translator.stepper, rows,
+                             translator.decode_cfg, max_rows=max_rows)
         rows_out.append({"engine": engine, "identical": f"{gate['identical']}/{gate['sentences']}",
                          "mean rows per step": round(gate["mean_rows"], 1), "required": invariance(engine)[0],
                          "passed": gate["passed"]})
@@ -216,7 +214,7 @@ def qps_table(df: pd.DataFrame, slo_ms: float | None = None) -> pd.DataFrame:
         "healthz p95 ms": c["healthz_p95_ms"].round(1)})
     if slo_ms is not None:
         out[f"goodput@{slo_ms:g}ms"] = [round(p.goodput(slo_ms), 1) for p in c["point"]]
-    return out.reset_index(drop=True)
+    return out
 
 
 def load_table(df: pd.DataFrame) -> pd.DataFrame:
@@ -226,10 +224,11 @@ def load_table(df: pd.DataFrame) -> pd.DataFrame:
         "engine": c["engine"], "mode": c["mode"], "clients": c["concurrency"], "requests": c["requests"],
         "errors": c["errors"].map(lambda e: sum(e.values())), "lost": c["lost"], "duplicated": c["duplicated"],
         "in flight": [round(p.in_flight, 2) for p in c["point"]],
-        "λ·W": [round(p.littles_law_clients, 2) for p in c["point"]]}).reset_index(drop=True)
+        "λ·W": [round(p.littles_law_clients, 2) for p in c["point"]]})
 
 
 def pd_frame(columns: dict) -> pd.DataFrame:
+    """A frame of fresh 0..n rows from columns (Series from a filtered frame, or lists)."""
     import pandas as pd
 
     return pd.DataFrame({k: list(v) for k, v in columns.items()})

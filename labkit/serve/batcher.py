@@ -63,6 +63,7 @@ class Job:
     beams: int
     future: asyncio.Future
     enqueued: float = field(default_factory=time.perf_counter)
+    started: float | None = None  # continuous batching: when its row joined the running batch
 
 
 @dataclass(frozen=True)

@@ -33,17 +33,15 @@ class ContinuousBatcher:
                  on_step: Callable[[int, float], None] | None = None,
                  on_work: Callable[[int, int], None] | None = None):
         self.stages, self.config = stages, config or BatchConfig()
-        config = self.config
         self.on_step = on_step  # (rows, seconds) per decoder step, for /metrics' batch histograms
         self.on_work = on_work  # (useful row-steps, computed row-steps), for the useful-step fraction
         cfg = replace(stages.decode_cfg, num_beams=1)
-        self.decoder = ContinuousDecoder(stepper, cfg, config.max_batch_size)
+        self.decoder = ContinuousDecoder(stepper, cfg, self.config.max_batch_size)
         self._cond = threading.Condition()
         self._incoming: list[Job] = []  # submitted, not yet handed to the decoder (guarded by _cond)
         self._closing = False
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._started: dict[int, float] = {}  # id(job) -> when it was admitted (model thread only)
         self._active: dict[int, Job] = {}  # id(job) -> job handed to the decoder, until it is answered
         self._post_pool = ThreadPoolExecutor(1, thread_name_prefix="labkit-detokenize")
         self._posted: list = []
@@ -105,27 +103,26 @@ class ContinuousBatcher:
 
     def _step(self) -> None:
         start = time.perf_counter()
-        before = self.decoder.counters.row_steps
         try:
             finished = self.decoder.step()
         except Exception as exc:  # a failing step fails the rows it held, not the service
             self._fail_all(exc)
             return
         now = time.perf_counter()
-        rows = self.decoder.counters.row_steps - before
         for row in self.decoder.running:
-            self._started.setdefault(id(row.key), now)
+            if row.key.started is None:
+                row.key.started = now
+        calls = self.decoder.counters.last_calls
         if self.on_step is not None:  # one observation per decoder call (an admission's first step is one)
-            calls = self.decoder.counters.last_calls
             for n in calls:
                 self.on_step(n, (now - start) / len(calls))
-        if self.on_work is not None:
-            self.on_work(rows, rows)  # a finished row leaves at once: every computed row-step is useful
+        if self.on_work is not None:  # a finished row leaves at once: every computed row-step is useful
+            self.on_work(sum(calls), sum(calls))
         for job, _ in finished:
             self._active.pop(id(job), None)
         if finished:
             batch = len(self.decoder.running) + len(finished)
-            self._post([(job, ids, self._started.pop(id(job), now), batch) for job, ids in finished], now)
+            self._post([(job, ids, job.started or now, batch) for job, ids in finished], now)
 
     def _static(self, jobs: list[Job]) -> None:
         for beams in sorted({j.beams for j in jobs}):
@@ -144,8 +141,8 @@ class ContinuousBatcher:
     def _fail_all(self, exc: BaseException) -> None:
         """Every sentence the decoder held fails with `exc`; the decoder starts afresh for the next ones."""
         jobs, self._active = list(self._active.values()), {}
-        self._started.clear()
-        self.decoder = ContinuousDecoder(self.decoder.stepper, self.decoder.cfg, self.decoder.max_rows)
+        old = self.decoder
+        self.decoder = ContinuousDecoder(old.stepper, old.cfg, old.max_rows, old.admit_min)
         self._call(lambda: [resolve(j, error=exc) for j in jobs])
 
     def _post(self, finished: list[tuple[Job, list[int], float, int]], now: float) -> None:

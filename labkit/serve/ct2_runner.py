@@ -53,11 +53,10 @@ class Ct2Runner(QueueRunner):
 
     def _hand_over(self, jobs: list[Job], beams: int) -> None:
         t = self.translator
-        source = [[t.tokens[i] for i in j.ids] for j in jobs]
-        options = t.options if beams == t.decode_cfg.num_beams else t.options | {"beam_size": beams}
         start = time.perf_counter()
-        results = t.engine.translate_batch(source, **options, max_batch_size=self.tokens_per_batch,
-                                           batch_type="tokens", asynchronous=True)
+        results = t.engine.translate_batch(t.source_tokens([j.ids for j in jobs]), **t.options_for(beams),
+                                           max_batch_size=self.tokens_per_batch, batch_type="tokens",
+                                           asynchronous=True)
         self._track(asyncio.get_running_loop().run_in_executor(self._waiters, self._collect, jobs, results, start))
 
     def _collect(self, jobs: list[Job], results, start: float) -> None:

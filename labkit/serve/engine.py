@@ -49,7 +49,13 @@ ENGINES = tuple(variants.VARIANTS)
 # Fastest first, as measured here (DESIGN: opus-mt shape, batch 1, 2 threads: ORT int8 240 ms,
 # CTranslate2 int8 345, ORT fp32 480, PyTorch 760); a ledger with bench records overrides it.
 SERVING_ORDER = ("ort-int8", "ort-int8-token", "ct2-int8", "ort-fp32", "torch")
-INVARIANT_INT8 = {"ct2-int8", "ct2-int8-vmap", "ort-int8-qdq", "ort-int8-token"}  # per-row/token or static scales
+INVARIANT_INT8 = {  # int8 engines whose activation scales never span rows, and why
+    "ct2-int8": "int8 with per-row activation scales (CTranslate2)",
+    "ct2-int8-vmap": "int8 with per-row activation scales (CTranslate2)",
+    "ort-int8-qdq": "int8 with calibrated static activation scales",
+    "ort-int8-token": "int8 with one activation scale per token (labkit.engines.ort_int8.per_token_activations)",
+}
+WARM_TEXTS = 16  # test sentences the model translates before /readyz says ready
 
 
 def invariance(engine: str) -> tuple[bool, str]:
@@ -58,13 +64,9 @@ def invariance(engine: str) -> tuple[bool, str]:
     if v.precision == "fp32":
         return True, "fp32: a row's arithmetic does not depend on the other rows (up to summation order)"
     if engine in INVARIANT_INT8:
-        if v.backend == "ctranslate2":
-            return True, "int8 with per-row activation scales (CTranslate2)"
-        return True, ("int8 with one activation scale per token (labkit.engines.ort_int8.per_token_activations)"
-                      if engine == "ort-int8-token" else "int8 with calibrated static activation scales")
+        return True, INVARIANT_INT8[engine]
     return False, ("dynamic int8 quantizes activations with one scale per tensor over the whole batch: "
                    "a sentence's tokens can change with what shares its batch")
-WARM_TEXTS = 16  # test sentences the model translates before /readyz says ready
 
 
 def measured_order(preset_name: str, bundle_name: str | None = None) -> tuple[str, ...]:
@@ -81,8 +83,10 @@ def measured_order(preset_name: str, bundle_name: str | None = None) -> tuple[st
     return tuple(v.removeprefix("bench-") for v in df["variant"])
 
 
-def engine_order(preset_name: str, bundle_name: str | None = None) -> tuple[str, ...]:
-    measured = measured_order(preset_name, bundle_name)
+def engine_order(preset_name: str, bundle_name: str | None = None,
+                 measured: tuple[str, ...] | None = None) -> tuple[str, ...]:
+    """Measured engines fastest first, then the rest of SERVING_ORDER (`measured`: measured_order's, if read)."""
+    measured = measured_order(preset_name, bundle_name) if measured is None else measured
     return measured + tuple(e for e in SERVING_ORDER if e not in measured)
 
 
@@ -127,7 +131,7 @@ def gated_translator(preset: Preset, engine: str, threads: int, bundle: Bundle, 
         return Served(translator, f"{model_id}/{engine}", engine, artifact, bundle, threads, why, None,
                       invariance(engine))
     measured = measured_order(preset.name, bundle.name)
-    candidates = engine_order(preset.name, bundle.name) if engine == "auto" else (engine,)
+    candidates = engine_order(preset.name, bundle.name, measured) if engine == "auto" else (engine,)
     reasons = []
     for candidate in candidates:
         invariant = invariance(candidate)
@@ -174,14 +178,13 @@ def load_translator(args: argparse.Namespace):
 ROW_ENGINES = ("ort-fp32", "ort-int8", "ort-int8-token", "ort-int8-all")  # ONNX Runtime engines with a rows graph
 
 
-def row_stepper(served: Served):
+def row_stepper(engine: str, bundle: Bundle, artifact: str | None, threads: int):
     """The continuous-batching stepper of a served engine (labkit.engines.rows), or ValueError saying why not."""
-    if served.engine == "torch":
-        return TorchRowStepper(served.bundle.model)
-    if served.engine in ROW_ENGINES:
-        return OrtRowStepper.from_dir(served.artifact, ensure_rows(served.artifact, served.bundle), served.threads,
-                                      spin=False)
-    raise ValueError(f"{served.engine} has no continuous batching here (torch, {', '.join(ROW_ENGINES)} do); "
+    if engine == "torch":
+        return TorchRowStepper(bundle.model)
+    if engine in ROW_ENGINES:
+        return OrtRowStepper.from_dir(artifact, ensure_rows(artifact, bundle), threads, spin=False)
+    raise ValueError(f"{engine} has no continuous batching here (torch, {', '.join(ROW_ENGINES)} do); "
                      "serve it with --batching static")
 
 
