@@ -193,7 +193,7 @@ def test_a_notebook_whose_needs_are_missing_is_skipped_with_the_reason(tmp_path,
     results = runner.run_notebooks("ci", notebooks_dir=nbs, out_root=tmp_path / "out")
     assert [r.status for r in results] == ["ok", "skipped", "ok"]
     assert results[1].reason == "cuda: needs an NVIDIA GPU (none found)" and results[1].ok
-    runs = json.loads((tmp_path / "out" / "ci" / "runs.json").read_text())
+    runs = json.loads((tmp_path / "out" / "ci" / "runs-nbs.json").read_text())  # named after the folder run
     assert runs["status"] == "ok" and runs["notebooks"][1]["reason"].startswith("cuda:")
 
 

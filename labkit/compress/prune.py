@@ -57,6 +57,7 @@ from labkit.core.heads import (
     prune_heads,
     total_heads,
 )
+from labkit.measure.replay import measurement
 
 SHORT = {"encoder_self": "enc", "decoder_self": "dec", "cross": "cross"}  # variant-name prefixes
 # Groups a sweep prunes: every kind together ("overall") and each kind alone.
@@ -75,6 +76,7 @@ def normalize_per_layer(scores: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return {k: s / (s.norm(dim=-1, keepdim=True) + 1e-20) for k, s in scores.items()}
 
 
+@measurement
 def head_importance(model, tokenizer, pairs, *, batch_size: int = 16, mask: dict | None = None,
                     normalize: bool = True) -> dict[str, torch.Tensor]:
     """Accumulated |dL/d gate| per head: {kind: tensor (layers, original heads)}, >= 0.

@@ -46,6 +46,7 @@ from labkit.core.data import iter_batches
 from labkit.core.translator import translator_for
 from labkit.engines.onnx_graphs import read_sidecar
 from labkit.measure.quality import latency
+from labkit.measure.replay import measurement
 
 OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 IO_MODES = ("numpy", "ortvalue", "binding")
@@ -293,6 +294,7 @@ def translator(directory: Path | str, bundle, preset, *, threads: int | None = N
     return translator_for(bundle, preset, stepper, num_beams=num_beams)
 
 
+@measurement
 def translate_ids(translator, texts: list[str], batch_size: int = 16) -> tuple[list[list[int]], list[str]]:
     """Generated ids and texts for `texts`, in batches (the ids feed evaluate.agreement)."""
 
@@ -320,6 +322,7 @@ SESSION_CONFIGS = (SessionConfig("disable", "numpy"), SessionConfig("basic", "nu
                    SessionConfig("all", "numpy"), SessionConfig("all", "ortvalue"), SessionConfig("all", "binding"))
 
 
+@measurement
 def session_sweep(directory: Path | str, bundle, preset, texts: list[str],
                   configs: tuple[SessionConfig, ...] = SESSION_CONFIGS) -> dict[str, Any]:
     """{label: Measurement} of batch-1 latency (labkit.measure.quality.latency) per session setting."""

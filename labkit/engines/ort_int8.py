@@ -62,6 +62,7 @@ from labkit.engines.onnx_graphs import size_mb as export_size_mb
 from labkit.engines.ort import OrtStepper, load_sessions, translate_ids, translator
 from labkit.measure.gates import MAX_BLEU_DROP
 from labkit.measure.quality import agreement, bench_texts, eval_pairs, score
+from labkit.measure.replay import measurement
 
 KINDS = ("dynamic", "qdq")
 METHODS = ("minmax", "entropy", "percentile")
@@ -288,6 +289,7 @@ def gate_pairs(preset) -> list:
     return [Pair(t, "") for t in bench_texts(preset)]
 
 
+@measurement
 def evaluate_translator(translator, preset, pairs, reference_ids: list[list[int]] | None = None) -> dict:
     """Translate `pairs` with any Translator-shaped engine: {bleu, chrf, bleu_signature, agreement, ids}.
 
@@ -302,6 +304,7 @@ def evaluate_translator(translator, preset, pairs, reference_ids: list[list[int]
     return {**scores, "agreement": None if reference_ids is None else agreement(ids, reference_ids), "ids": ids}
 
 
+@measurement
 def evaluate_dir(directory: Path | str, bundle, preset, pairs, reference_ids: list[list[int]] | None = None,
                  threads: int = 1) -> dict:
     """`evaluate_translator` over the graphs in `directory` (tokenizer from `bundle`).

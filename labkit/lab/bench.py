@@ -67,6 +67,7 @@ from labkit.lab.bench_roofline import footer as roofline_footer
 from labkit.measure import ledger, roofline, timing
 from labkit.measure.ledger import json_number
 from labkit.measure.quality import agreement, bench_texts, latency, throughput
+from labkit.measure.replay import measurement
 from labkit.measure.timing import CommandError
 
 if TYPE_CHECKING:
@@ -163,6 +164,7 @@ def agreement_with(result: dict, baseline: dict | None) -> float | None:
     return agreement(result["ids"], baseline["ids"])
 
 
+@measurement
 def run_bench(preset: Preset, bundle: Bundle, variants=None, threads: int | None = None,
               write_ledger: bool = True, notebook: str = "labkit-bench", progress: bool = True,
               gates: Mapping[str, dict] | None = None, bandwidth: roofline.Bandwidth | None = None) -> pd.DataFrame:

@@ -16,10 +16,12 @@ import numpy as np
 from labkit.engines.variants import VARIANTS, Check, check_variants
 from labkit.measure import ledger
 from labkit.measure.plots import PALETTE
+from labkit.measure.replay import measurement
 
 NOTEBOOK = "05_int8_quantization"
 
 
+@measurement
 def gate_shortlists(preset, bundle, pairs, variants) -> dict[str, Check]:
     """Each shortlisted variant and its full-vocabulary parent, gated on `pairs` (parents first)."""
     chain = [v2 for v in variants for v2 in (VARIANTS[v].parent, v)]

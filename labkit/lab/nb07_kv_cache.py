@@ -21,6 +21,7 @@ from labkit.core.decode import DecodeConfig, TorchStepper, decode, strip
 from labkit.engines.torch_cache import MODES, make_stepper
 from labkit.measure.gates import same_tokens_gate
 from labkit.measure.ledger import make_record
+from labkit.measure.replay import measurement
 
 
 class TimedStepper:
@@ -86,6 +87,7 @@ def decoder_positions(model, mode: str, enc: dict, tokens: int) -> list[int]:
     return seen
 
 
+@measurement
 def position_costs(model, tokenizer, texts: list[str], budget: KvBudget,
                    modes: tuple[str, ...] = MODES) -> list[dict]:
     """Rows {mode, setting, num_beams, batch, repeat, position, ms} for every timed step.
@@ -143,6 +145,7 @@ def summarize_positions(rows: list[dict]) -> pd.DataFrame:  # noqa: F821
     return pd.DataFrame(out)
 
 
+@measurement
 def agree_across_modes(model, enc: dict, cfg: DecodeConfig, modes: tuple[str, ...] = MODES) -> dict[str, bool]:
     """Whether every mode generates the same ids as the dynamic cache (which matches generate)."""
     ref = decode(make_stepper(model, "dynamic"), enc["input_ids"], enc["attention_mask"], cfg)
@@ -167,6 +170,7 @@ def generate_ids(model, enc: dict, cfg: DecodeConfig) -> list[list[int]]:
     return [strip(row[1:].tolist(), reference) for row in out]
 
 
+@measurement
 def agree_with_generate(model, enc: dict, cfg: DecodeConfig, modes: tuple[str, ...] = MODES) -> dict[str, float]:
     """Per mode, the fraction of rows whose ids equal Hugging Face `generate`'s (1.0 = every row).
 

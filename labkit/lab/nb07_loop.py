@@ -26,6 +26,7 @@ from labkit.measure.gates import loop_gate
 from labkit.measure.ledger import make_record
 from labkit.measure.plots import PALETTE
 from labkit.measure.quality import agreement, latency
+from labkit.measure.replay import measurement
 
 ENGINES = ("python loop", "in-engine loop")
 
@@ -50,6 +51,7 @@ def loop_translator_for(preset, bundle, num_beams: int = 1, threads: int = 1) ->
     return LoopTranslator(ensure_loop(preset, bundle), bundle.tokenizer, decode_config(preset, num_beams), threads)
 
 
+@measurement
 def loop_gates(preset, bundle, texts: list[str], beams: tuple[int, ...] = (1, 4)) -> LoopGates:
     """Tokens of the in-engine loop vs labkit.core.decode on `texts`, greedy and beam (one thread each).
 
@@ -78,6 +80,7 @@ def decode_steps(translator, texts: list[str], preset) -> list[int]:
     return [len(row) + (0 if preset.forced_length else 1) for row in ids]
 
 
+@measurement
 def time_loops(preset, bundle, texts: list[str]) -> dict[str, tuple[timing.Measurement, list[int]]]:
     """{engine: (batch-1 latency Measurement, decoder steps per sentence)}, greedy, the preset's threads,
     both engines in this process one after the other (one run, so their ratio is comparable)."""

@@ -32,6 +32,7 @@ from labkit.config import PRESETS
 from labkit.core import artifacts
 from labkit.core.artifacts import ARTIFACTS_ENV, write_json_atomic
 from labkit.measure import ledger, timing
+from labkit.measure import replay as replay_mod
 
 REQUIREMENTS = "requirements.toml"  # next to the notebooks
 NOTEBOOK_NAME = re.compile(r"^(\d{2})_\w[\w.-]*\.ipynb$")  # NN_name.ipynb
@@ -252,13 +253,18 @@ def run_notebooks(
     kernel: str = "python3",
     timeout_per_cell: float | None = None,
     *,
+    replay: bool = False,
     check: bool = False,
 ) -> list[NotebookResult]:
     """Execute the selected notebooks in order; stop after the first failure.
 
     Returns one result per notebook that ran (the last one is the failure, if any); with
     `check=True` a failure raises NotebookFailed instead. runs.json is rewritten after each
-    notebook, so an interrupted sequence still leaves its progress.
+    notebook, so an interrupted sequence still leaves its progress. Executed copies go to
+    `<out>/<preset>/<the notebooks folder's name>/` (notebooks/, or workshop/ for the participant copies).
+
+    Every notebook's measurements are recorded (labkit.measure.replay); `replay=True` replays those of an
+    earlier run with the same artifacts root instead of measuring again, and writes no ledger record.
     """
     notebooks_dir = Path(notebooks_dir or artifacts.REPO_ROOT / "notebooks")
     out_root = Path(out_root or artifacts.root())
@@ -267,22 +273,27 @@ def run_notebooks(
     if not selected:
         raise RunnerError(f"no NN_name.ipynb notebooks in {notebooks_dir}")
     out_dir = out_root / preset
+    executed = out_dir / notebooks_dir.resolve().name
+    runs_file = out_dir / ("runs.json" if executed.name == "notebooks" else f"runs-{executed.name}.json")
     run_id = os.environ.get(ledger.RUN_ID_ENV) or ledger.new_run_id()
     started, results = ledger.utc_now(), []
-    kernel_env = {"LABKIT_PRESET": preset, ledger.RUN_ID_ENV: run_id,
-                  ARTIFACTS_ENV: str(out_root.resolve())}  # fmt: skip
+    kernel_env = {"LABKIT_PRESET": preset, ledger.RUN_ID_ENV: run_id, ARTIFACTS_ENV: str(out_root.resolve()),
+                  replay_mod.MODE_ENV: "replay" if replay else "record"}  # fmt: skip
     with environ(**kernel_env):
         for i, notebook in enumerate(selected, start=1):
             print(f"[{i}/{len(selected)}] {notebook.stem} ...", flush=True)
-            output = out_dir / "notebooks" / notebook.name
+            output = executed / notebook.name
             why = skip_reason(needs.get(notebook.stem, {}).get("needs", []))
             if why:
                 print(f"  skipped: {why}", flush=True)
                 result = NotebookResult(notebook.stem, "skipped", 0.0, output, reason=why)
             else:
-                result = execute(notebook, output, preset, kernel=kernel, timeout_per_cell=timeout_per_cell)
+                with environ(**{replay_mod.NOTEBOOK_ENV: notebook.stem}):
+                    if not replay:  # a notebook that measures nothing must not leave an older run's cassette
+                        replay_mod.cassette_path().unlink(missing_ok=True)
+                    result = execute(notebook, output, preset, kernel=kernel, timeout_per_cell=timeout_per_cell)
             results.append(result)
-            write_json_atomic(out_dir / "runs.json", runs_record(preset, run_id, started, selected, results))
+            write_json_atomic(runs_file, runs_record(preset, run_id, started, selected, results))
             if not result.ok:
                 break
     print(status_table(results), flush=True)
@@ -303,6 +314,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="artifacts root (default $LABKIT_ARTIFACTS or artifacts/); output goes to <out>/<preset>/")
     parser.add_argument("--kernel", default="python3", help="Jupyter kernel name")
     parser.add_argument("--timeout-per-cell", type=float, default=None, help="seconds; default none")
+    parser.add_argument("--replay", action="store_true",
+                        help="replay the measurements an earlier run recorded in the same artifacts root instead of "
+                             "measuring again (e.g. the participant notebooks after the instructor's); no ledger records")
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -314,7 +328,7 @@ def run_command(args: argparse.Namespace) -> int:
     try:
         results = run_notebooks(
             args.preset, only=args.only, notebooks_dir=args.notebooks_dir, out_root=args.out,
-            kernel=args.kernel, timeout_per_cell=args.timeout_per_cell,
+            kernel=args.kernel, timeout_per_cell=args.timeout_per_cell, replay=args.replay,
         )  # fmt: skip
     except RunnerError as exc:
         print(f"labkit run: {exc}", file=sys.stderr)

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from labkit.core.artifacts import root as artifacts_root
+from labkit.measure import replay
 from labkit.measure.gates import status_of
 from labkit.measure.timing import environment
 
@@ -323,8 +324,14 @@ def _ends_with_newline(fd: int) -> bool:
 
 
 def append(path: str | Path, record: Mapping[str, Any]) -> Mapping[str, Any]:
-    """Validate `record` and append it to the ledger at `path` as one line; returns the record."""
+    """Validate `record` and append it to the ledger at `path` as one line; returns the record.
+
+    A run that replays recorded measurements (labkit.measure.replay) validates and returns the record but
+    writes nothing: its numbers are the recorded run's, already in the ledger.
+    """
     validate(record)
+    if replay.replaying():
+        return record
     line = _encode(record)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from labkit.core.translator import STAGES
 from labkit.measure import timing
+from labkit.measure.replay import measurement
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -85,6 +86,7 @@ def text_of_length(tokenizer, corpus: list[str], tokens: int) -> str:
 # ---------------------------------------------------------------- analyses
 
 
+@measurement
 def stage_breakdown(translator, texts: list[str], *, warmup: int, repeats: int) -> pd.DataFrame:
     """Per-stage time of batch-1 translation: one row per stage (stage, category, ms, p95_ms, pct).
 
@@ -133,6 +135,7 @@ def coverage(table: pd.DataFrame) -> float:
     return float(table["ms"].sum()) / table.attrs["end_to_end_ms"]
 
 
+@measurement
 def operator_table(translator, text: str, top: int = 15) -> pd.DataFrame:
     """Top torch operators by self CPU time for one batch-1 translation of `text`.
 
@@ -156,6 +159,7 @@ def operator_table(translator, text: str, top: int = 15) -> pd.DataFrame:
     return table
 
 
+@measurement
 def length_curve(translator, corpus: list[str], lengths, *, warmup: int, repeats: int) -> pd.DataFrame:
     """Batch-1 latency for sources of each length in tokens (built from `corpus`).
 
@@ -174,6 +178,7 @@ def length_curve(translator, corpus: list[str], lengths, *, warmup: int, repeats
     return pd.DataFrame(rows)
 
 
+@measurement
 def thread_effect(translator, texts: list[str], counts, *, warmup: int, repeats: int) -> pd.DataFrame:
     """Batch-1 latency (cycling `texts`, `repeats` passes) at each intra-op thread count.
 
