@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from labkit.core import data
 from labkit.core.bundle import TEACHER_DIR, Bundle, load_bundle, start_row_norm
+from labkit.measure.progress import bar as progress_bar
 from labkit.measure.quality import reference_streams
 
 SPECIALS = ("</s>", "<unk>")  # ids 0 and 1, as in opus-mt; <pad> is appended last
@@ -250,8 +251,6 @@ def fit(model, tokenizer, train: list[data.Pair], dev: list[data.Pair], *, steps
     (`freeze_positions`): what is saved must be what was trained and measured. The decoder-start
     row stays at zero (`pin_start_row`), as Marian runtimes assume.
     """
-    from tqdm.auto import tqdm
-
     rng = random.Random(seed)
     torch.manual_seed(seed)
     torch.set_flush_denormal(True)  # tiny gradients turn denormal and slow CPU matmuls several-fold
@@ -260,7 +259,7 @@ def fit(model, tokenizer, train: list[data.Pair], dev: list[data.Pair], *, steps
     pin_start_row(model)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     history, batches, step = [], [], 0
-    bar = tqdm(total=steps, desc="train", disable=not progress, mininterval=2)
+    bar = progress_bar(steps, "train", disable=not progress)
     running = None
     while step < steps:
         if not batches:

@@ -46,6 +46,7 @@ from labkit.engines.onnx_graphs import (
     write_sidecar,
 )
 from labkit.engines.ort import load_sessions
+from labkit.measure import plots
 
 EXPORTERS = ("dynamo", "torchscript")  # tried in this order
 
@@ -373,7 +374,7 @@ def plot_op_counts(ops: pd.DataFrame, top: int = 12):  # noqa: F821
         g = g.set_index("op").reindex(order).fillna(0)
         fig.add_trace(go.Bar(name=graph, x=list(order), y=g["count"].tolist()))
     fig.update_layout(title="ONNX nodes per op type", barmode="group", yaxis_title="nodes", xaxis_title="op type")
-    return fig
+    return plots.paint(fig)
 
 
 # --------------------------------------------------------------------------- handler

@@ -29,7 +29,9 @@ from labkit.core.translator import translator_for
 from labkit.measure import ledger, timing
 from labkit.measure.gates import MASKED_PARITY_ATOL, masked_parity_gate, recovery_gate
 from labkit.measure.plots import series_colors
+from labkit.measure.progress import bar as progress_bar
 from labkit.measure.quality import evaluate, latency
+from labkit.measure.replay import measurement
 
 
 def bench_preset(preset, budget: PruneBudget):
@@ -47,6 +49,7 @@ def eval_data(preset, budget: PruneBudget):
     return pairs, texts
 
 
+@measurement
 def measure_point(bundle, preset, pairs, texts, timed: bool = True) -> dict:
     """BLEU/chrF on `pairs` (skipped when empty) and batch-1 latency on `texts` of one model."""
 
@@ -98,6 +101,7 @@ def _row(group: str, method: str, frac: float, plan: dict, model_heads: int, gro
             "variant": variant_name(group, n / model_heads), "parent": "teacher", **metrics}
 
 
+@measurement
 def sweep(teacher, preset, budget: PruneBudget, groups: dict | None = None, progress: bool = True):
     """Prune `teacher` along importance order; one DataFrame row per (group, method, fraction).
 
@@ -107,7 +111,6 @@ def sweep(teacher, preset, budget: PruneBudget, groups: dict | None = None, prog
     that kind's heads (`group_frac`); `heads_removed_frac` is of all heads.
     """
     import pandas as pd
-    from tqdm.auto import tqdm
 
     groups = groups or {g: k for g, k in GROUPS.items() if g == "overall" or budget.type_fractions}
     bp, calib = bench_preset(preset, budget), calibration_pairs(budget)
@@ -119,7 +122,7 @@ def sweep(teacher, preset, budget: PruneBudget, groups: dict | None = None, prog
     model_heads, rows = total_heads(teacher.model), []
     # One bar for the whole sweep (a cell shows at most one), over its pruned points; the postfix says where it is.
     points = sum(len(budget.fractions if g == "overall" else (0.0, *budget.type_fractions)) for g in groups)
-    outer = tqdm(total=points * len(methods), desc="pruning sweep", unit="point", disable=not progress)
+    outer = progress_bar(points * len(methods), "pruning sweep", unit="point", disable=not progress)
     for group, kinds in groups.items():
         group_heads = total_heads(teacher.model, kinds)
         fracs = budget.fractions if group == "overall" else (0.0, *budget.type_fractions)
@@ -219,6 +222,7 @@ def largest_safe(results, max_drop: float = 1.0, group: str = "overall",
 
 
 
+@measurement
 def recovery(teacher, results, preset, budget: PruneBudget, progress: bool = False):
     """One overall sweep point, fine-tuned for budget.finetune_steps and measured again.
 

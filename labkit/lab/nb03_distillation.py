@@ -13,11 +13,12 @@ from __future__ import annotations
 from labkit.config import DistillBudget, Preset
 from labkit.core.bundle import Bundle
 from labkit.core.translator import translator_for
-from labkit.measure import ledger, timing
+from labkit.measure import ledger, tables, timing
 from labkit.measure.gates import bleu_gap_gate, kd_gain_gate, status_of
 from labkit.measure.ledger import json_number
 from labkit.measure.plots import series_colors
 from labkit.measure.quality import agreement
+from labkit.measure.replay import measurement
 from labkit.measure.timing import as_latency
 
 # --------------------------------------------------------------------------- comparing and recording
@@ -46,6 +47,33 @@ def comparison_table(bundles: dict[str, Bundle], latency: dict, scores: dict | N
         "latency ratio": latency[name].p50 / ref,
         "params": bundle.params,
     } for name, bundle in bundles.items()}, orient="index")
+
+
+# What a comparison table shows (its name on screen): encoder layers are 6 for every model here
+SHOWN = {"decoder layers": "decoder layers", "BLEU": "BLEU", "chrF": "chrF", "BLEU gap": "BLEU gap",
+         "same output as teacher": "same as teacher", "latency p50 ms": "p50 ms", "latency p95 ms": "p95 ms",
+         "latency ratio": "latency ratio", "params": "params", "ms per step": "ms per step",
+         "encode ms": "encode ms", "step ratio": "step ratio"}
+
+
+def shown(table, columns=None):
+    """A comparison table as the notebook shows it: the SHOWN columns present (or `columns`), short names,
+    rounded, narrow enough for the page (labkit.measure.tables.fit)."""
+    columns = [c for c in (columns or SHOWN) if c in table]
+    return tables.fit(table[columns].rename(columns=SHOWN), rename=False)
+
+
+def samples_table(pairs, hyps: dict[str, list[str]], n: int):
+    """The first `n` test sentences, one row per (sentence, who): source, reference, then each model's output,
+    so sentences wrap down the page instead of each model adding a column across it."""
+    import pandas as pd
+
+    rows = []
+    for k, pair in enumerate(pairs[:n], start=1):
+        rows += [(k, "source", pair.zh), (k, "reference", pair.en)]
+        rows += [(k, name, h[k - 1]) for name, h in hyps.items()]
+    frame = pd.DataFrame(rows, columns=["#", "from", "text"]).set_index(["#", "from"])
+    return tables.fit(frame, wrap_ch=90).set_properties(**{"text-align": "left"})
 
 
 def runs_table(runs: dict[str, dict]):
@@ -106,6 +134,7 @@ def distillation_records(teacher: Bundle, students: dict[str, Bundle], table, la
 # --------------------------------------------------------------------------- shallow decoders: cost per decoder step
 
 
+@measurement
 def step_costs(bundles: dict[str, Bundle], preset: Preset, texts: list[str], tokens: int = 32,
                reference: str = "teacher"):
     """Cost of one decoder step per model: batch-1 decodes forced to exactly `tokens` tokens.

@@ -15,12 +15,14 @@ from labkit.engines.ort_int8 import recipe_of
 from labkit.lab import bench
 from labkit.lab.bench_roofline import COLUMNS as ROOFLINE_COLUMNS
 from labkit.lab.bench_roofline import roofline_metrics
-from labkit.measure import ledger
+from labkit.measure import ledger, plots
+from labkit.measure.replay import measurement
 
 NOTEBOOK = "05_int8_quantization"
 ROOFLINE_VARIANTS = ("torch", "ort-fp32", "ort-int8", "ort-int8-all")  # fp32 twice (two engines), int8 twice
 
 
+@measurement
 def roofline_table(preset, bundle, speed, gates: dict, variants=ROOFLINE_VARIANTS):
     """The roofline rows of `variants`: section 5's timed rows where it timed them, the others benched now
     (gated first, own processes) against section 5's bandwidth, so every point shares one bound line."""
@@ -46,7 +48,7 @@ def plot_sensitivity(rows: list[dict]):
                      go.Bar(name="% sentences changed", x=names, y=[100 * (1 - r["agreement"]) for r in blocks])])
     fig.update_layout(title="INT8 sensitivity: one block type quantized at a time (dynamic, per-channel, optimized)",
                       barmode="group", xaxis_title="quantized block", yaxis_title="vs fp32")
-    return fig
+    return plots.paint(fig)
 
 
 def _timed_metrics(timed, variant: str) -> dict:

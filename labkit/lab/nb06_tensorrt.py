@@ -23,7 +23,8 @@ from labkit.engines.ort_int8 import evaluate_dir, gate_pairs
 from labkit.engines.trt_graphs import DATA_MAX, FP16_MAX, TrtGraphs, ensure_trt_graphs, range_table
 from labkit.engines.trt_profiles import profile_axes, write_profiles
 from labkit.engines.trt_verify import ATOL, RTOL, GraphCheck, check_table, gate_of, verify_fp16, verify_int8
-from labkit.measure import ledger
+from labkit.measure import ledger, plots
+from labkit.measure.replay import measurement
 
 NOTEBOOK = "06_tensorrt"
 KINDS = ("fp16", "int8")
@@ -53,6 +54,7 @@ class Part1:
         return meta.get("fp16") or meta.get("quantization") or {}
 
 
+@measurement
 def run_part1(preset, bundle) -> Part1:
     """Build (or reuse) the fp16 and int8 graphs, check both, write profiles + commands next to those that passed."""
     seconds, start = {}, time.perf_counter()
@@ -113,7 +115,7 @@ def plot_ranges(part1: Part1):
         fig.add_hline(y=y, line_dash="dash", annotation_text=label)
     fig.update_layout(title="Largest |value| per tensor on the calibration sentences (fp32 graphs)",
                       yaxis_type="log", yaxis_title="max |x|", xaxis_title="producing op", boxmode="group")
-    return fig
+    return plots.paint(fig)
 
 
 # --------------------------------------------------------------------------- Part 2: what can run here

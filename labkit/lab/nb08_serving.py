@@ -34,6 +34,8 @@ from labkit.engines.variants import VARIANTS, Check, ancestors, build_translator
 from labkit.measure.gates import exactly_once_gate
 from labkit.measure.ledger import make_record
 from labkit.measure.plots import series_colors
+from labkit.measure.progress import bar as progress_bar
+from labkit.measure.replay import measurement
 from labkit.serve.crosscheck import compare_rows
 from labkit.serve.engine import invariance, row_stepper
 from labkit.serve.loadtest import LoadPoint, LoadSpec, TextPool, closed_loop, crosscheck, open_loop, points_frame
@@ -70,6 +72,7 @@ def check_parameters(preset: Preset, engine: str, concurrency: int) -> None:
                          f"{', '.join(map(str, budget.concurrency))} clients (Preset.serve.concurrency)")
 
 
+@measurement
 def gate_engines(preset: Preset, bundle: Bundle, engines: tuple[str, ...] | None = None) -> dict[str, Check]:
     """Build and gate each engine (and its parents) once: {engine: Check}; only "ok" ones are served."""
     engines = engines or preset.serve.engines
@@ -111,6 +114,7 @@ def _measure(server: ServerProcess, pool: TextPool, budget: ServeBudget, mode: s
     return points
 
 
+@measurement
 def serving_sweep(preset: Preset, checks: dict[str, Check], modes: tuple[str, ...] | None = None,
                   progress: bool = True) -> pd.DataFrame:
     """Closed-loop points (and open-loop ones for `continuous`) per gated engine and mode; one row per point.
@@ -129,10 +133,8 @@ def serving_sweep(preset: Preset, checks: dict[str, Check], modes: tuple[str, ..
             servers[engine, mode] = ServerProcess.launch(server_args(preset, engine, checks[engine], mode),
                                                          threads=serve_threads(preset))
             stack.callback(servers[engine, mode].stop)  # stopped by PID, also when a point fails
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(servers) * len(budget.concurrency), desc="serving sweep", unit="point",
-                   disable=not progress)
+        bar = progress_bar(len(servers) * len(budget.concurrency), "serving sweep", unit="point",
+                           disable=not progress)
         bar.set_postfix_str(f"starting {len(servers)} servers")
         for server in servers.values():
             server.wait_ready(READY_TIMEOUT_S)
@@ -147,6 +149,7 @@ def serving_sweep(preset: Preset, checks: dict[str, Check], modes: tuple[str, ..
     return pd.concat(frames, ignore_index=True)
 
 
+@measurement
 def locust_crosscheck(preset: Preset, checks: dict[str, Check], engine: str, users: int) -> pd.DataFrame | str:
     """labkit's closed loop and locust at `users` clients on a batched `engine` server for the budget's
     locust_s (labkit.serve.crosscheck); a string saying why not when the budget or the machine has none."""
@@ -167,6 +170,7 @@ def locust_crosscheck(preset: Preset, checks: dict[str, Check], engine: str, use
         return pd.DataFrame(compare_rows(*crosscheck(server.url, texts, users, preset.serve.locust_s)))
 
 
+@measurement
 def continuous_gates(preset: Preset, checks: dict[str, Check], bundle: Bundle, sentences: int = 48,
                      max_rows: int = 8, also: tuple[str, ...] = ("ort-int8",)) -> pd.DataFrame:
     """Each served engine with a row stepper: its tokens under continuous batching with staggered arrivals vs

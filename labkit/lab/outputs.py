@@ -6,8 +6,8 @@
 
 Classes (`CHECKS`): more than one progress bar in a cell (nested loops each drawing their own); raw reprs
 in outputs (`np.float64(0.5)`, a dataclass's `Budget(a=1, b=2, ...)`); HTML tables with unrounded numbers
-(five or more decimals) or wider than the page (estimated from their text at 7.5 px per character
-against a 1 055 px notebook panel); plotted series without a colour of their own (plotly's default
+(five or more decimals) or wider than the page (estimated from their text at 7.5 px per character,
+a wrapping column at most labkit.measure.tables.WRAP_CH characters, against a 1 055 px notebook panel); plotted series without a colour of their own (plotly's default
 cycle gives a series a different colour in each panel, so legends stop matching traces).
 Left out: anything that needs a browser to measure (real widths, overlapping labels).
 """
@@ -20,6 +20,8 @@ import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
+
+from labkit.measure.tables import WRAP_CH
 
 PAGE_PX = 1055  # JupyterLab's notebook panel at 1 400 px window width
 CHAR_PX, CELL_PAD_PX = 7.5, 16
@@ -85,8 +87,8 @@ def _tables(cell: dict) -> list[tuple[list[list[str]], bool]]:
 
 
 def table_problems(cell: dict) -> list[str]:
-    """Unrounded numbers and estimated widths over the page (of tables whose cells do not wrap), one line per
-    table at fault."""
+    """Unrounded numbers and estimated widths over the page, one line per table at fault. A table whose cells
+    wrap (labkit.measure.tables.fit) is estimated with each column at most WRAP_CH characters wide."""
     found = []
     for rows, wraps in _tables(cell):
         long = sorted({c for r in rows for c in r if _LONG_DECIMAL.match(c)})
@@ -95,9 +97,9 @@ def table_problems(cell: dict) -> list[str]:
         width = [0] * max((len(r) for r in rows), default=0)
         for r in rows:
             for k, c in enumerate(r):
-                width[k] = max(width[k], len(c))
+                width[k] = max(width[k], min(len(c), WRAP_CH) if wraps else len(c))
         px = sum(w * CHAR_PX + CELL_PAD_PX for w in width)
-        if px > PAGE_PX and not wraps:
+        if px > PAGE_PX:
             found.append(f"a table about {px:.0f} px wide ({len(width)} columns) in a {PAGE_PX} px page")
     return found
 

@@ -43,6 +43,33 @@ def series_colors(names) -> dict[str, str]:
     return {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(dict.fromkeys(names))}
 
 
+def paint(fig, colors: Mapping[str, str] | None = None):
+    """Give every trace without a colour its series' palette colour, by name, and return the figure.
+
+    Traces of one name share a colour in every panel and one legend entry (plotly's own cycle colours
+    them by position, so 'torch' in the second panel is not the legend's 'torch'):
+    paint(fig) on traces named ['torch', 'ort', 'torch'] -> '#0072B2', '#D55E00', '#0072B2'.
+    """
+    colors = dict(colors or {})
+    for name, colour in series_colors([t.name or "" for t in fig.data]).items():
+        colors.setdefault(name, colour)
+    shown = set()
+    for trace in fig.data:
+        name = trace.name or ""
+        colour = colors[name]
+        has_marker, has_line = hasattr(trace, "marker"), hasattr(trace, "line")
+        if has_marker and trace.marker.color is None and not (has_line and trace.line.color is not None):
+            trace.marker.color = colour
+        if has_line and trace.line.color is None and trace.type != "bar":
+            trace.line.color = colour
+        if name and trace.legendgroup is None:
+            trace.legendgroup = name
+        if name in shown and trace.showlegend is None:
+            trace.showlegend = False
+        shown.add(name)
+    return fig
+
+
 def _go():
     import plotly.graph_objects as go
 
@@ -106,7 +133,7 @@ def latency_vs_length(curves: Mapping[str, pd.DataFrame],
                           "%{customdata[0]:.1f} ms<extra>" + name + "</extra>"))
     fig.update_layout(title=title, xaxis_title="source length (tokens, incl. </s>)",
                       yaxis_title="latency p50 (ms), bars: IQR", yaxis_type="log" if len(curves) > 1 else None)
-    return fig
+    return paint(fig)
 
 
 def thread_scaling(tables: Mapping[str, pd.DataFrame],
@@ -121,7 +148,7 @@ def thread_scaling(tables: Mapping[str, pd.DataFrame],
                                                    "(x%{customdata:.2f})<extra>" + name + "</extra>"))
     fig.update_layout(title=title, xaxis_title="intra-op threads", xaxis_dtick=1,
                       yaxis_title="latency p50 (ms), bars: IQR", yaxis_type="log" if len(tables) > 1 else None)
-    return fig
+    return paint(fig)
 
 
 def operator_bar(table: pd.DataFrame, title: str = "Top operators by self CPU time") -> go.Figure:
@@ -134,7 +161,7 @@ def operator_bar(table: pd.DataFrame, title: str = "Top operators by self CPU ti
         hovertemplate="%{y}: %{x:.2f} ms self, %{customdata} calls<extra></extra>"))
     fig.update_layout(title=title, xaxis_title="self CPU time (ms)", height=200 + 22 * len(t),
                       margin_l=260)
-    return fig
+    return paint(fig)
 
 
 def latency_hist(measurements: Mapping[str, timing.Measurement],
@@ -148,7 +175,7 @@ def latency_hist(measurements: Mapping[str, timing.Measurement],
             fig.add_vline(x=value, line_dash="dash" if q == "p50" else "dot",
                           annotation_text=f"{name} {q} {value:.1f} ms", annotation_position="top")
     fig.update_layout(title=title, xaxis_title="latency (ms)", yaxis_title="calls", barmode="overlay")
-    return fig
+    return paint(fig)
 
 
 # ---------------------------------------------------------------- ledger figures

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from labkit.core.data import Pair, iter_batches, load_split
 from labkit.core.inputs import LOOP_NOTE, PIECE_LOOP, WORD_LOOP
 from labkit.measure import timing
+from labkit.measure.progress import track
+from labkit.measure.replay import measurement
 
 
 @dataclass(frozen=True)
@@ -73,11 +75,9 @@ def translate_all(translator, texts: list[str], batch_size: int = 16, desc: str 
                   notes: list[list[str]] | None = None, progress: bool = True) -> list[str]:
     """Translate in batches with a progress bar (`progress=False` inside a loop that has its own); order is
     kept. A `notes` list gets each sentence's notes (truncation, unknown characters, a repetition loop cut)."""
-    from tqdm.auto import tqdm
-
     out: list[str] = []
     batches = list(iter_batches(texts, batch_size))
-    for batch in tqdm(batches, desc=desc, disable=not progress or len(batches) < 4, mininterval=2):
+    for batch in track(batches, desc, disable=not progress or len(batches) < 4):
         if notes is None:
             out += translator.translate(batch)
         else:
@@ -87,6 +87,7 @@ def translate_all(translator, texts: list[str], batch_size: int = 16, desc: str 
     return out
 
 
+@measurement
 def evaluate(translator, pairs: list[Pair], batch_size: int = 16, notes: list[list[str]] | None = None,
              progress: bool = True) -> tuple[Scores, list[str]]:
     """BLEU/chrF of `translator` on `pairs` (every reference each pair has), and its hypotheses; a `notes`
@@ -111,6 +112,7 @@ def agreement(ids_a: list[list[int]], ids_b: list[list[int]]) -> float:
     return sum(a == b for a, b in zip(ids_a, ids_b)) / max(1, len(ids_a))
 
 
+@measurement
 def latency(translator, texts: list[str], preset, label: str = "") -> timing.Measurement:
     """Batch-1 end-to-end latency: each call translates the next sentence of `texts`.
 
@@ -123,6 +125,7 @@ def latency(translator, texts: list[str], preset, label: str = "") -> timing.Mea
                          repeats=len(texts) * preset.bench_repeats, label=label)
 
 
+@measurement
 def throughput(translator, texts: list[str], preset, batch_size: int = 16) -> float:
     """Sentences per second translating `texts` in batches of `batch_size` (median pass)."""
     timing.pin_threads(preset.threads)
