@@ -30,6 +30,6 @@ def test_a_fitted_ledger_table_passes_the_output_check_that_its_raw_form_fails()
         return outputs.table_problems({"outputs": [{"data": {"text/html": frame.to_html()}}]})
 
     assert any("unrounded" in p for p in problems(df)) and any("wide" in p for p in problems(df))
-    fitted = tables.fit(df).to_html()
-    assert problems(tables.fit(df)) == [] and "17.72" in fitted and "p50 ms" in fitted
+    fitted = tables.tidy(df).to_html()
+    assert problems(tables.tidy(df)) == [] and "17.72" in fitted and "p50 ms" in fitted
     assert "overflow-wrap" in fitted  # the long reason wraps instead of widening the table

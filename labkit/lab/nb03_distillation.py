@@ -58,9 +58,9 @@ SHOWN = {"decoder layers": "decoder layers", "BLEU": "BLEU", "chrF": "chrF", "BL
 
 def shown(table, columns=None):
     """A comparison table as the notebook shows it: the SHOWN columns present (or `columns`), short names,
-    rounded, narrow enough for the page (labkit.measure.tables.fit)."""
+    rounded, narrow enough for the page (labkit.measure.tables.tidy)."""
     columns = [c for c in (columns or SHOWN) if c in table]
-    return tables.fit(table[columns].rename(columns=SHOWN), rename=False)
+    return tables.tidy(table[columns].rename(columns=SHOWN), rename=False)
 
 
 def samples_table(pairs, hyps: dict[str, list[str]], n: int):
@@ -73,7 +73,7 @@ def samples_table(pairs, hyps: dict[str, list[str]], n: int):
         rows += [(k, "source", pair.zh), (k, "reference", pair.en)]
         rows += [(k, name, h[k - 1]) for name, h in hyps.items()]
     frame = pd.DataFrame(rows, columns=["#", "from", "text"]).set_index(["#", "from"])
-    return tables.fit(frame, wrap_ch=90).set_properties(**{"text-align": "left"})
+    return tables.tidy(frame, wrap_ch=90).set_properties(**{"text-align": "left"})
 
 
 def runs_table(runs: dict[str, dict]):

@@ -88,7 +88,7 @@ def _tables(cell: dict) -> list[tuple[list[list[str]], bool]]:
 
 def table_problems(cell: dict) -> list[str]:
     """Unrounded numbers and estimated widths over the page, one line per table at fault. A table whose cells
-    wrap (labkit.measure.tables.fit) is estimated with each column at most WRAP_CH characters wide."""
+    wrap (labkit.measure.tables.tidy) is estimated with each column at most WRAP_CH characters wide."""
     found = []
     for rows, wraps in _tables(cell):
         long = sorted({c for r in rows for c in r if _LONG_DECIMAL.match(c)})

@@ -1,6 +1,6 @@
 """Tables as a notebook shows them: rounded, short headers, text that wraps instead of pushing off the page.
 
-    tables.fit(ledger.latest(df, names)[["variant", "metrics.bleu", "metrics.latency_ms.p50", "reason"]])
+    tables.tidy(ledger.latest(df, names)[["variant", "metrics.bleu", "metrics.latency_ms.p50", "reason"]])
     # variant | bleu | p50 ms | reason   (23.4567 -> 23.46, 2.1e-06 stays readable, long reasons wrap)
 
 The ledger's dotted names ("metrics.latency_ms.p50") are for code; a reader wants "p50 ms". A number
@@ -49,7 +49,7 @@ def number(x, digits: int = 2) -> str:
     return f"{x:,.{digits}f}" if abs(x) >= 10_000 else f"{x:.{digits}f}"
 
 
-def fit(df: pd.DataFrame, digits: int = 2, wrap_ch: int = WRAP_CH, rename: bool = True) -> Styler:
+def tidy(df: pd.DataFrame, digits: int = 2, wrap_ch: int = WRAP_CH, rename: bool = True) -> Styler:
     """`df` as a Styler: short headers, numbers by `number`, text and headers wrapping at `wrap_ch`."""
     import numpy as np
 
