@@ -136,8 +136,9 @@ class ServeBudget:
     """Notebook 08: which servers are started and how long each load point runs."""
 
     # variants served (each gated first): ort-int8's per-tensor scales make answers depend on the batch, ort-int8-token
-    # is the same weights with per-token scales (batch-invariant, ~1.4x slower per call); ct2-int8 is the peer
-    engines: tuple[str, ...] = ("torch", "ort-int8", "ort-int8-token", "ct2-int8")
+    # is the same weights with per-token scales (batch-invariant, ~1.4x slower per call), ort-int8-token-sl that over
+    # the vocabulary shortlist (each sentence its own candidates); ct2-int8 is the peer
+    engines: tuple[str, ...] = ("torch", "ort-int8", "ort-int8-token", "ort-int8-token-sl", "ct2-int8")
     modes: tuple[str, ...] = ("serial", "static", "continuous", "continuous+cache")  # nb08_serving.MODES (ct2: its own)
     concurrency: tuple[int, ...] = (1, 2, 5, 8, 16, 32)  # closed-loop clients per point
     rates: tuple[float, ...] = (2.0, 5.0, 10.0, 20.0)  # open-loop Poisson arrivals/s (continuous mode only)
@@ -256,9 +257,11 @@ PRESETS: dict[str, Preset] = {
         # ~60 s on 2 cores; the no-cache mode only greedy batch 1 (it is the O(n^2) one)
         kv=KvBudget(tokens=128, repeats=1, warmup=0, settings=(Setting(1, 1), Setting(4, 1), Setting(1, 8)),
                     none_settings=(Setting(1, 1),)),
-        # 7 servers (torch and ort-int8-token x serial, static, continuous; CTranslate2's own batching) starting
-        # together, then 3 points each of 3 s after 1 s of warm-up (shorter windows swing by 2x on a busy machine)
-        serve=ServeBudget(engines=("torch", "ort-int8-token", "ct2-int8"), modes=("serial", "static", "continuous"),
+        # 10 servers (torch, ort-int8-token and its shortlist x serial, static, continuous; CTranslate2's own
+        # batching) starting together, then 3 points each of 3 s after 1 s of warm-up (shorter windows swing by 2x
+        # on a busy machine)
+        serve=ServeBudget(engines=("torch", "ort-int8-token", "ort-int8-token-sl", "ct2-int8"),
+                          modes=("serial", "static", "continuous"),
                           concurrency=(1, 8, 32), rates=(), duration_s=3.0, warmup_s=1.0, pool_sentences=200,
                           locust_s=0.0),
     ),

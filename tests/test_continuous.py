@@ -178,3 +178,74 @@ def test_per_token_int8_answers_the_same_whatever_shares_its_batch(tiny_module_b
     gate = identity_gate(OrtRowStepper.from_dir(token, ensure_rows(token, tiny_module_bundle)), OrtStepper.from_dir(token),
                          rows, CFG, max_rows=6)
     assert gate["passed"], gate["detail"]
+
+
+@pytest.fixture(scope="module")
+def token_shortlisted(tiny_module_bundle, tiny_onnx_dir, tmp_path_factory):
+    """ort-int8-token-sl on the tiny model: every block int8 with per-token scales (LM head included), then the
+    head cut off and a shortlist from the training split beside it."""
+    from labkit.config import ShortlistBudget
+    from labkit.engines import shortlist as sl
+    from labkit.engines.onnx_blocks import BLOCKS
+    from labkit.engines.onnx_export import derive
+    from labkit.engines.ort_int8 import per_token_activations, recipe_of
+    from labkit.engines.shortlist_ort import strip_into
+
+    work = tmp_path_factory.mktemp("token-sl")
+    int8 = quantize_dir(tiny_onnx_dir, work / "int8", "dynamic", BLOCKS)
+    token = derive(int8, work / "token", per_token_activations, quantization={**recipe_of(int8), "per_token": True})
+    src, tgt = sl.tokenize_pairs(tiny_module_bundle.tokenizer, data.load_split("train", limit=2000))
+    vocab = tiny_module_bundle.model.get_output_embeddings().out_features
+    table = sl.build_shortlist(src, tgt, vocab, ShortlistBudget(k=10, frequent=20),
+                               sl.specials(tiny_module_bundle.tokenizer, tiny_module_bundle.model.config))
+    sl.save_shortlist(table, work / sl.SIDECAR)
+    (work / "token-sl").mkdir()
+    strip_into(token, work / "token-sl", work / sl.SIDECAR)
+    return token, work / "token-sl", table
+
+
+def test_the_per_token_shortlist_keeps_each_sentence_to_its_own_candidates(tiny_module_bundle, token_shortlisted, rows):
+    """Its logits are the parent's at each row's own candidates (the head's int8 arithmetic copied op for op)
+    and -inf elsewhere; so a batch decodes every sentence as the parent masked to that sentence's candidates
+    decodes it alone."""
+    import numpy as np
+
+    from labkit.core.decode import decode
+    from labkit.engines.shortlist_ort import MaskedStepper, ShortlistStepper
+
+    token, stripped, table = token_shortlisted
+    short, full = ShortlistStepper.from_dir(stripped), OrtStepper.from_dir(token)
+    assert short.head.per_token and short.per_row
+    ids, mask = pad_sources(rows[:4], short.pad_id)
+    s_state, f_state = short.encode(ids, mask), full.encode(ids, mask)
+    tokens = torch.full((4, 1), short.start_id)
+    got, _ = short.step(tokens, s_state)
+    want, _ = full.step(tokens, f_state)
+    for r, src in enumerate(rows[:4]):
+        own = table.candidates([src])
+        assert torch.equal(got[r, own], want[r, own])
+        assert torch.isinf(got[r, np.setdiff1d(np.arange(got.shape[1]), own)]).all()
+    batched = decode(short, ids, mask, CFG)
+    alone = [decode(MaskedStepper(full, table), torch.tensor([r]), torch.ones(1, len(r), dtype=torch.long), CFG)[0]
+             for r in rows[:4]]
+    assert batched == alone
+
+
+def test_continuous_batching_over_the_per_token_shortlist_is_batch_invariant(tiny_module_bundle, token_shortlisted, rows):
+    """One sentence alone and inside 20 mixed batches (3 probes, 60 trials): the same tokens; continuous batching
+    with staggered arrivals (its rows graph is the parent's without the head): every sentence's batch-1 tokens."""
+    from labkit.config import Preset
+    from labkit.core.translator import translator_for
+    from labkit.engines.rows import ShortlistRowStepper, row_stepper_from_dir
+    from labkit.engines.shortlist_ort import ShortlistStepper
+    from labkit.serve.engine import invariance_probe
+
+    token, stripped, _ = token_shortlisted
+    translator = translator_for(tiny_module_bundle, Preset.from_name("ci"), ShortlistStepper.from_dir(stripped))
+    probe = invariance_probe(translator, rows, probes=3, batches=20)
+    assert probe["trials"] == 60 and probe["changed"] == 0, probe["examples"]
+    stepper = row_stepper_from_dir(stripped, ensure_rows(stripped, tiny_module_bundle))
+    assert isinstance(stepper, ShortlistRowStepper) and ensure_rows(stripped, tiny_module_bundle) == rows_dir(stripped)
+    gate = identity_gate(stepper, ShortlistStepper.from_dir(stripped), rows, CFG, max_rows=6)
+    assert gate["passed"], gate["detail"]
+    assert gate["mean_rows"] > 1.5

@@ -227,7 +227,7 @@ def test_serving_records_hold_serial_static_and_continuous_points_per_concurrenc
     _, df = ci_run
     serving = records(df, technique="serving")
     modes = ("serial", "static", "continuous")
-    want = {f"serve-{e}-{m}" for e in ("torch", "ort-int8-token") for m in modes}
+    want = {f"serve-{e}-{m}" for e in ("torch", "ort-int8-token", "ort-int8-token-sl") for m in modes}
     if importlib.util.find_spec("ctranslate2") is not None:
         want.add("serve-ct2-int8-ct2")  # the peer, with its own batching
     assert want <= set(serving["variant"])

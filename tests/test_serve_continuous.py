@@ -147,6 +147,7 @@ def test_every_registry_engine_is_servable_and_says_whether_it_is_batch_invarian
     verdicts = {e: invariance(e)[0] for e in ENGINES}
     assert verdicts["torch"] and verdicts["ort-fp32"] and verdicts["ct2-int8"] and verdicts["ort-int8-qdq"]
     assert not verdicts["ort-int8"] and not verdicts["ort-int8-all"] and not verdicts["ort-int8-sl"]
+    assert verdicts["ort-int8-token"] and verdicts["ort-int8-token-sl"]  # per-token scales, each row its candidates
     assert "one scale per tensor" in invariance("ort-int8")[1]
 
 

@@ -110,7 +110,21 @@ def test_an_engine_that_failed_its_gate_is_recorded_failed_and_not_measured():
 def test_a_target_the_sweep_does_not_measure_stops_the_notebook_at_once():
     ci = Preset.from_name("ci")
     nb08.check_parameters(ci, "ort-int8-token", 8)
+    nb08.check_parameters(ci, nb08.FASTEST, 8)  # read on whichever served the most sentences/s
     with pytest.raises(ValueError, match=r"TARGET_CONCURRENCY 4 is not measured on preset 'ci'; it measures 1, 8, 32"):
         nb08.check_parameters(ci, "torch", 4)
     with pytest.raises(ValueError, match="TARGET_ENGINE 'ct2' is not served"):
         nb08.check_parameters(ci, "ct2", 8)
+
+
+def test_the_fastest_engine_is_read_from_continuous_batching_and_the_peer_is_not_a_candidate():
+    df = sweep()
+    torch_runs = df[df["engine"] == "ort-int8"].assign(engine="torch")
+    torch_runs = torch_runs.assign(sentences_per_s=torch_runs["sentences_per_s"] / 2)
+    both = pd.concat([df, torch_runs], ignore_index=True)
+    assert nb08.fastest_engine(both, 8) == "ort-int8"  # ct2's own batching (25/s) is the peer, not a candidate
+    table = nb08.fastest_table(both)
+    assert list(table["clients"]) == [1, 8] and set(table["fastest"]) == {"ort-int8"}
+    assert table.loc[table["clients"] == 8, "× torch"].iloc[0] == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="no continuous-batching point at 32 clients"):
+        nb08.fastest_engine(both, 32)

@@ -42,6 +42,7 @@ class RowState:
     self_mask (B, L): 1 where the left-padded self-attention cache holds a real position.
     past: self-attention K/V per layer (k0, v0, k1, v1, ...), each (B, H_i, L, d).
     cross: cross-attention K/V per layer, each (B, H_i, S, d); cross_mask (B, S) marks real source tokens.
+    allowed (B, V) bool: the tokens each row may emit (its own shortlist candidates), or None: every token.
     """
 
     lengths: torch.Tensor
@@ -49,6 +50,7 @@ class RowState:
     past: list[torch.Tensor]
     cross: list[torch.Tensor]
     cross_mask: torch.Tensor
+    allowed: torch.Tensor | None = None
 
     @property
     def rows(self) -> int:
@@ -91,10 +93,13 @@ def merge_rows(a: RowState | None, b: RowState) -> RowState:
     L, S = max(la, lb), max(sa, sb)
     past = [torch.cat([_pad_dim(x, 2, L - la, 0), _pad_dim(y, 2, L - lb, 0)]) for x, y in zip(a.past, b.past)]
     cross = [torch.cat([_pad_dim(x, 2, 0, S - sa), _pad_dim(y, 2, 0, S - sb)]) for x, y in zip(a.cross, b.cross)]
+    if (a.allowed is None) != (b.allowed is None):
+        raise ValueError("rows with and without a shortlist cannot share a batch")
     return RowState(torch.cat([a.lengths, b.lengths]),
                     torch.cat([_pad_dim(a.self_mask, 1, L - la, 0), _pad_dim(b.self_mask, 1, L - lb, 0)]),
                     past, cross,
-                    torch.cat([_pad_dim(a.cross_mask, 1, 0, S - sa), _pad_dim(b.cross_mask, 1, 0, S - sb)]))
+                    torch.cat([_pad_dim(a.cross_mask, 1, 0, S - sa), _pad_dim(b.cross_mask, 1, 0, S - sb)]),
+                    None if a.allowed is None else torch.cat([a.allowed, b.allowed]))
 
 
 def keep_rows(state: RowState, index: torch.Tensor) -> RowState:
@@ -107,7 +112,8 @@ def keep_rows(state: RowState, index: torch.Tensor) -> RowState:
     last = int(used_src[-1]) + 1 if len(used_src) else 0
     return RowState(state.lengths.index_select(0, index), mask[:, first:],
                     [p.index_select(0, index)[:, :, first:] for p in state.past],
-                    [c.index_select(0, index)[:, :, :last] for c in state.cross], src[:, :last])
+                    [c.index_select(0, index)[:, :, :last] for c in state.cross], src[:, :last],
+                    None if state.allowed is None else state.allowed.index_select(0, index))
 
 
 def pad_sources(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

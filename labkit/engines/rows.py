@@ -12,8 +12,11 @@ with its own sidecar) and, for a dynamically quantized directory, quantized with
 recipe. New sentences start with the directory's own encoder and first-step decoder graphs, which
 also give their cross-attention K/V.
 
-Left out: static-QDQ, shortlisted and in-engine-loop directories (their graphs differ: `ensure_rows`
-refuses them by name), and GPU providers.
+A shortlisted directory (labkit.engines.shortlist_ort) gets its parent's rows graph without the LM head;
+`ShortlistRowStepper` computes the head over the running rows' candidates and keeps each row to its own.
+
+Left out: static-QDQ and in-engine-loop directories (their graphs differ: `ensure_rows` refuses them by
+name), and GPU providers.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from labkit.core.artifacts import ensure, read_json, write_json_atomic
+from labkit.core.artifacts import digest, ensure, read_json, write_json_atomic
 from labkit.core.continuous import ContinuousDecoder, RowState, run_staggered, staggered_arrivals
 from labkit.core.decode import DecodeConfig, Stepper, greedy
 from labkit.engines.onnx_export import export_one
@@ -38,6 +41,9 @@ from labkit.engines.onnx_graphs import (
 )
 from labkit.engines.ort import OrtStepper, load_session
 from labkit.engines.ort_int8 import per_token_activations, quantize_dynamic_file, sidecar_digest
+from labkit.engines.shortlist import SIDECAR as SHORTLIST_FILE
+from labkit.engines.shortlist import load_shortlist
+from labkit.engines.shortlist_ort import HEAD_FILE, CandidateHead, LmHead, ShortlistStepper, head_session, split_lm_head
 
 ROWS_SIDECAR = "rows.json"
 ROWS_FILE = "decoder_rows_model.onnx"
@@ -45,11 +51,12 @@ ROWS_SCHEMA = "labkit.rows/1"
 PARITY_ATOL = 1e-4  # fp32 ORT vs PyTorch on random inputs (the export's own parity uses 1e-5 on smaller graphs)
 
 
-def _first_state(out: list[torch.Tensor], n_layers: int, mask: torch.Tensor) -> RowState:
+def _first_state(out: list[torch.Tensor], n_layers: int, mask: torch.Tensor,
+                 allowed: torch.Tensor | None = None) -> RowState:
     """The state after the first decoder step: `out` is (logits, presents..., crosses...) of the `decoder` graph."""
     rows, n = mask.shape[0], 2 * n_layers
     return RowState(torch.ones(rows, dtype=torch.long), torch.ones(rows, 1, dtype=torch.long),
-                    list(out[1:1 + n]), list(out[1 + n:]), mask.long())
+                    list(out[1:1 + n]), list(out[1 + n:]), mask.long(), allowed)
 
 
 # --------------------------------------------------------------------------- PyTorch
@@ -81,7 +88,7 @@ class TorchRowStepper:
 def _stepped(state: RowState, presents: list[torch.Tensor]) -> RowState:
     ones = torch.ones_like(state.self_mask[:, :1])
     return RowState(state.lengths + 1, torch.cat([state.self_mask, ones], 1), presents, state.cross,
-                    state.cross_mask)
+                    state.cross_mask, state.allowed)
 
 
 # --------------------------------------------------------------------------- ONNX Runtime
@@ -120,6 +127,66 @@ class OrtRowStepper:
         return torch.from_numpy(out[0]).float(), _stepped(state, [torch.from_numpy(o) for o in out[1:]])
 
 
+class ShortlistRowStepper(OrtRowStepper):
+    """A shortlisted ONNX directory as a RowStepper: head-less decoders, and each row decoding over its own
+    shortlist candidates (`RowState.allowed`), so a sentence's tokens do not depend on its batch mates.
+
+    Every step computes the head only over the union of the running rows' candidates (gathered again when
+    the rows change) and gives each row -inf outside its own."""
+
+    def __init__(self, sessions: dict, meta: dict, head: LmHead, table):
+        self.first = ShortlistStepper(sessions, meta, head, table)  # encode + first step over the newcomers
+        self.first.per_row = True  # each row over its own candidates from its first token on
+        self.rows = sessions["decoder_rows"]
+        self.start_id, self.eos_id, self.pad_id = self.first.start_id, self.first.eos_id, self.first.pad_id
+        self.n_layers = self.first.n_layers
+        self._rows_inputs = io_names("decoder_rows", self.n_layers)[0]
+        self.head, self.table, self.vocab = head, table, meta["model"]["vocab_size"]
+        self.head_session = head_session(head.kind, head.weight.dtype, head.per_token)
+        self._gathered: tuple[bytes, CandidateHead] | None = None
+
+    @classmethod
+    def from_dir(cls, directory: Path | str, rows_dir: Path | str, threads: int = 1,
+                 spin: bool = True) -> ShortlistRowStepper:
+        directory = Path(directory)
+        meta = read_sidecar(directory)
+        sessions = {g: load_session(directory / meta["files"][g], threads, "all", spin=spin)
+                    for g in ("encoder", "decoder")}
+        sessions["decoder_rows"] = load_session(Path(rows_dir) / ROWS_FILE, threads, "all", spin=spin)
+        return cls(sessions, meta, LmHead.load(directory / HEAD_FILE), load_shortlist(directory / SHORTLIST_FILE))
+
+    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, RowState]:
+        sources = [row[mask.bool()].tolist() for row, mask in zip(input_ids, attention_mask)]
+        allowed = torch.zeros(len(sources), self.vocab, dtype=torch.bool)
+        for r, src in enumerate(sources):
+            allowed[r, torch.from_numpy(self.table.candidates([src]))] = True
+        logits, state = super().start(input_ids, attention_mask)  # self.first: a ShortlistStepper, own candidates
+        return logits, RowState(state.lengths, state.self_mask, state.past, state.cross, state.cross_mask, allowed)
+
+    def _head(self, allowed: torch.Tensor) -> CandidateHead:
+        ids = allowed.any(0).nonzero().squeeze(1).numpy()
+        key = ids.tobytes()
+        if self._gathered is None or self._gathered[0] != key:
+            self._gathered = (key, self.head.gather(ids))
+        return self._gathered[1]
+
+    def step(self, tokens: torch.Tensor, state: RowState) -> tuple[torch.Tensor, RowState]:
+        hidden, state = super().step(tokens, state)
+        head = self._head(state.allowed)
+        logits = head.logits(self.head_session, hidden.numpy())
+        own = state.allowed[:, torch.from_numpy(head.ids)].numpy()
+        full = np.full((logits.shape[0], self.vocab), -np.inf, dtype=np.float32)
+        full[:, head.ids] = np.where(own, logits, np.float32(-np.inf))
+        return torch.from_numpy(full), state
+
+
+def row_stepper_from_dir(directory: Path | str, rows_dir: Path | str, threads: int = 1,
+                         spin: bool = True) -> OrtRowStepper:
+    """The RowStepper for an ONNX directory: ShortlistRowStepper for a shortlisted one, else OrtRowStepper."""
+    kind = ShortlistRowStepper if read_sidecar(directory).get("shortlist") else OrtRowStepper
+    return kind.from_dir(directory, rows_dir, threads, spin)
+
+
 # --------------------------------------------------------------------------- the rows graph artifact
 
 
@@ -131,8 +198,8 @@ def rows_dir(directory: Path | str) -> Path:
 def _supported(meta: dict) -> str | None:
     """Why this ONNX directory cannot get a rows graph, or None."""
     recipe = meta.get("quantization")
-    if meta.get("shortlist") or "loop" in meta.get("files", {}):
-        return "shortlisted and in-engine-loop directories run other graphs"
+    if "loop" in meta.get("files", {}):
+        return "an in-engine-loop directory runs the whole decode in one graph"
     if recipe and recipe.get("kind") != "dynamic":
         return f"a {recipe.get('kind')} quantized directory needs calibrated scales for the new graph"
     return None
@@ -160,13 +227,32 @@ def write_rows(model, meta: dict, tmp: Path) -> None:
                                            "seconds": round(time.perf_counter() - start, 1)})
 
 
+def strip_rows(parent_rows: Path, meta: dict, tmp: Path) -> None:
+    """The parent directory's rows graph without its LM head (as the shortlisted directory's decoders are)."""
+    import onnx
+
+    model, _ = split_lm_head(onnx.load(str(parent_rows / ROWS_FILE)), meta["model"]["vocab_size"],
+                             meta["model"]["d_model"])
+    onnx.save(model, str(tmp / ROWS_FILE))
+    write_json_atomic(tmp / ROWS_SIDECAR, {"schema": ROWS_SCHEMA, "file": ROWS_FILE, "head_stripped_from":
+                                           str(parent_rows), "parity_fp32": read_json(parent_rows / ROWS_SIDECAR)
+                                           .get("parity_fp32")})
+
+
 def ensure_rows(directory: Path | str, bundle) -> Path:
-    """The `decoder_rows` graph of an ONNX directory (fp32 or dynamic int8), built when missing or stale."""
+    """The `decoder_rows` graph of an ONNX directory (fp32 or dynamic int8; for a shortlisted one, its parent's
+    without the head), built when missing or stale."""
     directory = Path(directory)
     meta = read_sidecar(directory)
     why = _supported(meta)
     if why is not None:
         raise ValueError(f"no continuous batching for {directory.name}: {why}")
+    if meta.get("shortlist"):
+        parent_rows = ensure_rows(meta["shortlist"]["parent"], bundle)
+        recipe = {"parent_sidecar_sha256": sidecar_digest(directory),
+                  "parent_rows_sha256": digest(parent_rows / ROWS_SIDECAR), "graph": "decoder_rows-sl/1"}
+        return ensure(rows_dir(directory), ROWS_SIDECAR, recipe, lambda tmp: strip_rows(parent_rows, meta, tmp),
+                      valid=lambda out: (out / ROWS_FILE).exists() and read_json(out / ROWS_SIDECAR) is not None)
     recipe = {"parent_sidecar_sha256": sidecar_digest(directory), "quantization": meta.get("quantization"),
               "graph": "decoder_rows/1"}
     return ensure(rows_dir(directory), ROWS_SIDECAR, recipe, lambda tmp: write_rows(bundle.model, meta, tmp),

@@ -58,17 +58,21 @@ class LmHead:
     bias: np.ndarray  # (vocab,) float32 (zeros when the graph had none)
     w_scale: np.ndarray | None = None  # (vocab,) float32, int8 only
     w_zero: np.ndarray | None = None  # (vocab,) int8 only
+    per_token: bool = False  # int8 with one activation scale per row (ort_int8.per_token_activations), not per tensor
 
     def gather(self, ids: np.ndarray) -> CandidateHead:
         """The head restricted to candidate columns `ids` (copied once per batch, contiguous)."""
         cols = np.ascontiguousarray(self.weight[:, ids])
         extra = {} if self.kind == "float" else {"w_zero": np.ascontiguousarray(self.w_zero[ids]),
                                                  "w_scale": np.ascontiguousarray(self.w_scale[ids])}
+        if self.per_token:  # the input zero point is subtracted after MatMulInteger: zp * colsum(W - w_zero)
+            extra["colsum"] = (cols.astype(np.int64) - extra["w_zero"].astype(np.int64)).sum(0).astype(np.float32)
         return CandidateHead(ids, {"weight": cols, "bias": np.ascontiguousarray(self.bias[ids]), **extra})
 
     def save(self, path: Path) -> None:
         extra = {} if self.kind == "float" else {"w_scale": self.w_scale, "w_zero": self.w_zero}
-        np.savez(path, kind=np.array(self.kind), weight=self.weight, bias=self.bias, **extra)
+        np.savez(path, kind=np.array(self.kind), weight=self.weight, bias=self.bias, per_token=np.array(self.per_token),
+                 **extra)
 
     @classmethod
     def load(cls, path: Path) -> LmHead:
@@ -77,19 +81,25 @@ class LmHead:
         with np.load(path) as f:
             kind = str(f["kind"])
             return cls(kind, f["weight"], f["bias"], f["w_scale"] if kind == "int8" else None,
-                       f["w_zero"] if kind == "int8" else None)
+                       f["w_zero"] if kind == "int8" else None, bool(f["per_token"]) if "per_token" in f else False)
 
 
-def head_graph(kind: str, weight_type: int | None = None):
+def head_graph(kind: str, weight_type: int | None = None, per_token: bool = False):
     """A tiny ONNX graph of the head over candidate columns given as inputs: the parent's own ops
-    (MatMul + Add; DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul -> Add for int8)."""
-    from onnx import TensorProto, helper
+    (MatMul + Add; DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul -> Add for int8; for per-token int8
+    the rewrite of labkit.engines.ort_int8.per_token_activations, one scale per row)."""
+    from onnx import TensorProto, helper, numpy_helper
 
     f32, dims = TensorProto.FLOAT, {"hidden": ["rows", "d"], "weight": ["d", "c"], "bias": ["c"]}
     types = {"hidden": f32, "weight": f32, "bias": f32}
     if kind == "float":
         nodes = [helper.make_node("MatMul", ["hidden", "weight"], ["raw"]),
                  helper.make_node("Add", ["raw", "bias"], ["logits"])]
+    elif per_token:
+        wt = weight_type or TensorProto.INT8
+        types |= {"weight": wt, "w_zero": wt, "w_scale": f32, "colsum": f32}
+        dims |= {"w_zero": ["c"], "w_scale": ["c"], "colsum": ["c"]}
+        nodes = _per_token_head_nodes()
     else:
         wt = weight_type or TensorProto.INT8  # the quantizer's weight type (QInt8 here; UInt8 works too)
         types |= {"weight": wt, "w_zero": wt, "w_scale": f32}
@@ -101,12 +111,38 @@ def head_graph(kind: str, weight_type: int | None = None):
                  helper.make_node("Mul", ["acc_f", "scale"], ["raw"]),
                  helper.make_node("Add", ["raw", "bias"], ["logits"])]
     inputs = [helper.make_tensor_value_info(n, types[n], dims[n]) for n in types]
+    consts = [numpy_helper.from_array(v, k) for k, v in PER_TOKEN_CONSTS.items()] if per_token else []
     graph = helper.make_graph(nodes, "shortlist_head", inputs,
-                              [helper.make_tensor_value_info("logits", f32, ["rows", "c"])])
+                              [helper.make_tensor_value_info("logits", f32, ["rows", "c"])], initializer=consts)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
 
 
-def head_session(kind: str, weight_dtype=np.int8):
+PER_TOKEN_CONSTS = {"zero": np.array(0.0, np.float32), "top": np.array(255.0, np.float32),
+                    "eps": np.array(1e-12, np.float32), "last_axis": np.array([-1], np.int64)}
+
+
+def _per_token_head_nodes():
+    """The per-token int8 head, op for op as per_token_activations writes it into the parent's graphs:
+    scale = max((max(hi, 0) - min(lo, 0)) / 255, eps) per row, zero point round(-lo / scale), uint8 input,
+    MatMulInteger without input zero point, minus zp * colsum(W - w_zero), times scale * w_scale, plus bias."""
+    from onnx import TensorProto, helper
+
+    n = helper.make_node
+    return [n("ReduceMin", ["hidden", "last_axis"], ["mn"], keepdims=1), n("Min", ["mn", "zero"], ["lo"]),
+            n("ReduceMax", ["hidden", "last_axis"], ["mx"], keepdims=1), n("Max", ["mx", "zero"], ["hi"]),
+            n("Sub", ["hi", "lo"], ["range"]), n("Div", ["range", "top"], ["s"]), n("Max", ["s", "eps"], ["q_scale"]),
+            n("Neg", ["lo"], ["neg"]), n("Div", ["neg", "q_scale"], ["zq"]), n("Round", ["zq"], ["zr"]),
+            n("Clip", ["zr", "zero", "top"], ["zp"]),
+            n("Div", ["hidden", "q_scale"], ["xd"]), n("Round", ["xd"], ["xr"]), n("Add", ["xr", "zp"], ["xs"]),
+            n("Clip", ["xs", "zero", "top"], ["xc"]), n("Cast", ["xc"], ["q"], to=TensorProto.UINT8),
+            n("MatMulInteger", ["q", "weight", "", "w_zero"], ["acc"]),
+            n("Cast", ["acc"], ["acc_raw"], to=TensorProto.FLOAT),
+            n("Mul", ["zp", "colsum"], ["zp_term"]), n("Sub", ["acc_raw", "zp_term"], ["acc_f"]),
+            n("Mul", ["q_scale", "w_scale"], ["scale"]), n("Mul", ["acc_f", "scale"], ["raw"]),
+            n("Add", ["raw", "bias"], ["logits"])]
+
+
+def head_session(kind: str, weight_dtype=np.int8, per_token: bool = False):
     """The head graph in a one-thread session: it runs on the caller's thread, so it never fights the
     decoder's thread pool for the cores (torch's or numpy's own pools did: 40-100 ms a step on a busy 2-core
     machine for a 16 x 128 x 500 product)."""
@@ -115,7 +151,8 @@ def head_session(kind: str, weight_dtype=np.int8):
 
     opts = onnxruntime.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads, opts.log_severity_level = 1, 1, 3
-    return onnxruntime.InferenceSession(head_graph(kind, helper.np_dtype_to_tensor_dtype(np.dtype(weight_dtype))).SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    model = head_graph(kind, helper.np_dtype_to_tensor_dtype(np.dtype(weight_dtype)), per_token)
+    return onnxruntime.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
 @dataclass(frozen=True)
@@ -161,20 +198,34 @@ def _read_head(model, node, vocab: int) -> tuple[LmHead, str]:
     bias = next((_array(inits[i]).astype(np.float32).reshape(-1) for i in out.input
                  if out.op_type == "Add" and i in inits), np.zeros(vocab, np.float32))
     if node.op_type == "MatMulInteger":
-        quant = producers[node.input[0]]
-        if quant.op_type != "DynamicQuantizeLinear":
-            raise ValueError(f"int8 LM head fed by {quant.op_type}, expected DynamicQuantizeLinear")
-        scale_mul = next(n for n in graph.node if n.op_type == "Mul" and quant.output[1] in n.input)
+        x, scale, per_token = _quantized_input(producers, node)
+        scale_mul = next(n for n in graph.node if n.op_type == "Mul" and scale in n.input)
         w_scale = next(_array(inits[i]) for i in scale_mul.input if i in inits).astype(np.float32)
         zero = _array(inits[node.input[3]]) if len(node.input) > 3 and node.input[3] else np.zeros(vocab, np.int32)
         return LmHead("int8", _array(inits[node.input[1]]), bias, np.broadcast_to(w_scale, (vocab,)).copy(),
-                      np.broadcast_to(zero, (vocab,)).copy()), quant.input[0]
+                      np.broadcast_to(zero, (vocab,)).copy(), per_token), x
     weight = _array(inits[node.input[1]]).astype(np.float32)
     if node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute):
         weight = weight.T
     if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:
         bias = bias + _array(inits[node.input[2]]).astype(np.float32).reshape(-1)
     return LmHead("float", np.ascontiguousarray(weight), bias), node.input[0]
+
+
+def _quantized_input(producers: dict, node) -> tuple[str, str, bool]:
+    """(float input, its scale tensor, per token?) of an int8 MatMulInteger: fed by DynamicQuantizeLinear, or by
+    per_token_activations' chain x -> Div(x, scale) -> Round -> Add(zero point) -> Clip -> Cast(uint8)."""
+    quant = producers[node.input[0]]
+    if quant.op_type == "DynamicQuantizeLinear":
+        return quant.input[0], quant.output[1], False
+    chain = [quant]
+    for op in ("Clip", "Add", "Round", "Div"):
+        chain.append(producers.get(chain[-1].input[0]))
+        if chain[-1] is None or chain[-1].op_type != op:
+            raise ValueError(f"int8 LM head fed by {quant.op_type}, expected DynamicQuantizeLinear or the per-token "
+                             "chain of labkit.engines.ort_int8.per_token_activations")
+    divide = chain[-1]
+    return divide.input[0], divide.input[1], True
 
 
 def _prune(model) -> None:
@@ -253,11 +304,17 @@ def ensure_shortlisted(preset: Preset, bundle: Bundle, parent: Path | str) -> Pa
 class ShortlistState(OrtState):
     head: CandidateHead | None = None  # this batch's candidate columns
     buffer: np.ndarray | None = None  # (rows, vocab) of -inf, candidate columns written every step
+    allowed: np.ndarray | None = None  # (rows, C): each row's own candidates among the batch's (per-row rule)
 
 
-def _with_head(state: OrtState, head: CandidateHead | None) -> ShortlistState:
+def _with_head(state: OrtState, head: CandidateHead | None, allowed: np.ndarray | None = None) -> ShortlistState:
     values = {f.name: getattr(state, f.name) for f in fields(OrtState)}
-    return ShortlistState(**values, head=head)
+    return ShortlistState(**values, head=head, allowed=allowed)
+
+
+def own_candidates(table: Shortlist, sources: list[list[int]], ids: np.ndarray) -> np.ndarray:
+    """(rows, len(ids)) bool: which of the batch's candidate `ids` each row's own source makes candidates."""
+    return np.stack([np.isin(ids, table.candidates([src])) for src in sources])
 
 
 def scatter(logits: np.ndarray, ids: np.ndarray, state: Any, vocab: int) -> torch.Tensor:
@@ -280,7 +337,10 @@ class ShortlistStepper(OrtStepper):
                              "make one with labkit.engines.shortlist_ort.ensure_shortlisted")
         super().__init__(sessions, meta, io="numpy")
         self.head, self.table = head, table
-        self.head_session = head_session(head.kind, head.weight.dtype)
+        # per-token int8 keeps rows apart; each row then also decodes over its own candidates only, so a
+        # sentence's tokens never depend on its batch mates (the per-tensor recipes share the batch's set)
+        self.per_row = head.per_token
+        self.head_session = head_session(head.kind, head.weight.dtype, head.per_token)
 
     @classmethod
     def from_dir(cls, directory: Path | str, threads: int = 1, optimization: str = "all", spin: bool = True,
@@ -292,15 +352,20 @@ class ShortlistStepper(OrtStepper):
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> ShortlistState:
         sources = [row[mask.bool()].tolist() for row, mask in zip(input_ids, attention_mask)]
-        return _with_head(super().encode(input_ids, attention_mask), self.head.gather(self.table.candidates(sources)))
+        head = self.head.gather(self.table.candidates(sources))
+        allowed = own_candidates(self.table, sources, head.ids) if self.per_row else None
+        return _with_head(super().encode(input_ids, attention_mask), head, allowed)
 
     def step(self, tokens: torch.Tensor, state: ShortlistState) -> tuple[torch.Tensor, ShortlistState]:
         hidden, state = super().step(tokens, state)
         logits = state.head.logits(self.head_session, hidden.numpy())
+        if state.allowed is not None:
+            logits = np.where(state.allowed, logits, np.float32(-np.inf))
         return scatter(logits, state.head.ids, state, self._vocab), state
 
     def select(self, state: ShortlistState, index: torch.Tensor) -> ShortlistState:
-        return _with_head(super().select(state, index), state.head)
+        allowed = None if state.allowed is None else state.allowed[index.numpy()]
+        return _with_head(super().select(state, index), state.head, allowed)
 
 
 @dataclass

@@ -5,8 +5,8 @@
     translator = build_translator("ort-int8", preset, 2, bundle, artifact=check.artifact)
 
 VARIANTS names every variant (torch, ort-fp32, ort-int8, ort-int8-token (per-token activation scales), ort-int8-all, ort-int8-qdq, ct2-fp32,
-ct2-int8; ort-int8-sl, ort-int8-all-sl and ct2-int8-vmap, the same engines decoding over a vocabulary
-shortlist; ort-fp32-loop, ort-int8-loop and ort-int8-all-loop, the decode loop inside the engine) with its backend,
+ct2-int8; ort-int8-sl, ort-int8-all-sl, ort-int8-token-sl and ct2-int8-vmap, the same engines decoding over a
+vocabulary shortlist; ort-fp32-loop, ort-int8-loop and ort-int8-all-loop, the decode loop inside the engine) with its backend,
 precision and parent. `check_variant(s)` builds what a variant runs
 (ONNX export, int8 quantization, CTranslate2 conversion: cached artifacts) and gates it: ort-fp32
 by the export's parity, int8 and CTranslate2 by labkit.measure.gates.variant_gate on the preset's
@@ -85,10 +85,14 @@ VARIANTS: dict[str, Variant] = {
                            "ort-int8, logits only for the batch's shortlist candidates (labkit.engines.shortlist)"),
     "ort-int8-all-sl": Variant("onnxruntime", "shortlist", "int8", "ort-int8-all",
                                "ort-int8-all, logits only for the batch's shortlist candidates"),
+    "ort-int8-token-sl": Variant("onnxruntime", "shortlist", "int8", "ort-int8-token",
+                                 "ort-int8-token over the shortlist, each sentence over its own candidates: "
+                                 "answers independent of the batch"),
     "ct2-int8-vmap": Variant("ctranslate2", "shortlist", "int8", "ct2-int8",
                              "CTranslate2 int8 with the same shortlist as its vocabulary map (use_vmap)"),
 }
-SHORTLIST_OF = {"ort-int8-sl": "ort-int8", "ort-int8-all-sl": "ort-int8-all"}  # shortlisted ORT variant -> parent
+SHORTLIST_OF = {"ort-int8-sl": "ort-int8", "ort-int8-all-sl": "ort-int8-all",  # shortlisted ORT variant -> parent
+                "ort-int8-token-sl": "ort-int8-token"}
 
 
 @dataclass(frozen=True)

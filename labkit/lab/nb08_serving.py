@@ -52,7 +52,8 @@ MODES = {  # mode -> (max_batch_size or None for the budget's, `labkit serve --b
     "continuous+cache": (None, "continuous", 4096),
     "ct2": (None, "ct2", 0),
 }
-PEER_MODES = ("ct2",)  # what a CTranslate2 engine is served with: its own batching
+PEER_MODES = ("ct2",)
+FASTEST = "fastest"  # TARGET_ENGINE: read the aims on the engine that served the most sentences/s  # what a CTranslate2 engine is served with: its own batching
 LAME_DUCK_S = 0.5  # the notebook's servers get no traffic when stopped: a short lame duck is enough
 READY_TIMEOUT_S = 600  # several servers load at once on 2 cores
 
@@ -64,9 +65,10 @@ def check_parameters(preset: Preset, engine: str, concurrency: int) -> None:
     """Stop at once, naming what this preset measures, when the notebook's target engine or concurrency is not
     part of its sweep (the targets would otherwise fail much later, with a KeyError in an assertion)."""
     budget = preset.serve
-    if engine not in budget.engines:
+    if engine != FASTEST and engine not in budget.engines:
         raise ValueError(f"TARGET_ENGINE {engine!r} is not served on preset {preset.name!r}; it serves "
-                         f"{', '.join(budget.engines)} (Preset.serve.engines in labkit.config)")
+                         f"{', '.join(budget.engines)} (Preset.serve.engines in labkit.config), or say "
+                         f"{FASTEST!r}: the one that served the most sentences/s")
     if concurrency not in budget.concurrency:
         raise ValueError(f"TARGET_CONCURRENCY {concurrency} is not measured on preset {preset.name!r}; it measures "
                          f"{', '.join(map(str, budget.concurrency))} clients (Preset.serve.concurrency)")
@@ -248,6 +250,30 @@ def _ratio(a, b, column: str = "sentences_per_s") -> float | None:
     if a is None or b is None or not b[column]:
         return None
     return round(float(a[column] / b[column]), 2)
+
+
+def fastest_engine(df: pd.DataFrame, concurrency: int) -> str:
+    """The engine (CTranslate2, the peer, aside) whose continuous batching served the most sentences/s at
+    `concurrency` clients: the fastest gated recipe, since only engines that passed their gate are served."""
+    c = closed(df)
+    c = c[(c["mode"] == "continuous") & (c["concurrency"] == concurrency)]
+    if c.empty:
+        raise ValueError(f"no continuous-batching point at {concurrency} clients to pick the fastest engine from")
+    return str(c.loc[c["sentences_per_s"].idxmax(), "engine"])
+
+
+def fastest_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Per client count: the engine that served the most sentences/s with continuous batching, and by how much
+    it beat each other served engine (ratios of sentences/s measured in this run)."""
+    c = closed(df)
+    c = c[c["mode"] == "continuous"]
+    rows = []
+    for clients, g in c.groupby("concurrency"):
+        best = g.loc[g["sentences_per_s"].idxmax()]
+        rows.append({"clients": clients, "fastest": best["engine"], "sentences/s": round(float(best["sentences_per_s"]), 1)}
+                    | {f"× {e}": round(float(best["sentences_per_s"] / r["sentences_per_s"]), 2)
+                       for e, r in g.set_index("engine").iterrows() if e != best["engine"]})
+    return pd_frame({k: [r.get(k) for r in rows] for k in dict.fromkeys(k for r in rows for k in r)})
 
 
 def serving_targets(df: pd.DataFrame, engine: str = "ort-int8-token", concurrency: int = 8,

@@ -40,7 +40,7 @@ from labkit.core.bundle import Bundle, bundle_for, load_bundle
 from labkit.core.data import load_split
 from labkit.core.translator import translator_for
 from labkit.engines import variants
-from labkit.engines.rows import OrtRowStepper, TorchRowStepper, ensure_rows
+from labkit.engines.rows import TorchRowStepper, ensure_rows, row_stepper_from_dir
 from labkit.measure import ledger
 from labkit.measure.timing import pin_threads
 
@@ -54,6 +54,7 @@ INVARIANT_INT8 = {  # int8 engines whose activation scales never span rows, and 
     "ct2-int8-vmap": "int8 with per-row activation scales (CTranslate2)",
     "ort-int8-qdq": "int8 with calibrated static activation scales",
     "ort-int8-token": "int8 with one activation scale per token (labkit.engines.ort_int8.per_token_activations)",
+    "ort-int8-token-sl": "int8 with one activation scale per token, each sentence over its own shortlist candidates",
 }
 WARM_TEXTS = 16  # test sentences the model translates before /readyz says ready
 
@@ -175,7 +176,9 @@ def load_translator(args: argparse.Namespace):
     return served.translator, served.model_id
 
 
-ROW_ENGINES = ("ort-fp32", "ort-int8", "ort-int8-token", "ort-int8-all")  # ONNX Runtime engines with a rows graph
+# ONNX Runtime engines with a rows graph (the shortlisted ones: their parent's, without the LM head)
+ROW_ENGINES = ("ort-fp32", "ort-int8", "ort-int8-token", "ort-int8-all", "ort-int8-sl", "ort-int8-all-sl",
+               "ort-int8-token-sl")
 
 
 def row_stepper(engine: str, bundle: Bundle, artifact: str | None, threads: int):
@@ -183,7 +186,7 @@ def row_stepper(engine: str, bundle: Bundle, artifact: str | None, threads: int)
     if engine == "torch":
         return TorchRowStepper(bundle.model)
     if engine in ROW_ENGINES:
-        return OrtRowStepper.from_dir(artifact, ensure_rows(artifact, bundle), threads, spin=False)
+        return row_stepper_from_dir(artifact, ensure_rows(artifact, bundle), threads, spin=False)
     raise ValueError(f"{engine} has no continuous batching here (torch, {', '.join(ROW_ENGINES)} do); "
                      "serve it with --batching static")
 
