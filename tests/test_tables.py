@@ -33,3 +33,9 @@ def test_a_fitted_ledger_table_passes_the_output_check_that_its_raw_form_fails()
     fitted = tables.tidy(df).to_html()
     assert problems(tables.tidy(df)) == [] and "17.72" in fitted and "p50 ms" in fitted
     assert "overflow-wrap" in fitted  # the long reason wraps instead of widening the table
+
+
+def test_a_repeated_index_becomes_a_column():
+    df = pd.DataFrame({"graphs": ["fp16", "fp16", "int8"], "check": ["a", "b", "c"]}).set_index("graphs")
+    html = tables.tidy(df).to_html()
+    assert "fp16" in html and ">graphs<" in html

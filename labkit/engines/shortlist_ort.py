@@ -23,6 +23,7 @@ Left out: IOBinding (the stripped graphs run with io "numpy" only), a graph inpu
 
 from __future__ import annotations
 
+import functools
 import shutil
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -66,8 +67,13 @@ class LmHead:
         extra = {} if self.kind == "float" else {"w_zero": np.ascontiguousarray(self.w_zero[ids]),
                                                  "w_scale": np.ascontiguousarray(self.w_scale[ids])}
         if self.per_token:  # the input zero point is subtracted after MatMulInteger: zp * colsum(W - w_zero)
-            extra["colsum"] = (cols.astype(np.int64) - extra["w_zero"].astype(np.int64)).sum(0).astype(np.float32)
+            extra["colsum"] = np.ascontiguousarray(self.colsum[ids])
         return CandidateHead(ids, {"weight": cols, "bias": np.ascontiguousarray(self.bias[ids]), **extra})
+
+    @functools.cached_property
+    def colsum(self) -> np.ndarray:
+        """(vocab,) float32: each column's sum of (W - w_zero), computed once (continuous batching gathers often)."""
+        return (self.weight.astype(np.int64) - self.w_zero.astype(np.int64)).sum(0).astype(np.float32)
 
     def save(self, path: Path) -> None:
         extra = {} if self.kind == "float" else {"w_scale": self.w_scale, "w_zero": self.w_zero}

@@ -77,14 +77,14 @@ def samples_table(pairs, hyps: dict[str, list[str]], n: int):
 
 
 def runs_table(runs: dict[str, dict]):
-    """How each student was trained (its sidecar's `distillation` block), one row per student."""
+    """How each student was trained (its sidecar's `distillation` block), one row per student; the batch size and
+    training pairs are the budget's (the table above it)."""
     import pandas as pd
 
     return pd.DataFrame.from_dict({name: {
-        "layer map": r["decoder_layer_map"], "encoder map": r["encoder_layer_map"], "seq-KD": r["seq_kd"],
-        "steps": r["steps"], "batch": r["batch_size"], "train pairs": r["train_pairs"],
-        "dev BLEU before": r["history"][0]["dev_bleu"], "dev BLEU after": r["final_dev_bleu"],
-        "teacher dev BLEU": r["teacher_dev_bleu"], "train s": r["wall_time_s"],
+        "decoder layers": r["decoder_layer_map"], "encoder layers": r["encoder_layer_map"] or "all",
+        "seq-KD": r["seq_kd"], "steps": r["steps"], "dev BLEU first": r["history"][0]["dev_bleu"],
+        "dev BLEU last": r["final_dev_bleu"], "teacher dev": r["teacher_dev_bleu"], "train s": r["wall_time_s"],
     } for name, r in runs.items()}, orient="index")
 
 

@@ -50,10 +50,13 @@ def number(x, digits: int = 2) -> str:
 
 
 def tidy(df: pd.DataFrame, digits: int = 2, wrap_ch: int = WRAP_CH, rename: bool = True) -> Styler:
-    """`df` as a Styler: short headers, numbers by `number`, text and headers wrapping at `wrap_ch`."""
+    """`df` as a Styler: short headers, numbers by `number`, text and headers wrapping at `wrap_ch`; an index
+    that repeats (the same variant from two notebooks) is shown as a column."""
     import numpy as np
 
     df = df.rename(columns=short_name) if rename else df
+    if not df.index.is_unique:  # a Styler needs unique labels: a repeated index becomes a column
+        df = df.reset_index(drop=df.index.name is None and not any(df.index.names))
     numeric = [c for c in df.columns if df[c].dtype.kind in "fiu"]
     styler = df.style.format({c: (lambda x, d=digits: number(x, d)) for c in numeric}, na_rep="—")
     styler = styler.format_index(lambda x: number(x, digits) if isinstance(x, (float, np.floating)) else x)
