@@ -22,6 +22,7 @@ name), and GPU providers.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +44,7 @@ from labkit.engines.ort import OrtStepper, load_session
 from labkit.engines.ort_int8 import per_token_activations, quantize_dynamic_file, sidecar_digest
 from labkit.engines.shortlist import SIDECAR as SHORTLIST_FILE
 from labkit.engines.shortlist import load_shortlist
-from labkit.engines.shortlist_ort import HEAD_FILE, CandidateHead, LmHead, ShortlistStepper, head_session, split_lm_head
+from labkit.engines.shortlist_ort import HEAD_FILE, CandidateHead, LmHead, ShortlistStepper, split_lm_head
 
 ROWS_SIDECAR = "rows.json"
 ROWS_FILE = "decoder_rows_model.onnx"
@@ -98,8 +99,8 @@ class OrtRowStepper:
     """An ONNX directory's encoder and first-step graphs (run by its OrtStepper) plus its `decoder_rows` graph,
     as a RowStepper."""
 
-    def __init__(self, sessions: dict, meta: dict):
-        self.first = OrtStepper(sessions, meta)  # encode + the first step, which also gives the cross K/V
+    def __init__(self, sessions: dict, meta: dict, first: OrtStepper | None = None):
+        self.first = first or OrtStepper(sessions, meta)  # encode + the first step, which also gives the cross K/V
         self.rows = sessions["decoder_rows"]
         self.start_id, self.eos_id, self.pad_id = self.first.start_id, self.first.eos_id, self.first.pad_id
         self.n_layers = self.first.n_layers
@@ -108,17 +109,28 @@ class OrtRowStepper:
     @classmethod
     def from_dir(cls, directory: Path | str, rows_dir: Path | str, threads: int = 1,
                  spin: bool = True) -> OrtRowStepper:
+        directory = Path(directory)
         meta = read_sidecar(directory)
-        sessions = {g: load_session(Path(directory) / meta["files"][g], threads, "all", spin=spin)
+        sessions = {g: load_session(directory / meta["files"][g], threads, "all", spin=spin)
                     for g in ("encoder", "decoder")}
         sessions["decoder_rows"] = load_session(Path(rows_dir) / ROWS_FILE, threads, "all", spin=spin)
-        return cls(sessions, meta)
+        return cls(sessions, meta, cls.first_stepper(directory, sessions, meta))
+
+    @classmethod
+    def first_stepper(cls, directory: Path, sessions: dict, meta: dict) -> OrtStepper:
+        """What starts new rows (encoder + first decoder step) for the directory's graphs."""
+        return OrtStepper(sessions, meta)
 
     def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, RowState]:
+        logits, _, rows = self._start(input_ids, attention_mask)
+        return logits, rows
+
+    def _start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        """(logits, the first stepper's state after the first step, the rows' RowState)."""
         state = self.first.encode(input_ids, attention_mask)
         logits, state = self.first.step(torch.full((input_ids.shape[0], 1), self.start_id), state)
         out = [logits, *(torch.from_numpy(t) for t in state.past + state.cross)]
-        return logits, _first_state(out, self.n_layers, attention_mask)
+        return logits, state, _first_state(out, self.n_layers, attention_mask)
 
     def step(self, tokens: torch.Tensor, state: RowState) -> tuple[torch.Tensor, RowState]:
         values = [tokens[:, None], state.lengths, state.self_mask, state.cross_mask, *state.past, *state.cross]
@@ -134,34 +146,22 @@ class ShortlistRowStepper(OrtRowStepper):
     Every step computes the head only over the union of the running rows' candidates (gathered again when
     the rows change) and gives each row -inf outside its own."""
 
-    def __init__(self, sessions: dict, meta: dict, head: LmHead, table):
-        self.first = ShortlistStepper(sessions, meta, head, table)  # encode + first step over the newcomers
-        self.first.per_row = True  # each row over its own candidates from its first token on
-        self.rows = sessions["decoder_rows"]
-        self.start_id, self.eos_id, self.pad_id = self.first.start_id, self.first.eos_id, self.first.pad_id
-        self.n_layers = self.first.n_layers
-        self._rows_inputs = io_names("decoder_rows", self.n_layers)[0]
-        self.head, self.table, self.vocab = head, table, meta["model"]["vocab_size"]
-        self.head_session = head_session(head.kind, head.weight.dtype, head.per_token)
+    def __init__(self, sessions: dict, meta: dict, first: ShortlistStepper):
+        super().__init__(sessions, meta, first)
+        first.per_row = True  # each row over its own candidates from its first token on
+        self.head, self.vocab = first.head, meta["model"]["vocab_size"]
         self._gathered: tuple[bytes, CandidateHead] | None = None
 
     @classmethod
-    def from_dir(cls, directory: Path | str, rows_dir: Path | str, threads: int = 1,
-                 spin: bool = True) -> ShortlistRowStepper:
-        directory = Path(directory)
-        meta = read_sidecar(directory)
-        sessions = {g: load_session(directory / meta["files"][g], threads, "all", spin=spin)
-                    for g in ("encoder", "decoder")}
-        sessions["decoder_rows"] = load_session(Path(rows_dir) / ROWS_FILE, threads, "all", spin=spin)
-        return cls(sessions, meta, LmHead.load(directory / HEAD_FILE), load_shortlist(directory / SHORTLIST_FILE))
+    def first_stepper(cls, directory: Path, sessions: dict, meta: dict) -> ShortlistStepper:
+        return ShortlistStepper(sessions, meta, LmHead.load(directory / HEAD_FILE),
+                                load_shortlist(directory / SHORTLIST_FILE))
 
     def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, RowState]:
-        sources = [row[mask.bool()].tolist() for row, mask in zip(input_ids, attention_mask)]
-        allowed = torch.zeros(len(sources), self.vocab, dtype=torch.bool)
-        for r, src in enumerate(sources):
-            allowed[r, torch.from_numpy(self.table.candidates([src]))] = True
-        logits, state = super().start(input_ids, attention_mask)  # self.first: a ShortlistStepper, own candidates
-        return logits, RowState(state.lengths, state.self_mask, state.past, state.cross, state.cross_mask, allowed)
+        logits, first, rows = self._start(input_ids, attention_mask)  # each row's own candidates: first.allowed
+        allowed = torch.zeros(rows.rows, self.vocab, dtype=torch.bool)
+        allowed[:, torch.from_numpy(first.head.ids)] = torch.from_numpy(first.allowed)
+        return logits, replace(rows, allowed=allowed)
 
     def _head(self, allowed: torch.Tensor) -> CandidateHead:
         ids = allowed.any(0).nonzero().squeeze(1).numpy()
@@ -173,7 +173,7 @@ class ShortlistRowStepper(OrtRowStepper):
     def step(self, tokens: torch.Tensor, state: RowState) -> tuple[torch.Tensor, RowState]:
         hidden, state = super().step(tokens, state)
         head = self._head(state.allowed)
-        logits = head.logits(self.head_session, hidden.numpy())
+        logits = head.logits(self.first.head_session, hidden.numpy())
         own = state.allowed[:, torch.from_numpy(head.ids)].numpy()
         full = np.full((logits.shape[0], self.vocab), -np.inf, dtype=np.float32)
         full[:, head.ids] = np.where(own, logits, np.float32(-np.inf))

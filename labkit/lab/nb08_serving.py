@@ -52,8 +52,8 @@ MODES = {  # mode -> (max_batch_size or None for the budget's, `labkit serve --b
     "continuous+cache": (None, "continuous", 4096),
     "ct2": (None, "ct2", 0),
 }
-PEER_MODES = ("ct2",)
-FASTEST = "fastest"  # TARGET_ENGINE: read the aims on the engine that served the most sentences/s  # what a CTranslate2 engine is served with: its own batching
+PEER_MODES = ("ct2",)  # what a CTranslate2 engine is served with: its own batching
+FASTEST = "fastest"  # TARGET_ENGINE: read the aims on the engine that served the most sentences/s
 LAME_DUCK_S = 0.5  # the notebook's servers get no traffic when stopped: a short lame duck is enough
 READY_TIMEOUT_S = 600  # several servers load at once on 2 cores
 

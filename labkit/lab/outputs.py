@@ -6,9 +6,10 @@
 
 Classes (`CHECKS`): more than one progress bar in a cell (nested loops each drawing their own); raw reprs
 in outputs (`np.float64(0.5)`, a dataclass's `Budget(a=1, b=2, ...)`); HTML tables with unrounded numbers
-(five or more decimals) or wider than the page (estimated from their text at 7.5 px per character,
-a wrapping column at most labkit.measure.tables.WRAP_CH characters, against a 1 055 px notebook panel); plotted series without a colour of their own (plotly's default
-cycle gives a series a different colour in each panel, so legends stop matching traces).
+(five or more decimals) or wider than the page (estimated from their text at 7.5 px per character, a
+wrapping column at most labkit.measure.tables.WRAP_CH characters, against a 1 055 px notebook panel);
+plotted series without a colour of their own (plotly's default cycle gives a series a different colour
+in each panel, so legends stop matching traces).
 Left out: anything that needs a browser to measure (real widths, overlapping labels).
 """
 
